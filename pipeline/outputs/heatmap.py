@@ -1,0 +1,331 @@
+"""Tile-score heatmaps drawn over the slide thumbnail, from stored predictions (no model pass).
+
+Geometry: a tile at level-0 top-left ``(x, y)`` with edge ``tile_size_l0`` (level-0 px) covers
+thumbnail pixels ``[(x - origin_x) * s, (x - origin_x + tile_size_l0) * s)`` (same for y), with
+``s = slide_mpp / thumb_mpp`` (thumbnail px per level-0 px). A thumbnail pixel belongs to a tile
+when its centre lies inside the tile; tiles smaller than a thumbnail pixel still colour one pixel.
+
+Where tiles overlap, the colour is the **mean** of their values (sum and count accumulated per
+thumbnail pixel with 2-D difference arrays: O(N + H·W), no per-tile Python loop). Pixels without
+a tile, or outside ``tissue_mask``, keep the thumbnail. The colour scale is **fixed**
+(``vmin``/``vmax``, default 0-1) and the colormap is viridis (perceptually uniform, readable by
+colour-blind viewers) from OpenCV's built-in table, so the same value has the same colour on
+every slide. Values outside ``[vmin, vmax]`` are clipped; NaN values are left out.
+
+Attention weights are relative within a slide; :func:`normalise_attention` maps them to [0, 1]
+(divide by the slide's maximum) and :data:`ATTENTION_LEGEND` says so in the legend.
+
+Text in the image is drawn with OpenCV's Hershey fonts (ASCII only: ``µ`` is written ``u``,
+other non-ASCII characters as ``?``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+#: Legend caption for tile probabilities (fixed 0-1 scale).
+PROBABILITY_LEGEND = "tile probability (fixed scale, same on every slide)"
+#: Legend caption for attention rendered via :func:`normalise_attention`.
+ATTENTION_LEGEND = "attention / slide maximum (relative within this slide)"
+
+_MIN_CANVAS_W = 560
+
+
+def colormap_lut() -> np.ndarray:
+    """The viridis lookup table as (256, 3) uint8 **RGB** (index 0 = vmin, 255 = vmax)."""
+    ramp = np.arange(256, dtype=np.uint8).reshape(-1, 1)
+    return cv2.applyColorMap(ramp, cv2.COLORMAP_VIRIDIS)[:, 0, ::-1].copy()
+
+
+_LUT = colormap_lut()
+
+
+def values_to_rgb(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """Map values (any shape) to viridis RGB (shape + (3,)) uint8 on the fixed scale ``[vmin, vmax]``.
+
+    Values are clipped to the scale and quantised to 256 levels; NaN maps to the vmin colour
+    (callers mask NaN themselves).
+    """
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmax > vmin):
+        raise ValueError(f"colour scale needs finite vmin < vmax, got {vmin!r}, {vmax!r}")
+    v = np.asarray(values, dtype=np.float32)
+    norm = np.clip((np.nan_to_num(v, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0)
+    idx = np.rint(norm * 255.0).astype(np.uint8)
+    return _LUT[idx]
+
+
+def normalise_attention(att: np.ndarray) -> np.ndarray:
+    """Attention weights (N,) -> [0, 1] by dividing by the slide's maximum.
+
+    Attention from a MIL aggregator (softmax weights) is only meaningful relative to the other
+    tiles of the same slide, so 1.0 means "the most attended tile of this slide", not an absolute
+    level. Raw scores with negative values are min-max scaled instead (documented fallback).
+    NaN stays NaN (left out of the heatmap); an empty, all-NaN or all-zero input gives zeros/NaN.
+
+    Returns:
+        float32 (N,) in [0, 1].
+    """
+    a = np.asarray(att, dtype=np.float64).reshape(-1)
+    out = np.full(a.shape, np.nan, dtype=np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return out
+    vals = a[finite]
+    lo, hi = float(vals.min()), float(vals.max())
+    if lo < 0:
+        span = hi - lo
+        scaled = (vals - lo) / span if span > 0 else np.zeros_like(vals)
+    else:
+        scaled = vals / hi if hi > 0 else np.zeros_like(vals)
+    out[finite] = np.clip(scaled, 0.0, 1.0)
+    return out
+
+
+def tile_mean_map(
+    shape: tuple[int, int],
+    coords: np.ndarray,
+    tile_size_l0: float,
+    values: np.ndarray,
+    scale: float,
+    origin: tuple[float, float] = (0, 0),
+) -> np.ndarray:
+    """Per-pixel mean of the values of the tiles covering each pixel of an (H, W) thumbnail.
+
+    Args:
+        shape: (H, W) of the thumbnail.
+        coords: (N, 2) level-0 top-left (x, y) of the tiles.
+        tile_size_l0: tile edge in level-0 px.
+        values: (N,) values; NaN tiles are left out.
+        scale: thumbnail px per level-0 px (``slide_mpp / thumb_mpp``).
+        origin: level-0 (x, y) of the thumbnail's top-left pixel.
+
+    Returns:
+        float32 (H, W): mean value, NaN where no tile covers the pixel.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if xy.shape[0] != v.shape[0]:
+        raise ValueError(f"coords ({xy.shape[0]} tiles) and values ({v.shape[0]}) differ in length")
+    keep = np.isfinite(v) & np.isfinite(xy).all(axis=1)
+    xy, v = xy[keep], v[keep]
+    out = np.full((h, w), np.nan, dtype=np.float32)
+    if v.size == 0 or h == 0 or w == 0:
+        return out
+    u0 = (xy - np.asarray(origin, dtype=np.float64)) * scale
+    u1 = u0 + float(tile_size_l0) * scale
+    # pixel j is covered when its centre j + 0.5 lies in [u0, u1)
+    p0 = np.ceil(u0 - 0.5).astype(np.int64)
+    p1 = np.maximum(np.ceil(u1 - 0.5).astype(np.int64), p0 + 1)
+    x0 = np.clip(p0[:, 0], 0, w)
+    x1 = np.clip(p1[:, 0], 0, w)
+    y0 = np.clip(p0[:, 1], 0, h)
+    y1 = np.clip(p1[:, 1], 0, h)
+    inside = (x1 > x0) & (y1 > y0)
+    x0, x1, y0, y1, v = x0[inside], x1[inside], y0[inside], y1[inside], v[inside]
+    if v.size == 0:
+        return out
+    stride = w + 1
+    idx = np.concatenate([y0 * stride + x0, y0 * stride + x1, y1 * stride + x0, y1 * stride + x1])
+    ones = np.ones_like(v)
+    size = (h + 1) * stride
+    acc_sum = np.bincount(idx, weights=np.concatenate([v, -v, -v, v]), minlength=size)
+    acc_cnt = np.bincount(idx, weights=np.concatenate([ones, -ones, -ones, ones]), minlength=size)
+    # 2-D prefix sum (OpenCV's integral image: row/column 0 are zeros) turns the corner marks into areas
+    s = cv2.integral(acc_sum.reshape(h + 1, stride), sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1]
+    c = np.rint(cv2.integral(acc_cnt.reshape(h + 1, stride), sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1])
+    covered = c > 0
+    out[covered] = (s[covered] / c[covered]).astype(np.float32)
+    return out
+
+
+def _as_rgb(thumbnail: np.ndarray) -> np.ndarray:
+    img = np.asarray(thumbnail)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ValueError(f"thumbnail must be (H, W, 3) RGB, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise ValueError(f"thumbnail must be uint8, got {img.dtype}")
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+def _ascii(text: str) -> str:
+    text = str(text).replace("µ", "u").replace("μ", "u").replace("—", "-").replace("–", "-")
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+
+
+def _fmt_tick(v: float) -> str:
+    return f"{v:.2f}".rstrip("0").rstrip(".") if v != 0 else "0"
+
+
+def _fit_text(text: str, max_w: int, fs: float, thick: int) -> tuple[str, float]:
+    """Shrink (down to 60 %) then truncate ``text`` so that it fits ``max_w`` px."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    w = cv2.getTextSize(text, font, fs, thick)[0][0]
+    if w > max_w:
+        fs = max(fs * 0.6, fs * max_w / w)
+    while text and cv2.getTextSize(text, font, fs, thick)[0][0] > max_w:
+        text = text[:-4] + "..." if len(text) > 4 else ""
+    return text, fs
+
+
+def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax: float) -> np.ndarray:
+    """Add a title band above and a colour-scale legend below ``body`` (RGB)."""
+    h, w = body.shape[:2]
+    cw = max(w, _MIN_CANVAS_W)
+    fs = float(np.clip(cw / 1100.0, 0.5, 2.5))
+    thick = max(1, int(round(fs * 1.5)))
+    pad = int(round(12 * fs))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    ink = (33, 37, 41)
+
+    title_txt, title_fs = _fit_text(_ascii(title), cw - 2 * pad, fs * 1.1, thick + 1)
+    (_, th), tb = cv2.getTextSize(title_txt or "Ag", font, title_fs, thick + 1)
+    title_h = th + tb + 2 * pad
+
+    cap_txt, cap_fs = _fit_text("Colour scale: " + _ascii(legend_label), cw - 2 * pad, fs * 0.8, thick)
+    (_, ch), cb = cv2.getTextSize(cap_txt or "Ag", font, cap_fs, thick)
+    bar_h = int(round(20 * fs))
+    (_, tkh), tkb = cv2.getTextSize("0.5", font, fs * 0.75, thick)
+    legend_h = pad + ch + cb + pad // 2 + bar_h + int(round(6 * fs)) + tkh + tkb + pad
+
+    canvas = np.full((title_h + h + legend_h, cw, 3), 255, dtype=np.uint8)
+    x_off = (cw - w) // 2
+    canvas[title_h:title_h + h, x_off:x_off + w] = body
+    cv2.putText(canvas, title_txt, (pad, pad + th), font, title_fs, ink, thick + 1, cv2.LINE_AA)
+    cv2.line(canvas, (0, title_h - 1), (cw - 1, title_h - 1), (210, 214, 220), max(1, thick // 2))
+
+    y = title_h + h + pad + ch
+    cv2.putText(canvas, cap_txt, (pad, y), font, cap_fs, ink, thick, cv2.LINE_AA)
+    bar_w = int(min(cw - 2 * pad, round(720 * fs)))
+    bar_w = max(bar_w, 16)
+    y_bar = y + cb + pad // 2
+    ramp = values_to_rgb(np.linspace(vmin, vmax, bar_w), vmin, vmax)
+    canvas[y_bar:y_bar + bar_h, pad:pad + bar_w] = ramp[None, :, :]
+    cv2.rectangle(canvas, (pad, y_bar), (pad + bar_w - 1, y_bar + bar_h - 1), ink, 1)
+    tick_len = int(round(6 * fs))
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        xt = pad + int(round(t * (bar_w - 1)))
+        cv2.line(canvas, (xt, y_bar + bar_h), (xt, y_bar + bar_h + tick_len), ink, 1)
+        label = _fmt_tick(vmin + t * (vmax - vmin))
+        lw = cv2.getTextSize(label, font, fs * 0.75, thick)[0][0]
+        lx = int(np.clip(xt - lw // 2, 0, cw - lw))
+        cv2.putText(canvas, label, (lx, y_bar + bar_h + tick_len + tkh), font, fs * 0.75, ink, thick, cv2.LINE_AA)
+    return canvas
+
+
+def overlay_values(
+    thumbnail: np.ndarray,
+    thumb_mpp: float,
+    slide_mpp: float,
+    coords: np.ndarray,
+    tile_size_l0: float,
+    values: np.ndarray,
+    tissue_mask: np.ndarray | None = None,
+    origin: tuple[int, int] = (0, 0),
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """The thumbnail with tile values blended in (same (H, W, 3) size; no title or legend).
+
+    Arguments as :func:`render_heatmap`. Covered tissue pixels become
+    ``(1 - alpha) * thumbnail + alpha * colour(mean of covering tiles)``; all other pixels are
+    the thumbnail's, unchanged.
+    """
+    rgb = _as_rgb(thumbnail)
+    if not (thumb_mpp > 0 and slide_mpp > 0):
+        raise ValueError(f"thumb_mpp and slide_mpp must be positive µm/px, got {thumb_mpp!r}, {slide_mpp!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    h, w = rgb.shape[:2]
+    mean = tile_mean_map((h, w), coords, tile_size_l0, values, slide_mpp / thumb_mpp, origin)
+    show = np.isfinite(mean)
+    if tissue_mask is not None:
+        mask = np.asarray(tissue_mask).astype(bool)
+        if mask.shape != (h, w):
+            log.debug("tissue mask %s resized to thumbnail %s", mask.shape, (h, w))
+            mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        show &= mask
+    body = rgb.copy()
+    if show.any():
+        colours = values_to_rgb(mean[show], vmin, vmax).astype(np.float32)
+        base = rgb[show].astype(np.float32)
+        body[show] = np.clip(np.rint(base * (1.0 - alpha) + colours * alpha), 0, 255).astype(np.uint8)
+    return body
+
+
+def render_heatmap(
+    thumbnail: np.ndarray,
+    thumb_mpp: float,
+    slide_mpp: float,
+    coords: np.ndarray,
+    tile_size_l0: float,
+    values: np.ndarray,
+    tissue_mask: np.ndarray | None = None,
+    origin: tuple[int, int] = (0, 0),
+    title: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: float = 0.5,
+    legend_label: str = PROBABILITY_LEGEND,
+) -> np.ndarray:
+    """Overlay per-tile values on the slide thumbnail, with a title band and a legend bar.
+
+    Args:
+        thumbnail: (H, W, 3) uint8 RGB thumbnail of the slide (or of its bounds region).
+        thumb_mpp: µm/px of the thumbnail.
+        slide_mpp: µm/px of level 0.
+        coords: (N, 2) level-0 top-left (x, y) of the tiles, level-0 px.
+        tile_size_l0: tile edge in level-0 px.
+        values: (N,) tile values on the fixed scale ``[vmin, vmax]`` (probabilities: 0-1;
+            attention: pass :func:`normalise_attention` output and ``legend_label=ATTENTION_LEGEND``).
+        tissue_mask: (H, W) bool, True = tissue; pixels outside keep the thumbnail. A mask of a
+            different size is resized (nearest neighbour). ``None`` = colour every covered pixel.
+        origin: level-0 (x, y) of the thumbnail's top-left pixel (slide bounds offset).
+        title: drawn above the image (ASCII; e.g. ``"S-001 - pallor"``).
+        vmin, vmax: the fixed colour scale; keep the defaults so colours compare across slides.
+        alpha: opacity of the colour over the tissue (0-1).
+        legend_label: caption of the legend bar.
+
+    Returns:
+        uint8 RGB image: title band, the blended thumbnail (:func:`overlay_values`, unchanged
+        size, centred on a canvas at least 560 px wide), legend band.
+    """
+    body = overlay_values(thumbnail, thumb_mpp, slide_mpp, coords, tile_size_l0, values,
+                          tissue_mask=tissue_mask, origin=origin, vmin=vmin, vmax=vmax, alpha=alpha)
+    return _decorate(body, title, legend_label, vmin, vmax)
+
+
+def encode_png(rgb: np.ndarray, compression: int = 3) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 RGB image (or (H, W) grey); zlib level 3 (level 6 is 3x slower, 3 % smaller)."""
+    img = np.asarray(rgb)
+    bgr = img[:, :, ::-1] if img.ndim == 3 else img
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:
+        raise ValueError(f"could not encode image of shape {img.shape} as PNG")
+    return buf.tobytes()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of an (H, W, 3) uint8 RGB image (smaller reports for large thumbnails)."""
+    img = np.asarray(rgb)
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"could not encode image of shape {img.shape} as JPEG")
+    return buf.tobytes()
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write an RGB image as PNG to ``path`` atomically; returns the path."""
+    return atomic_write_bytes(path, encode_png(rgb))
