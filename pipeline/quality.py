@@ -1,0 +1,471 @@
+"""Slide quality gate: is this slide one the model can judge?
+
+The gate runs after tiling and the patch model and before a probability is reported. It
+turns measurements into a :class:`QualityReport` with ``status`` ``"ok"`` or
+``"non_diagnostic"``, machine-readable ``flags`` and one human sentence per flag (with the
+measured number) in ``reasons``. A non-diagnostic slide gets no NME-pattern probability.
+
+Hard rules (``non_diagnostic``):
+
+* ``no_tissue_tiles``: zero tissue tiles.
+* ``dark_field``: dark-field / fluorescence image (the tissue detector's ``dark_background``
+  flag, or mostly near-black tile pixels). The model reads brightfield H&E.
+* ``wrong_resolution``: tiles not read at the model's 0.5 µm/px (± tolerance).
+* ``non_he_stain``: too few stained pixels have H&E-like optical density (IHC/DAB, special
+  stains, fluorescence).
+* ``mostly_blurred``: more than half of the tiles are below the sharpness threshold.
+* ``too_little_epidermis``: NME patterns are upper-epidermal; without epidermis the slide
+  cannot be judged (too few tiles with patch-model epidermis probability > 0.5).
+
+Soft flags (status stays ``ok``, reported): ``ink_or_pen_removed``, ``some_blur``,
+``small_biopsy``, other tissue-detector flags, and ``*_not_assessed`` when a measurement was
+not supplied (hard when ``QualityConfig.require_all_measurements``, the default).
+
+Measurement helpers: :func:`tile_sharpness` (variance of the Laplacian) and
+:func:`stain_statistics` / :class:`StainAccumulator` (optical-density colour statistics).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline.calibration import InvalidInputError
+from pipeline.config import StrictModel
+
+log = logging.getLogger(__name__)
+
+#: Flags that make a slide non-diagnostic.
+HARD_FLAGS = frozenset({
+    "no_tissue_tiles", "dark_field", "wrong_resolution", "non_he_stain", "mostly_blurred", "too_little_epidermis",
+})
+
+DARK_FIELD_REASON = "out-of-scope stain: dark-field/fluorescence image, the model reads brightfield H&E"
+
+
+# --------------------------------------------------------------------------------------------
+# sharpness
+# --------------------------------------------------------------------------------------------
+def _check_tile(tile: Any, name: str = "tile") -> np.ndarray:
+    a = np.asarray(tile)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise InvalidInputError(f"{name}: expected an RGB uint8 array (H, W, 3), got {a.dtype} {a.shape}")
+    if a.shape[0] < 3 or a.shape[1] < 3:
+        raise InvalidInputError(f"{name}: at least 3x3 pixels needed, got {a.shape[:2]}")
+    return a
+
+
+def tile_sharpness(tile_rgb_uint8: np.ndarray) -> float:
+    """Sharpness of one tile: variance of the Laplacian of its grey image.
+
+    Grey = ITU-R 601 luma (``cv2.COLOR_RGB2GRAY``, 0-255); Laplacian = the 3x3 4-neighbour
+    kernel (``cv2.Laplacian``, ``ksize=1``) in float64; the variance is over all pixels.
+    Unit: grey levels squared. The value depends on the pixel size, so tiles must be at the
+    pipeline's 0.5 µm/px (:class:`QualityConfig` ``blur_threshold`` is calibrated there), and
+    it falls on tiles that are mostly glass (little texture) as well as on blurred ones, which
+    is why the gate uses the fraction of blurred tiles rather than any single tile.
+
+    Args:
+        tile_rgb_uint8: RGB uint8 (H, W, 3), e.g. a 224x224 tile.
+    """
+    a = _check_tile(tile_rgb_uint8)
+    grey = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F, ksize=1).var())
+
+
+def tile_sharpness_many(tiles: np.ndarray) -> np.ndarray:
+    """:func:`tile_sharpness` of each tile in a uint8 (N, H, W, 3) batch; float64 (N,)."""
+    t = np.asarray(tiles)
+    if t.ndim != 4:
+        raise InvalidInputError(f"tiles: expected (N, H, W, 3), got shape {t.shape}")
+    return np.array([tile_sharpness(x) for x in t], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# stain statistics
+# --------------------------------------------------------------------------------------------
+#: Summed OD (R+G+B, relative to the background) above which a pixel is stained (not glass).
+STAINED_OD_MIN = 0.15
+#: A pixel whose brightest channel is below this (0-255) is near-black (dark-field background).
+DARK_MAX_VALUE = 40
+#: A pixel with any channel below this (0-255) is saturated: outside the linear range of a
+#: brightfield scan, its colour ratio says nothing about the stain (e.g. DAPI blue on black).
+SATURATED_MIN_VALUE = 10
+
+
+class StainAccumulator:
+    """Running optical-density colour statistics over tiles (bounded memory for any slide).
+
+    Per pixel, optical density per channel relative to the glass colour ``background_rgb``:
+    ``OD_c = -log10((I_c + 1) / (bg_c + 1))`` (clipped at 0). Pixel classes:
+
+    * *stained*: ``OD_R + OD_G + OD_B >= stained_od_min`` (glass excluded).
+    * *dark*: brightest channel ``< dark_max_value`` (near-black; dark-field background).
+    * *saturated*: any channel ``< saturated_min_value``.
+    * *H&E-like*: stained, neither dark nor saturated, and ``OD_G >= OD_R`` and
+      ``OD_G >= OD_B``: eosin and haematoxylin both absorb green most, so every H&E mixture
+      has green-dominant OD. Blue/green marking ink is red-dominant, DAB brown (IHC) is
+      blue-dominant, and fluorescence images are dark or saturated.
+    * *DAB-like*: stained, not dark/saturated, ``OD_B > OD_G`` and ``OD_B > OD_R``.
+
+    Use ``update(tiles)`` for each batch, then :meth:`result`.
+    """
+
+    def __init__(self, background_rgb: tuple[int, int, int] = (255, 255, 255), stained_od_min: float = STAINED_OD_MIN,
+                 dark_max_value: int = DARK_MAX_VALUE, saturated_min_value: int = SATURATED_MIN_VALUE) -> None:
+        bg = np.asarray(background_rgb, dtype=np.float64).reshape(3)
+        if np.any(bg < 1) or np.any(bg > 255):
+            raise InvalidInputError(f"background_rgb must be 3 values in 1-255, got {background_rgb}")
+        self.background_rgb = tuple(int(v) for v in bg)
+        # OD lookup table per channel: 3 x (256,) float32
+        levels = np.arange(256, dtype=np.float64)
+        self._lut = [np.maximum(-np.log10((levels + 1.0) / (bg[c] + 1.0)), 0.0).astype(np.float32) for c in range(3)]
+        self.stained_od_min = float(stained_od_min)
+        self.dark_max_value = int(dark_max_value)
+        self.saturated_min_value = int(saturated_min_value)
+        self.n_tiles = 0
+        self.n_pixels = 0
+        self.n_stained = 0
+        self.n_dark = 0
+        self.n_saturated = 0
+        self.n_he_like = 0
+        self.n_dab_like = 0
+        self.n_red_dominant = 0
+        self._sum_rgb = np.zeros(3, np.float64)
+        self._sum_od_stained = np.zeros(3, np.float64)
+
+    def update(self, tiles: np.ndarray) -> StainAccumulator:
+        """Add one tile (H, W, 3) or a batch (N, H, W, 3) of RGB uint8 tiles; returns self."""
+        t = np.asarray(tiles)
+        if t.ndim == 3:
+            t = t[None]
+        if t.dtype != np.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+            raise InvalidInputError(f"tiles: expected RGB uint8 (N, H, W, 3) or (H, W, 3), got {t.dtype} {np.asarray(tiles).shape}")
+        px = t.reshape(-1, 3)
+        pr, pg, pb = px[:, 0], px[:, 1], px[:, 2]
+        r, g, b = self._lut[0][pr], self._lut[1][pg], self._lut[2][pb]
+        stained = (r + g + b) >= self.stained_od_min
+        dark = np.maximum(np.maximum(pr, pg), pb) < self.dark_max_value
+        saturated = np.minimum(np.minimum(pr, pg), pb) < self.saturated_min_value
+        usable = stained & ~dark & ~saturated
+        self.n_tiles += t.shape[0]
+        self.n_pixels += px.shape[0]
+        self.n_stained += int(np.count_nonzero(stained))
+        self.n_dark += int(np.count_nonzero(dark))
+        self.n_saturated += int(np.count_nonzero(saturated))
+        self.n_he_like += int(np.count_nonzero(usable & (g >= r) & (g >= b)))
+        self.n_dab_like += int(np.count_nonzero(usable & (b > g) & (b > r)))
+        self.n_red_dominant += int(np.count_nonzero(usable & (r > g)))
+        self._sum_rgb += px.sum(axis=0, dtype=np.float64)
+        self._sum_od_stained += [float(r[stained].sum(dtype=np.float64)), float(g[stained].sum(dtype=np.float64)),
+                                 float(b[stained].sum(dtype=np.float64))]
+        return self
+
+    def merge(self, other: StainAccumulator) -> StainAccumulator:
+        """Add the counts of ``other`` (same thresholds and background) into this accumulator; returns self."""
+        for name in ("n_tiles", "n_pixels", "n_stained", "n_dark", "n_saturated", "n_he_like", "n_dab_like", "n_red_dominant"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self._sum_rgb += other._sum_rgb
+        self._sum_od_stained += other._sum_od_stained
+        return self
+
+    def result(self) -> dict[str, Any]:
+        """JSON-safe statistics; fractions of stained pixels are ``None`` when nothing is stained.
+
+        Keys: ``n_tiles``, ``n_pixels``, ``background_rgb``, ``mean_rgb`` (all pixels, 0-255),
+        ``mean_od`` (stained pixels, [R, G, B]), ``stained_fraction``, ``dark_pixel_fraction``,
+        ``saturated_fraction`` (of all pixels), ``he_like_fraction``, ``dab_like_fraction``,
+        ``red_dominant_fraction`` (of stained pixels).
+        """
+        n, ns = self.n_pixels, self.n_stained
+
+        def frac(k: int, d: int) -> float | None:
+            return float(k / d) if d else None
+
+        return {
+            "n_tiles": self.n_tiles,
+            "n_pixels": n,
+            "background_rgb": list(self.background_rgb),
+            "mean_rgb": (self._sum_rgb / n).tolist() if n else None,
+            "mean_od": (self._sum_od_stained / ns).tolist() if ns else None,
+            "stained_fraction": frac(ns, n),
+            "dark_pixel_fraction": frac(self.n_dark, n),
+            "saturated_fraction": frac(self.n_saturated, n),
+            "he_like_fraction": frac(self.n_he_like, ns),
+            "dab_like_fraction": frac(self.n_dab_like, ns),
+            "red_dominant_fraction": frac(self.n_red_dominant, ns),
+        }
+
+
+def stain_statistics(tiles: np.ndarray, background_rgb: tuple[int, int, int] = (255, 255, 255)) -> dict[str, Any]:
+    """:class:`StainAccumulator` statistics of RGB uint8 tiles (N, H, W, 3) (or one (H, W, 3)).
+
+    Measured on the real slides in ../shared/data/slides (tiles at 0.5 µm/px, white reference):
+    CMU-1-Small-Region (H&E skin, 68 tissue tiles): ``he_like_fraction`` 0.93,
+    ``dark_pixel_fraction`` 0.006; OS-1-detail (H&E carcinoma): 0.98 / 0.0;
+    hamamatsu DAPI (fluorescence, 20 tiles): 0.0 / 0.82.
+    """
+    return StainAccumulator(background_rgb=background_rgb).update(tiles).result()
+
+
+# --------------------------------------------------------------------------------------------
+# the gate
+# --------------------------------------------------------------------------------------------
+class QualityConfig(StrictModel):
+    """Thresholds of the quality gate (physical units where they apply).
+
+    ``blur_threshold`` was calibrated on the real H&E skin slide CMU-1-Small-Region.svs
+    (0.499 µm/px, Aperio 20x, JPEG) with :func:`tile_sharpness` on its 68 tissue tiles
+    (default tiling, 224 px at 0.5 µm/px):
+
+    ===================================  ======  ======  ======  =====
+    tiles                                min     5 %     median  max
+    ===================================  ======  ======  ======  =====
+    as scanned (sharp)                    25      301     1307   3801
+    Gaussian blur sigma 1 px (0.5 µm)      3       40      158    386
+    Gaussian blur sigma 2 px (1 µm)        0.9     6.7     21     57
+    Gaussian blur sigma 3 px (1.5 µm)      0.6     2.3     6.0    15
+    ===================================  ======  ======  ======  =====
+
+    The one sharp tile below 120 is 80 % glass (25). 120 lies between the sharpest
+    sigma-2 tile (57) and the 5th percentile of sharp tiles (301), about their geometric mean
+    (131); a focus blur of 1 µm or more is caught, a 0.5 µm blur mostly is not. The measure
+    rises with noise and JPEG artefacts and falls on pale, glass-rich tiles, so rules use the
+    fraction of blurred tiles, not single tiles. Re-check on each scanner model.
+    """
+
+    expected_mpp: float = Field(0.5, gt=0, description="Resolution the model reads, µm/px.")
+    mpp_tolerance: float = Field(0.10, ge=0, lt=1, description="Relative tolerance on the tiles' effective µm/px.")
+    min_tiles: int = Field(1, ge=1, description="Fewer tissue tiles than this: non-diagnostic.")
+    small_biopsy_area_mm2: float = Field(
+        2.0, ge=0, description="Tissue area (mm²) below which 'small_biopsy' is flagged (soft; a 4 mm punch section is about 4-8 mm²)."
+    )
+    epidermis_prob_threshold: float = Field(0.5, gt=0, lt=1, description="A tile counts as epidermis when its epidermis probability is above this.")
+    min_epidermis_tiles: int = Field(3, ge=0, description="Fewer epidermis tiles than this: non-diagnostic.")
+    min_epidermis_fraction: float = Field(
+        0.005, ge=0, le=1,
+        description="Fraction of tissue tiles that are epidermis below which the slide is non-diagnostic "
+                    "(a punch biopsy has about 5 %, a large excision 1-2 %).",
+    )
+    blur_threshold: float = Field(
+        120.0, gt=0, description="Tile sharpness (variance of the Laplacian, grey levels², at 0.5 µm/px) below which a tile is blurred."
+    )
+    max_blurred_fraction: float = Field(0.5, ge=0, le=1, description="More blurred tiles than this fraction: non-diagnostic.")
+    some_blur_fraction: float = Field(0.10, ge=0, le=1, description="More blurred tiles than this fraction: soft flag 'some_blur'.")
+    min_he_like_fraction: float = Field(
+        0.6, ge=0, le=1, description="Fewer H&E-like stained pixels than this fraction: non-diagnostic (CMU H&E: 0.93)."
+    )
+    max_dark_pixel_fraction: float = Field(
+        0.5, ge=0, le=1, description="More near-black tile pixels than this fraction: dark-field/fluorescence (CMU H&E: 0.006, DAPI: 0.82)."
+    )
+    require_all_measurements: bool = Field(
+        True, description="A measurement that was not supplied (epidermis, sharpness, stain, resolution) makes the slide non-diagnostic."
+    )
+
+    @model_validator(mode="after")
+    def _blur_order(self) -> QualityConfig:
+        if self.some_blur_fraction > self.max_blurred_fraction:
+            raise ValueError("some_blur_fraction must not exceed max_blurred_fraction")
+        return self
+
+
+@dataclass
+class QualityInputs:
+    """Measurements of one slide for :func:`assess_quality`.
+
+    Attributes:
+        n_tiles: tissue tiles (N).
+        tissue_area_mm2: tissue area from the tissue mask, mm².
+        tissue_flags: tissue-detector flags, e.g. ``"dark_background"``, ``"ink_or_pen_removed"``.
+        epidermis_probs: float (N,) patch-model epidermis probability per tile, or None.
+        tile_blur: float (N,) :func:`tile_sharpness` per tile (grey levels²), or None.
+        stain_stats: :func:`stain_statistics` over the tissue tiles, or None. Read:
+            ``he_like_fraction`` (alias ``he_fraction``), ``dark_pixel_fraction`` and
+            ``dab_like_fraction``; a missing key skips that rule.
+        mpp_effective: µm/px the tiles were read at, or None.
+    """
+
+    n_tiles: int
+    tissue_area_mm2: float
+    tissue_flags: list[str] = field(default_factory=list)
+    epidermis_probs: np.ndarray | None = None
+    tile_blur: np.ndarray | None = None
+    stain_stats: dict[str, Any] | None = None
+    mpp_effective: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_tiles, (int, np.integer)) or self.n_tiles < 0:
+            raise InvalidInputError(f"n_tiles must be a non-negative integer, got {self.n_tiles!r}")
+        self.n_tiles = int(self.n_tiles)
+        if not (isinstance(self.tissue_area_mm2, (int, float, np.floating)) and math.isfinite(self.tissue_area_mm2)
+                and self.tissue_area_mm2 >= 0):
+            raise InvalidInputError(f"tissue_area_mm2 must be a finite number >= 0, got {self.tissue_area_mm2!r}")
+        self.tissue_area_mm2 = float(self.tissue_area_mm2)
+        self.tissue_flags = [str(f) for f in (self.tissue_flags or [])]
+        self.epidermis_probs = self._per_tile(self.epidermis_probs, "epidermis_probs", lo=0.0, hi=1.0)
+        self.tile_blur = self._per_tile(self.tile_blur, "tile_blur", lo=0.0, hi=math.inf)
+        if self.mpp_effective is not None:
+            m = float(self.mpp_effective)
+            if not (math.isfinite(m) and m > 0):
+                raise InvalidInputError(f"mpp_effective must be a positive number, got {self.mpp_effective!r}")
+            self.mpp_effective = m
+
+    def _per_tile(self, values: Any, name: str, lo: float, hi: float) -> np.ndarray | None:
+        if values is None:
+            return None
+        a = np.asarray(values, dtype=np.float64).reshape(-1)
+        if a.size != self.n_tiles:
+            raise InvalidInputError(f"{name}: {a.size} values for {self.n_tiles} tiles")
+        if not np.all(np.isfinite(a)):
+            raise InvalidInputError(f"{name}: contains {int((~np.isfinite(a)).sum())} NaN/inf value(s)")
+        if a.size and (a.min() < lo or a.max() > hi):
+            raise InvalidInputError(f"{name}: values must lie in [{lo}, {hi}], got [{a.min():.4g}, {a.max():.4g}]")
+        return a
+
+
+@dataclass
+class QualityReport:
+    """Outcome of the gate. ``flags[i]`` is explained by ``reasons[i]``; ``metrics`` is JSON-safe."""
+
+    status: Literal["ok", "non_diagnostic"]
+    flags: list[str]
+    reasons: list[str]
+    metrics: dict[str, Any]
+
+    @property
+    def diagnostic(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "flags": list(self.flags), "reasons": list(self.reasons), "metrics": dict(self.metrics)}
+
+
+def _stat(stats: dict[str, Any] | None, key: str) -> float | None:
+    if not stats or stats.get(key) is None:
+        return None
+    v = float(stats[key])
+    if not math.isfinite(v):
+        raise InvalidInputError(f"stain_stats[{key!r}] is not finite ({v})")
+    return v
+
+
+def _he_like(stats: dict[str, Any] | None) -> float | None:
+    """``he_like_fraction`` (:func:`stain_statistics`), or ``he_fraction`` as older callers name it."""
+    if stats and "he_like_fraction" in stats:
+        return _stat(stats, "he_like_fraction")
+    return _stat(stats, "he_fraction")
+
+
+def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -> QualityReport:
+    """Apply the quality rules (see the module docstring) to one slide's measurements."""
+    cfg = config or QualityConfig()
+    hard: list[tuple[str, str]] = []
+    soft: list[tuple[str, str]] = []
+    not_assessed: list[tuple[str, str]] = []
+    n = inputs.n_tiles
+    m: dict[str, Any] = {
+        "n_tiles": n,
+        "tissue_area_mm2": inputs.tissue_area_mm2,
+        "mpp_effective": inputs.mpp_effective,
+        "n_epidermis_tiles": None,
+        "epidermis_fraction": None,
+        "blurred_fraction": None,
+        "median_sharpness": None,
+        "he_like_fraction": _he_like(inputs.stain_stats),
+        "dab_like_fraction": _stat(inputs.stain_stats, "dab_like_fraction"),
+        "dark_pixel_fraction": _stat(inputs.stain_stats, "dark_pixel_fraction"),
+    }
+
+    # --- dark field / fluorescence -------------------------------------------------------
+    dark = m["dark_pixel_fraction"]
+    if "dark_background" in inputs.tissue_flags:
+        hard.append(("dark_field", f"{DARK_FIELD_REASON} (the slide background is dark)"))
+    elif dark is not None and dark > cfg.max_dark_pixel_fraction:
+        hard.append(("dark_field", f"{DARK_FIELD_REASON} ({dark:.0%} of tile pixels are near-black, "
+                                   f"limit {cfg.max_dark_pixel_fraction:.0%})"))
+
+    # --- resolution --------------------------------------------------------------------
+    if inputs.mpp_effective is None:
+        not_assessed.append(("resolution_not_assessed", "resolution not assessed: the tiles' effective µm/px was not given"))
+    elif abs(inputs.mpp_effective - cfg.expected_mpp) > cfg.mpp_tolerance * cfg.expected_mpp:
+        hard.append(("wrong_resolution", f"tiles were read at {inputs.mpp_effective:.3f} µm/px; the model reads "
+                                         f"{cfg.expected_mpp:g} µm/px ±{cfg.mpp_tolerance:.0%}"))
+
+    # --- tiles ---------------------------------------------------------------------------
+    if n < cfg.min_tiles:
+        what = "no tissue tiles" if n == 0 else f"only {n} tissue tile(s), at least {cfg.min_tiles} needed"
+        hard.append(("no_tissue_tiles", f"{what} (tissue area {inputs.tissue_area_mm2:.2f} mm²)"))
+    else:
+        # --- stain ----------------------------------------------------------------------
+        he = m["he_like_fraction"]
+        if not inputs.stain_stats or not ({"he_like_fraction", "he_fraction"} & set(inputs.stain_stats)):
+            not_assessed.append(("stain_not_assessed", "stain not assessed: no stain statistics were given"))
+        elif he is None:
+            hard.append(("non_he_stain", f"out-of-scope stain: no stained pixels in the {n} tissue tiles"))
+        elif he < cfg.min_he_like_fraction and not any(f == "dark_field" for f, _ in hard):
+            dab = m["dab_like_fraction"]
+            dab_txt = f", {dab:.0%} DAB-like (brown)" if dab is not None else ""
+            hard.append(("non_he_stain", f"out-of-scope stain: only {he:.0%} of stained pixels have H&E-like colour "
+                                         f"(minimum {cfg.min_he_like_fraction:.0%}{dab_txt}); the model reads H&E"))
+
+        # --- blur -----------------------------------------------------------------------
+        if inputs.tile_blur is None:
+            not_assessed.append(("sharpness_not_assessed", "sharpness not assessed: no per-tile sharpness was given"))
+        else:
+            blurred = float(np.mean(inputs.tile_blur < cfg.blur_threshold))
+            m["blurred_fraction"] = blurred
+            m["median_sharpness"] = float(np.median(inputs.tile_blur))
+            detail = (f"{blurred:.0%} of {n} tiles are below the sharpness threshold {cfg.blur_threshold:g} "
+                      f"(median sharpness {m['median_sharpness']:.0f})")
+            if blurred > cfg.max_blurred_fraction:
+                hard.append(("mostly_blurred", f"mostly blurred: {detail}; rescan the slide"))
+            elif blurred > cfg.some_blur_fraction:
+                soft.append(("some_blur", f"some blur: {detail}"))
+
+        # --- epidermis ------------------------------------------------------------------
+        if inputs.epidermis_probs is None:
+            not_assessed.append(("epidermis_not_assessed", "epidermis not assessed: no per-tile epidermis probabilities were given"))
+        else:
+            k = int(np.sum(inputs.epidermis_probs > cfg.epidermis_prob_threshold))
+            frac = k / n
+            m["n_epidermis_tiles"], m["epidermis_fraction"] = k, frac
+            if k < cfg.min_epidermis_tiles or frac < cfg.min_epidermis_fraction:
+                hard.append(("too_little_epidermis",
+                             f"too little epidermis to judge upper-epidermal patterns: {k} of {n} tiles ({frac:.1%}) "
+                             f"have epidermis probability > {cfg.epidermis_prob_threshold:g} (need at least "
+                             f"{cfg.min_epidermis_tiles} tiles and {cfg.min_epidermis_fraction:.1%})"))
+
+    # --- soft: biopsy size, tissue-detector flags --------------------------------------------
+    if n >= cfg.min_tiles and inputs.tissue_area_mm2 < cfg.small_biopsy_area_mm2:
+        soft.append(("small_biopsy", f"small biopsy: {inputs.tissue_area_mm2:.2f} mm² of tissue "
+                                     f"(below {cfg.small_biopsy_area_mm2:g} mm²), fewer tiles to judge from"))
+    for flag in inputs.tissue_flags:
+        if flag == "dark_background":
+            continue
+        if flag == "ink_or_pen_removed":
+            soft.append((flag, "ink or pen marks were found and left out of the tissue"))
+        else:
+            soft.append((flag, f"tissue detector flag: {flag}"))
+
+    if cfg.require_all_measurements:
+        hard.extend(not_assessed)
+    else:
+        soft.extend(not_assessed)
+    entries = hard + soft
+    status: Literal["ok", "non_diagnostic"] = "non_diagnostic" if hard else "ok"
+    report = QualityReport(status=status, flags=[f for f, _ in entries], reasons=[r for _, r in entries], metrics=m)
+    if hard:
+        log.info("quality gate: non_diagnostic (%s)", ", ".join(f for f, _ in hard))
+    return report
+
+
+__all__ = [
+    "HARD_FLAGS", "DARK_FIELD_REASON", "tile_sharpness", "tile_sharpness_many", "StainAccumulator", "stain_statistics",
+    "QualityConfig", "QualityInputs", "QualityReport", "assess_quality",
+]
