@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Batch inference: NME-pattern probability, heatmaps, QuPath tiles, reports and proposed orders per slide.
+
+    python infer.py SLIDES_DIR --out OUT_DIR [--model BUNDLE] [--clinical FILE]
+                    [--mpp M | --slides-table CSV] [--workers N] [--force]
+
+With no arguments it runs the embedded demo: a few synthetic slides (made on first use in
+demo_slides/), the shipped demo model (trained on synthetic slides only, not for clinical use),
+results in demo_output/. Re-running skips finished slides; --force redoes them.
+Decision support only: a clinician confirms every order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pipeline  # noqa: F401 - sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported
+from pipeline.cli import run_cli, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.paths import DEMO_BUNDLE, DEMO_OUTPUT, DEMO_SLIDES
+
+    ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("slides_dir", nargs="?", type=Path, help="folder of slides (searched recursively); omit for the demo")
+    ap.add_argument("--out", type=Path, help="output folder (default for the demo: demo_output/)")
+    ap.add_argument("--model", type=Path, default=DEMO_BUNDLE, help="model bundle folder (default: the demo model)")
+    ap.add_argument("--clinical", type=Path, help="clinical context CSV/JSON (slide_id or patient_id column)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--mpp", type=float, help="level-0 µm/px for slides whose metadata lacks it")
+    group.add_argument("--slides-table", type=Path, help="CSV with path[, slide_id, mpp, patient_id] columns")
+    ap.add_argument("--workers", type=int, default=2, help="tile reader threads per slide (default 2)")
+    ap.add_argument("--batch-size", type=int, default=64, help="tiles per model batch (default 64)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--backend", default="auto", help="auto | torch-fp32 | torch-bf16")
+    ap.add_argument("--force", action="store_true", help="redo slides that are already done")
+    ap.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
+    args = ap.parse_args(argv)
+    setup_logging(quiet=args.quiet)
+
+    from pipeline.batch.runner import BatchOptions, final_screen, run_batch
+
+    demo = args.slides_dir is None and args.slides_table is None
+    if demo:
+        from pipeline.demo import ensure_demo_slides
+
+        args.slides_dir = ensure_demo_slides(DEMO_SLIDES)
+        args.out = args.out or DEMO_OUTPUT
+    if args.out is None:
+        ap.error("--out is required (except for the demo)")
+    opts = BatchOptions(slides_dir=args.slides_dir, out_dir=args.out, model=args.model, clinical=args.clinical, mpp=args.mpp,
+                        slides_table=args.slides_table, workers=args.workers, batch_size=args.batch_size, force=args.force,
+                        device=args.device, backend=args.backend, quiet=args.quiet, command=["infer.py", *(argv or [])])
+    record = run_batch(opts)
+    print(final_screen(record, args.out.resolve()))
+    return 1 if record["counts"]["failed"] else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Batch inference over slide folders: discovery, locking/resume, per-slide processing, summary."""

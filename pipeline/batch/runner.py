@@ -1,0 +1,174 @@
+"""The local batch engine: checks inputs, takes the output lock, processes slides one by one
+(skipping finished ones), and writes ``summary.csv``, ``index.html`` and ``run.json``.
+
+Nothing finished is ever lost: every file is written atomically and a slide counts as done only
+when its ``result.json`` and the files it lists are complete; ``kill -9`` loses at most the slide
+in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.batch.discovery import SlideJob, discover, read_slide_table
+from pipeline.batch.process import InferenceContext, process_slide, versions
+from pipeline.batch.state import OutputLock, is_done, read_result
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOptions:
+    """What the user asked for (``infer.py`` flags)."""
+
+    slides_dir: Path | None
+    out_dir: Path
+    model: Path
+    clinical: Path | None = None
+    mpp: float | None = None
+    slides_table: Path | None = None
+    workers: int = 2
+    batch_size: int = 64
+    force: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    backend: str = "auto"
+    engine: str = "local"
+    quiet: bool = False
+    command: list[str] = field(default_factory=list)
+
+
+def check_inputs(opts: BatchOptions) -> list[SlideJob]:
+    """Validate folders and find slides; every problem is a one-line error before any slide is processed."""
+    out = opts.out_dir.resolve()
+    if opts.slides_table is not None:
+        jobs = read_slide_table(opts.slides_table)
+    else:
+        if opts.slides_dir is None:
+            raise ConfigError("give a slide folder or --slides-table")
+        src = opts.slides_dir.resolve()
+        if not src.exists():
+            raise DataError(f"{opts.slides_dir}: input folder not found")
+        if not src.is_dir():
+            raise DataError(f"{opts.slides_dir}: not a folder")
+        if out == src or src in out.parents:
+            raise ConfigError(f"{opts.out_dir}: output folder is inside the input folder {opts.slides_dir}; choose another --out")
+        jobs = discover(src)
+        if not jobs:
+            raise DataError(f"{opts.slides_dir}: no slide files found (looked for {', '.join(sorted({'.svs', '.ndpi', '.tiff', '.dcm', '.mrxs', '...'}))})")
+    if opts.mpp is not None:
+        jobs = [SlideJob(j.slide_id, j.path, j.mpp if j.mpp is not None else opts.mpp, j.patient_id) for j in jobs]
+    return jobs
+
+
+def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
+    """Load model bundle, aggregator, rules and clinical context (errors before any slide)."""
+    from models.bundle import load_bundle, read_contract
+    from pipeline.aggregation import SlidePredictor
+    from pipeline.backends import make_runner
+    from pipeline.rules import load_clinical, load_ruleset
+    from pipeline.runtime import resolve_device
+
+    read_contract(opts.model)  # cheap check that --model is a bundle
+    device = resolve_device(opts.device)
+    bundle = load_bundle(opts.model, device="cpu")
+    predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
+    ruleset = load_ruleset()
+    clinical = None
+    if opts.clinical is not None:
+        clinical = load_clinical(opts.clinical, slide_ids={j.slide_id for j in jobs})
+    runner, backend = make_runner(bundle, device, opts.precision, opts.backend)
+    return InferenceContext(bundle=bundle, predictor=predictor, runner=runner, ruleset=ruleset, clinical=clinical,
+                            out_dir=opts.out_dir, cache_dir=opts.out_dir / ".cache", batch_size=opts.batch_size,
+                            reader_threads=max(1, opts.workers), backend=backend)
+
+
+def run_batch(opts: BatchOptions) -> dict[str, Any]:
+    """Process every slide; returns the run record (also written to run.json)."""
+    jobs = check_inputs(opts)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    with OutputLock(opts.out_dir):
+        ctx = build_context(opts, jobs)
+        todo = [j for j in jobs if opts.force or not is_done(opts.out_dir / j.slide_id)]
+        skipped = len(jobs) - len(todo)
+        if skipped:
+            log.info("%d slide(s) already done, skipped (use --force to redo)", skipped)
+        n_tiles = 0
+        bar = tqdm(todo, desc="slides", unit="slide", disable=opts.quiet or None)
+        for job in bar:
+            bar.set_postfix_str(job.slide_id[:30])
+            result = process_slide(job, ctx)
+            n_tiles += int(result.get("n_tiles") or 0)
+            log.info("%s: %s%s", job.slide_id, result["status"],
+                     f" p={result['nme_probability']:.3f} {result['band']}" if result.get("nme_probability") is not None else
+                     f" ({result.get('error') or '; '.join(result['quality']['reasons'])})")
+        elapsed = time.perf_counter() - t0
+        results = [r for r in (read_result(opts.out_dir / j.slide_id) for j in jobs) if r is not None]
+        record = write_summary(opts, ctx, results, started, elapsed, processed=len(todo), skipped=skipped, n_tiles=n_tiles)
+    return record
+
+
+def write_summary(opts: BatchOptions, ctx: InferenceContext, results: list[dict[str, Any]], started: datetime,
+                  elapsed: float, processed: int, skipped: int, n_tiles: int, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    from pipeline.outputs.summary import write_index_html, write_summary_csv
+
+    write_summary_csv(opts.out_dir / "summary.csv", results)
+    write_index_html(opts.out_dir / "index.html", results, {r["slide_id"]: f"{r['slide_id']}/report.html" for r in results})
+    counts = {s: sum(r.get("status") == s for r in results) for s in ("ok", "non_diagnostic", "failed")}
+    record = {
+        "command": opts.command or sys.argv,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items() if k != "command"},
+        "model": ctx.model_info(),
+        "model_label": ctx.bundle.contract.label,
+        "ruleset_version": getattr(ctx.ruleset, "ruleset_version", None),
+        "engine": engine or {"name": "local", "workers": 1, "reader_threads": ctx.reader_threads},
+        "versions": versions(),
+        "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                 "device": str(ctx.runner.device) if hasattr(ctx.runner, "device") else "cpu"},
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(elapsed, 3),
+        "counts": {"slides": len(results), **counts, "processed_this_run": processed, "skipped_done": skipped},
+        "throughput": {"tiles": n_tiles, "tiles_per_s": round(n_tiles / elapsed, 2) if elapsed > 0 else None,
+                       "slides_per_hour": round(processed / elapsed * 3600, 2) if elapsed > 0 and processed else None},
+    }
+    atomic_write_json(opts.out_dir / "run.json", record)
+    return record
+
+
+def final_screen(record: dict[str, Any], out_dir: Path) -> str:
+    """The one-screen summary printed at the end of a run."""
+    c = record["counts"]
+    lines = [
+        "",
+        f"NME-pattern batch: {c['slides']} slide(s): {c['ok']} ok, {c['non_diagnostic']} non-diagnostic, {c['failed']} failed "
+        f"({c['processed_this_run']} processed now, {c['skipped_done']} already done) in {record['seconds']:.1f} s",
+        f"model: {record['model']['name']} {record['model']['version']} — {record['model_label']}",
+        f"results: {out_dir / 'index.html'}",
+        f"         {out_dir / 'summary.csv'}",
+        "Decision support only: a clinician confirms every order.",
+    ]
+    return "\n".join(lines)
+
+
+def load_run(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,121 @@
+"""Run state on disk: the output lock and the "is this slide done?" check.
+
+A slide is done only when its ``result.json`` parses, has status ``ok`` or ``non_diagnostic``,
+and every file it lists exists and parses. Failed slides are retried on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".nme-run.lock"
+
+
+class LockError(PipelineError):
+    """Another live run holds the output folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """Exclusive lock on an output folder (PID + host in a lock file; stale locks are taken over)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                pid, host = int(other.get("pid", -1)), other.get("host")
+                if host == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+                    log.warning("removing stale lock %s (pid %d is gone)", self.path, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if host not in (None, socket.gethostname()):
+                    raise LockError(f"{self.path}: output folder locked by a run on host {host} (pid {pid}); "
+                                    "if that run is dead, delete the lock file")
+                raise LockError(f"{self.path}: another run (pid {pid}) is writing this output folder")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+        raise LockError(f"{self.path}: could not take the output lock")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _file_ok(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".geojson"):
+            json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".png":
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                fh.seek(max(0, size - 12))
+                tail = fh.read()
+            return head == b"\x89PNG\r\n\x1a\n" and b"IEND" in tail
+        elif suffix == ".html":
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - 64))
+                return b"</html>" in fh.read().lower()
+        return True
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_result(slide_dir: Path) -> dict[str, Any] | None:
+    """The slide's result.json, or None if absent/unparseable."""
+    p = slide_dir / "result.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def is_done(slide_dir: Path) -> bool:
+    """True when the slide's outputs are complete and need not be recomputed."""
+    result = read_result(slide_dir)
+    if result is None or result.get("status") not in ("ok", "non_diagnostic"):
+        return False
+    return all(_file_ok(slide_dir / name) for name in result.get("files", []))

@@ -1,0 +1,1 @@
+"""Training: patch model (tile labels from annotations) and slide aggregator (slide labels)."""

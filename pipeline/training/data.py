@@ -1,0 +1,288 @@
+"""Training data: the slide table, patient-level splits and tiles with labels read from slides.
+
+Tiles are read straight from the slides (no tile-image dumps); every data-loader worker opens
+its own slide handles (OpenSlide handles are not shared across processes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
+from pipeline.errors import DataError
+from pipeline.io import atomic_write_json
+from pipeline.slide import SLIDE_SUFFIXES, ReadPlan, Slide, open_slide, slide_id_for
+from pipeline.tiling import TilingConfig, tile_slide
+from pipeline.training.config import DataConfig, LabelConfig, SplitConfig
+
+log = logging.getLogger(__name__)
+
+SLIDE_FLAGS = ("nme_pattern", "pallor", "necrolysis", "parakeratosis")
+
+
+@dataclass
+class SlideRecord:
+    """One row of the slide table, with the files it points to."""
+
+    slide_id: str
+    patient_id: str
+    path: Path
+    annotation: Path | None
+    flags: dict[str, int]
+    diagnosis: str = ""
+    mpp: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _flag(value: str, source: str, column: str, slide_id: str) -> int:
+    v = (value or "").strip().lower()
+    if v in ("1", "true", "yes"):
+        return 1
+    if v in ("0", "false", "no"):
+        return 0
+    raise DataError(f"{source}: slide {slide_id!r}: column {column!r} must be 0/1, got {value!r}")
+
+
+def find_slide_file(folder: Path, slide_id: str) -> Path | None:
+    """The slide file (or DICOM folder) named ``slide_id`` inside ``folder``."""
+    direct = folder / slide_id
+    if direct.is_dir():
+        return direct
+    for p in sorted(folder.glob(f"{slide_id}.*")):
+        if p.suffix.lower() in SLIDE_SUFFIXES and slide_id_for(p) == slide_id:
+            return p
+    return None
+
+
+def load_slide_table(cfg: DataConfig, repo_root: Path, require_annotations: bool = True) -> list[SlideRecord]:
+    """Read ``labels.csv`` and resolve every slide and annotation file.
+
+    Raises DataError (one line) for a missing table/column, a slide that is not there, a missing
+    annotation file, bad flag values or duplicate slide ids — before any training starts.
+    """
+    root = cfg.root if cfg.root.is_absolute() else repo_root / cfg.root
+    table = root / cfg.labels_csv
+    if not table.is_file():
+        raise DataError(f"{table}: slide table not found")
+    with open(table, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        for need in ("slide_id", "nme_pattern"):
+            if need not in cols:
+                raise DataError(f"{table}: missing column {need!r} (have {sorted(cols)})")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{table}: no slides listed")
+    slides_dir = root / cfg.slides_dir
+    ann_dir = root / cfg.annotations_dir
+    records: list[SlideRecord] = []
+    seen: set[str] = set()
+    missing: list[str] = []
+    for row in rows:
+        sid = (row.get("slide_id") or "").strip()
+        if not sid:
+            raise DataError(f"{table}: a row has an empty slide_id")
+        if sid in seen:
+            raise DataError(f"{table}: duplicate slide_id {sid!r}")
+        seen.add(sid)
+        path = find_slide_file(slides_dir, sid)
+        if path is None:
+            missing.append(sid)
+            continue
+        ann = ann_dir / f"{sid}.geojson"
+        if require_annotations and not ann.is_file():
+            raise DataError(f"{ann}: annotation file for slide {sid!r} not found")
+        flags = {c: _flag(row[c], str(table), c, sid) for c in SLIDE_FLAGS if c in cols}
+        mpp = row.get("mpp")
+        records.append(
+            SlideRecord(
+                slide_id=sid,
+                patient_id=(row.get("patient_id") or sid).strip(),
+                path=path,
+                annotation=ann if ann.is_file() else None,
+                flags=flags,
+                diagnosis=(row.get("diagnosis") or "").strip(),
+                mpp=float(mpp) if mpp not in (None, "") else None,
+                extra={k: v for k, v in row.items() if k not in ("slide_id", "patient_id", "mpp", *SLIDE_FLAGS)},
+            )
+        )
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(f"{table}: slides listed but not found in {slides_dir}: {', '.join(missing[:5])}{more}")
+    return records
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def make_splits(records: list[SlideRecord], cfg: SplitConfig) -> dict[str, Any]:
+    """Patient-level train/val/test split plus k stratified folds (by patient's NME flag / diagnosis)."""
+    rng = np.random.default_rng(cfg.seed)
+    by_patient: dict[str, list[SlideRecord]] = {}
+    for r in records:
+        by_patient.setdefault(r.patient_id, []).append(r)
+    strata: dict[str, list[str]] = {}
+    for pid, rs in by_patient.items():
+        key = rs[0].diagnosis or str(max(r.flags.get("nme_pattern", 0) for r in rs))
+        strata.setdefault(key, []).append(pid)
+    assign: dict[str, str] = {}
+    fold_of: dict[str, int] = {}
+    counter = 0
+    for key in sorted(strata):
+        pids = sorted(strata[key])
+        rng.shuffle(pids)
+        n = len(pids)
+        n_test = int(round(n * cfg.test_fraction))
+        n_val = max(1, int(round(n * cfg.val_fraction))) if n >= 3 else (1 if n == 2 else 0)
+        for i, pid in enumerate(pids):
+            assign[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+            fold_of[pid] = (counter + i) % cfg.k_folds
+        counter += n
+    split = {name: sorted(r.slide_id for r in records if assign[r.patient_id] == name) for name in ("train", "val", "test")}
+    folds = [sorted(r.slide_id for r in records if fold_of[r.patient_id] == k) for k in range(cfg.k_folds)]
+    return {**split, "folds": folds, "seed": cfg.seed, "patients": {r.slide_id: r.patient_id for r in records}}
+
+
+def load_or_make_splits(path: Path, records: list[SlideRecord], cfg: SplitConfig) -> dict[str, Any]:
+    """Reuse ``path`` when it covers exactly these slides; otherwise write a new split there."""
+    ids = {r.slide_id for r in records}
+    if path.is_file():
+        splits = json.loads(path.read_text())
+        listed = set(splits.get("train", [])) | set(splits.get("val", [])) | set(splits.get("test", []))
+        if listed == ids and len(splits.get("folds", [])) == cfg.k_folds:
+            log.info("reusing splits %s", path)
+            return splits
+        raise DataError(
+            f"{path}: existing split file does not match the slide table "
+            f"({len(listed ^ ids)} slides differ); delete it to make a new split"
+        )
+    splits = make_splits(records, cfg)
+    for name in ("train", "val"):
+        if not splits[name]:
+            raise DataError(f"empty {name} split: {len(ids)} slides from {len(set(splits['patients'].values()))} patients are too few")
+    atomic_write_json(path, splits)
+    return splits
+
+
+# ----------------------------------------------------------------------------- tiles + labels
+
+
+@dataclass
+class SlideTiles:
+    """Tiles of one slide with their targets."""
+
+    record: SlideRecord
+    coords: np.ndarray  # (N, 2) int64 level-0
+    targets: np.ndarray  # (N, C) float32 in {0, 1}
+    mask: np.ndarray  # (N, C) bool: which targets count
+    coverage: np.ndarray  # (N, C) float32
+    plan: ReadPlan
+    tile_size_l0: float
+
+
+def index_slide(record: SlideRecord, tiling: TilingConfig, labels: LabelConfig) -> SlideTiles:
+    """Tile one slide and label every tile from its annotations."""
+    with open_slide(record.path, mpp=record.mpp, slide_id=record.slide_id) as slide:
+        grid, _, _, _ = tile_slide(slide, tiling)
+        w, h = slide.dimensions
+        mpp = slide.mpp
+    classes = list(labels.classes)
+    if record.annotation is not None:
+        anns = read_annotations(record.annotation, classes, labels.class_map, labels.ignore_classes)
+        masks = rasterise(anns, classes, (w, h), mpp)
+        cov = tile_coverage(masks, classes, grid.coords, grid.tile_size_l0, mpp)
+    else:
+        cov = np.zeros((len(grid), len(classes)), np.float32)
+    pos_at = np.array([labels.positive_coverage.get(c, 0.5) for c in classes], np.float32)
+    neg_below = np.full(len(classes), labels.negative_coverage, np.float32)
+    targets, mask = labels_from_coverage(cov, pos_at, neg_below, sparse=labels.mode == "sparse")
+    return SlideTiles(record, grid.coords, targets, mask, cov, grid.plan, grid.tile_size_l0)
+
+
+class TileDataset(Dataset):
+    """(uint8 tile (H, W, 3), target (C,), mask (C,)) for a list of (slide, tile) pairs.
+
+    Slides are opened lazily, once per process (each data-loader worker has its own handles).
+    """
+
+    def __init__(self, slides: list[SlideTiles], items: np.ndarray, tile_px: int, transform=None) -> None:
+        self.slides = slides
+        self.items = np.asarray(items, dtype=np.int64).reshape(-1, 2)  # (M, 2): slide index, tile index
+        self.tile_px = tile_px
+        self.transform = transform
+        self._handles: dict[int, Slide] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _slide(self, i: int) -> Slide:
+        if self._pid != os.getpid():  # forked into a worker: never reuse the parent's handles
+            self._handles = {}
+            self._pid = os.getpid()
+        s = self._handles.get(i)
+        if s is None:
+            rec = self.slides[i].record
+            s = self._handles[i] = open_slide(rec.path, mpp=rec.mpp, slide_id=rec.slide_id)
+        return s
+
+    def read(self, si: int, ti: int) -> np.ndarray:
+        st = self.slides[si]
+        x, y = st.coords[ti]
+        return self._slide(si).read_region((int(x), int(y)), (self.tile_px, self.tile_px), st.plan)
+
+    def __getitem__(self, k: int):
+        si, ti = self.items[k]
+        tile = self.read(int(si), int(ti))
+        if self.transform is not None:
+            tile = self.transform(image=tile)["image"]
+        st = self.slides[si]
+        return torch.from_numpy(np.ascontiguousarray(tile)), torch.from_numpy(st.targets[ti]), torch.from_numpy(st.mask[ti])
+
+    def close(self) -> None:
+        for s in self._handles.values():
+            s.close()
+        self._handles = {}
+
+
+def balanced_sample(slides: list[SlideTiles], n: int, n_patterns: int, seed: int) -> np.ndarray:
+    """``n`` (slide, tile) pairs: half from tiles positive for a pattern (each pattern equally), half from the rest.
+
+    Deterministic in ``seed`` (so a resumed epoch replays the same order).
+    """
+    rng = np.random.default_rng(seed)
+    all_items = np.concatenate([np.stack([np.full(len(s.coords), i), np.arange(len(s.coords))], 1) for i, s in enumerate(slides)])
+    targets = np.concatenate([s.targets for s in slides])
+    masks = np.concatenate([s.mask for s in slides])
+    pools = [np.nonzero((targets[:, j] > 0) & masks[:, j])[0] for j in range(n_patterns)]
+    any_pos = np.zeros(len(all_items), bool)
+    for p in pools:
+        any_pos[p] = True
+    rest = np.nonzero(~any_pos)[0]
+    picks = []
+    non_empty = [p for p in pools if len(p)]
+    n_pos = n // 2 if non_empty else 0
+    for j, p in enumerate(non_empty):
+        k = n_pos // len(non_empty) + (1 if j < n_pos % len(non_empty) else 0)
+        picks.append(rng.choice(p, size=k, replace=len(p) < k))
+    pool_rest = rest if len(rest) else np.arange(len(all_items))
+    picks.append(rng.choice(pool_rest, size=n - n_pos, replace=len(pool_rest) < n - n_pos))
+    idx = np.concatenate(picks)
+    rng.shuffle(idx)
+    return all_items[idx]
+
+
+def collate_uint8(batch):
+    """Stack (tile, target, mask) triples; tiles stay uint8 (B, H, W, 3)."""
+    tiles, targets, masks = zip(*batch)
+    return torch.stack(tiles), torch.stack(targets), torch.stack(masks)

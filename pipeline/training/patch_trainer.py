@@ -1,0 +1,230 @@
+"""Training loop of the patch CNN: balanced tile sampling, masked multi-label BCE, early stopping,
+best checkpoint by validation macro AUROC, resume after a kill (mid-epoch included).
+
+Run-folder layout (``cfg.output_dir``)::
+
+    config.resolved.yaml   the validated config, as run
+    splits.json            patient-level split (reused)
+    log.csv                one row per epoch
+    checkpoints/last.pt    resume state (tensors + numbers only: loads with weights_only=True)
+    checkpoints/best.safetensors
+    patch_metrics.json     per-class AUROC / AUPRC / F1 at thresholds picked on validation
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file as st_load_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.patch import PATTERN_CLASSES, PatchClassifier, load_backbone_weights
+from models.preprocess import to_tensor_batch
+from pipeline.augment import build_train_augmentation, seed_transforms
+from pipeline.io import atomic_path, atomic_write_bytes, atomic_write_text
+from pipeline.metrics import multilabel_tile_metrics, pick_thresholds
+from pipeline.training.config import RunConfig
+from pipeline.training.data import SlideTiles, TileDataset, balanced_sample, collate_uint8
+from pipeline.runtime import autocast_context, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchTrainResult:
+    model: PatchClassifier
+    thresholds: dict[str, float]
+    metrics: dict[str, Any]
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over the targets that count (mask), per class averaged."""
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    m = mask.float()
+    per_class = (loss * m).sum(0) / m.sum(0).clamp_min(1.0)
+    return per_class[m.sum(0) > 0].mean() if (m.sum(0) > 0).any() else loss.sum() * 0.0
+
+
+def predict_tiles(model: PatchClassifier, ds: TileDataset, batch_size: int, device: torch.device, precision: str,
+                  channels_last: bool, num_workers: int = 0, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (M, C), targets (M, C), mask (M, C) over a dataset (no augmentation)."""
+    model.eval()
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_uint8,
+                        persistent_workers=False)
+    probs, targets, masks = [], [], []
+    norm = model_norm()
+    with torch.inference_mode():
+        for tiles, t, m in tqdm(loader, desc=desc, leave=False, disable=None):
+            x = to_tensor_batch(tiles, *norm, channels_last=channels_last, device=device)
+            with autocast_context(device, precision):
+                logits = model(x)
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+            targets.append(t.numpy())
+            masks.append(m.numpy())
+    return np.concatenate(probs), np.concatenate(targets), np.concatenate(masks)
+
+
+def model_norm() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], val: list[SlideTiles]) -> PatchTrainResult:
+    """Train (or resume) the patch classifier; returns the best model with thresholds and metrics."""
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device)
+    precision = tcfg.precision
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    seed_everything(cfg.seed)
+    classes = list(cfg.labels.classes)
+    n_patterns = sum(c in PATTERN_CLASSES for c in classes)
+    model = PatchClassifier(cfg.model.backbone, classes, cfg.model.dropout)
+    if cfg.model.init_weights is not None:
+        load_backbone_weights(model, cfg.model.init_weights)
+    model.to(device)
+    if tcfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    steps_per_epoch = math.ceil(tcfg.tiles_per_epoch / tcfg.batch_size)
+    total_steps = steps_per_epoch * tcfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=total_steps, pct_start=0.15)
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.safetensors"
+    start_epoch, start_step, best_score, bad_epochs = 0, 0, -1.0, 0
+    if last.is_file():
+        state = _load_checkpoint(last)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step"])
+        best_score, bad_epochs = float(state["best_score"]), int(state["bad_epochs"])
+        log.info("resuming from %s: epoch %d step %d (best macro AUROC %.4f)", last, start_epoch + 1, start_step, best_score)
+
+    val_items = balanced_sample(val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns, seed=cfg.seed + 999)
+    val_ds = TileDataset(val, val_items, cfg.tiling.tile_px)
+    augment = build_train_augmentation(cfg.augment)
+    log_path = run_dir / "log.csv"
+    fields = ["epoch", "train_loss", "val_loss", *[f"val_auroc_{c}" for c in classes], "val_macro_auroc", "lr", "seconds"]
+
+    for epoch in range(start_epoch, tcfg.epochs):
+        if bad_epochs >= tcfg.patience:
+            log.info("early stopping: %d epochs without improvement", bad_epochs)
+            break
+        t0 = time.perf_counter()
+        items = balanced_sample(train, tcfg.tiles_per_epoch, n_patterns, seed=cfg.seed * 1000 + epoch)
+        skip = start_step * tcfg.batch_size if epoch == start_epoch else 0
+        seed_transforms(augment, cfg.seed * 1000 + epoch)
+        ds = TileDataset(train, items[skip:], cfg.tiling.tile_px, transform=augment)
+        loader = DataLoader(ds, batch_size=tcfg.batch_size, shuffle=False, num_workers=tcfg.num_workers,
+                            collate_fn=collate_uint8, drop_last=False, worker_init_fn=_seed_worker)
+        model.train()
+        losses = []
+        step = start_step if epoch == start_epoch else 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, disable=None)
+        for tiles, targets, mask in bar:
+            x = to_tensor_batch(tiles, *model_norm(), channels_last=tcfg.channels_last, device=device)
+            targets, mask = targets.to(device), mask.to(device)
+            with autocast_context(device, precision):
+                logits = model(x)
+            loss = masked_bce(logits, targets, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched.last_epoch < total_steps - 1:
+                sched.step()
+            step += 1
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if step % tcfg.checkpoint_every == 0:
+                _save_checkpoint(last, _state(model, opt, sched, epoch, step, best_score, bad_epochs))
+        # validation
+        probs, vt, vm = predict_tiles(model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last)
+        with torch.no_grad():
+            val_loss = float(masked_bce(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(vt), torch.from_numpy(vm)))
+        m = multilabel_tile_metrics(probs, vt, vm, classes)
+        aurocs = [m["per_class"][c]["auroc"] for c in classes if c in PATTERN_CLASSES]
+        aurocs = [a for a in aurocs if a is not None]
+        macro = float(np.mean(aurocs)) if aurocs else 0.0
+        improved = macro > best_score + 1e-4
+        if improved:
+            best_score, bad_epochs = macro, 0
+            with atomic_path(best_path) as tmp:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        else:
+            bad_epochs += 1
+        row = {"epoch": epoch + 1, "train_loss": round(float(np.mean(losses)) if losses else float("nan"), 5),
+               "val_loss": round(val_loss, 5), "val_macro_auroc": round(macro, 5), "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t0, 1)}
+        for c in classes:
+            a = m["per_class"][c]["auroc"]
+            row[f"val_auroc_{c}"] = round(a, 5) if a is not None else ""
+        _append_csv(log_path, fields, row)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val macro AUROC %.4f%s (%.0f s)", epoch + 1, row["train_loss"],
+                 val_loss, macro, " (best)" if improved else "", row["seconds"])
+        _save_checkpoint(last, _state(model, opt, sched, epoch + 1, 0, best_score, bad_epochs))
+        ds.close()
+
+    # best weights → thresholds on validation → metrics
+    if best_path.is_file():
+        model.load_state_dict(st_load_file(str(best_path), device=str(device)))
+    probs, vt, vm = predict_tiles(model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last, desc="validation")
+    thresholds = pick_thresholds(probs, vt, vm, classes, rule="f1")
+    metrics = multilabel_tile_metrics(probs, vt, vm, classes, thresholds=thresholds)
+    val_ds.close()
+    model.eval()
+    return PatchTrainResult(model=model.cpu().to(memory_format=torch.contiguous_format), thresholds=thresholds,
+                            metrics={"validation": metrics, "best_val_macro_auroc": best_score})
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each data-loader worker its own augmentation stream (derived from torch's per-worker seed)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.dataset.transform is not None:
+        seed_transforms(info.dataset.transform, torch.initial_seed() % 2**32)
+
+
+def _state(model, opt, sched, epoch: int, step: int, best: float, bad: int) -> dict[str, Any]:
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "best_score": best, "bad_epochs": bad}
+
+
+def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
+    """Append a row, rewriting the file atomically (small logs: one row per epoch)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < int(row["epoch"])]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for r in [*rows, row]:
+        w.writerow({k: r.get(k, "") for k in fields})
+    atomic_write_text(path, buf.getvalue())
+

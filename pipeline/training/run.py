@@ -1,0 +1,220 @@
+"""One training run from a validated :class:`~pipeline.training.config.RunConfig`.
+
+``task: patch`` → patch bundle; ``task: aggregator`` → aggregator + calibration on an existing
+patch bundle; ``task: pipeline`` → both, one bundle. Everything is written into the run folder;
+an interrupted run resumes when started again with the same config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+import pipeline
+from models.bundle import (
+    AggregatorSpec,
+    ArchitectureSpec,
+    BundleContract,
+    InputSpec,
+    TrainingSpec,
+    load_bundle,
+    save_bundle,
+)
+from models.patch import PATTERN_CLASSES, PatchClassifier
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.config import config_hash
+from pipeline.errors import ConfigError, DataError
+from pipeline.features import PatchRunner, SlideFeatures, cache_path, extract_features, load_features, save_features
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.paths import REPO_ROOT
+from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.slide import open_slide
+from pipeline.tiling import tile_slide
+from pipeline.training.aggregator_trainer import SlideExample, train_aggregator
+from pipeline.training.config import DataConfig, RunConfig
+from pipeline.training.data import SlideRecord, index_slide, load_or_make_splits, load_slide_table, make_splits
+
+log = logging.getLogger(__name__)
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        commit = rev.stdout.strip() if rev.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{pipeline.__version__}+{commit}" if commit else pipeline.__version__
+
+
+def _resolve(p: Path) -> Path:
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def ensure_synthetic(data: DataConfig) -> None:
+    """Generate the configured synthetic set into ``data.root`` unless it is already there."""
+    if data.synthetic is None:
+        return
+    root = _resolve(data.root)
+    if (root / data.labels_csv).is_file():
+        return
+    from pipeline.synthetic import generate_dataset
+
+    s = data.synthetic
+    log.info("generating %d synthetic slides (seed %d) into %s", s.n, s.seed, root)
+    generate_dataset(root, n=s.n, seed=s.seed, mpp=s.mpp, classes=s.classes, size_um=s.size_um, overwrite=True)
+
+
+def _prepare_run_dir(cfg: RunConfig) -> Path:
+    run_dir = _resolve(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.resolved.yaml"
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if resolved.is_file() and resolved.read_text() != text:
+        raise ConfigError(
+            f"{run_dir}: holds a run with a different config; resume needs the same config "
+            "(use another output_dir, or delete the folder to start over)"
+        )
+    atomic_write_text(resolved, text)
+    return run_dir
+
+
+def _contract(cfg: RunConfig, model: PatchClassifier, thresholds: dict[str, float], metrics: dict[str, float]) -> BundleContract:
+    return BundleContract(
+        name=cfg.name,
+        version=cfg.version,
+        label=cfg.label,
+        architecture=ArchitectureSpec.of(model),
+        input=InputSpec(mpp=cfg.tiling.target_mpp, mpp_tolerance=cfg.tiling.mpp_tolerance, tile_size_px=cfg.tiling.tile_px),
+        thresholds={c: float(thresholds.get(c, 0.5)) for c in model.classes},
+        training=TrainingSpec.from_config(cfg, code_version=code_version(), metrics=metrics),
+    )
+
+
+def _flat_metrics(patch_metrics: dict[str, Any], slide_metrics: dict[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c, m in patch_metrics.get("validation", {}).get("per_class", {}).items():
+        for k in ("auroc", "auprc", "f1"):
+            if isinstance(m.get(k), (int, float)):
+                out[f"tile_val_{k}_{c}"] = float(m[k])
+    for k in ("auroc", "auprc", "balanced_accuracy", "ece", "brier"):
+        v = (slide_metrics or {}).get(k)
+        if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+            out[f"slide_oof_{k}"] = float(v["value"])
+    return out
+
+
+def train_patch(cfg: RunConfig, run_dir: Path):
+    """Patch stage: table → splits → tile labels → training. Returns (model, thresholds, metrics)."""
+    from pipeline.training.patch_trainer import train_patch_model
+
+    ensure_synthetic(cfg.data)
+    records = load_slide_table(cfg.data, REPO_ROOT, require_annotations=True)
+    splits = load_or_make_splits(run_dir / cfg.split.file, records, cfg.split)
+    by_id = {r.slide_id: r for r in records}
+    indexed = {}
+    for r in tqdm(records, desc="tiling + labels", leave=False, disable=None):
+        indexed[r.slide_id] = index_slide(r, cfg.tiling, cfg.labels)
+    train = [indexed[s] for s in splits["train"]]
+    val = [indexed[s] for s in splits["val"]]
+    for name, part in (("train", train), ("val", val)):
+        n_tiles = sum(len(s.coords) for s in part)
+        if n_tiles == 0:
+            raise DataError(f"empty {name} split: its {len(part)} slides have no tissue tiles")
+        n_pos = {c: int(sum(((s.targets[:, j] > 0) & s.mask[:, j]).sum() for s in part)) for j, c in enumerate(cfg.labels.classes)}
+        log.info("%s: %d slides, %d tiles, positives %s", name, len(part), n_tiles, n_pos)
+        if name == "train" and not any(n_pos[c] for c in PATTERN_CLASSES if c in n_pos):
+            raise DataError("training split has no tile positive for any pattern; check the annotations and labels.positive_coverage")
+    del by_id
+    result = train_patch_model(cfg, run_dir, train, val)
+    atomic_write_json(run_dir / "patch_metrics.json", result.metrics)
+    return result.model, result.thresholds, result.metrics
+
+
+def compute_features(records: list[SlideRecord], model: PatchClassifier, model_key: str, cfg: RunConfig, cache_dir: Path) -> dict[str, SlideFeatures]:
+    """Patch-model features of every slide, cached by slide fingerprint + model key."""
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(device, cfg.train.precision)
+    runner = PatchRunner(model, IMAGENET_MEAN, IMAGENET_STD, device, precision, channels_last=cfg.train.channels_last)
+    out: dict[str, SlideFeatures] = {}
+    for r in tqdm(records, desc="slide features", leave=False, disable=None):
+        with open_slide(r.path, mpp=r.mpp, slide_id=r.slide_id) as slide:
+            fp = slide.fingerprint()
+            cached = load_features(cache_path(cache_dir, r.slide_id), fp, model_key)
+            if cached is not None:
+                out[r.slide_id] = cached
+                continue
+            grid, mask, _, _ = tile_slide(slide, cfg.tiling)
+        feats = extract_features(r.path, r.mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, runner,
+                                 list(model.classes), batch_size=cfg.train.batch_size, background_rgb=mask.background_rgb)
+        save_features(cache_path(cache_dir, r.slide_id), feats, fp, model_key)
+        out[r.slide_id] = feats
+    return out
+
+
+def train_slide_aggregator(cfg: RunConfig, run_dir: Path, model: PatchClassifier, thresholds: dict[str, float], model_key: str):
+    """Aggregator stage on ``cfg.aggregator.data`` (or the patch data). Returns (predictor, metrics)."""
+    data = cfg.aggregator.data or cfg.data
+    if cfg.aggregator.data is None:
+        log.warning("aggregator trained on the patch model's own slides: out-of-fold estimates are optimistic; "
+                    "set aggregator.data to a separate slide set")
+    ensure_synthetic(data)
+    records = load_slide_table(data, REPO_ROOT, require_annotations=False)
+    feats = compute_features(records, model, model_key, cfg, run_dir / "features")
+    splits = make_splits(records, cfg.split)
+    atomic_write_json(run_dir / "aggregator_folds.json", {"folds": splits["folds"], "patients": splits["patients"]})
+    examples = [
+        SlideExample(r.slide_id, r.patient_id, r.diagnosis, int(r.flags.get("nme_pattern", 0)),
+                     np.array([r.flags.get(p, 0) for p in PATTERN_CLASSES], np.float32), feats[r.slide_id])
+        for r in records
+    ]
+    return train_aggregator(cfg.aggregator, examples, splits["folds"], list(model.classes), thresholds,
+                            run_dir / "aggregator", seed=cfg.seed)
+
+
+def run_training(cfg: RunConfig) -> Path:
+    """Run ``cfg``; returns the bundle directory."""
+    run_dir = _prepare_run_dir(cfg)
+    slide_metrics = None
+    predictor = None
+    if cfg.task in ("patch", "pipeline"):
+        model, thresholds, patch_metrics = train_patch(cfg, run_dir)
+        model_key = f"run:{config_hash(cfg)}"
+    else:
+        if cfg.aggregator.patch_bundle is None:
+            raise ConfigError("task 'aggregator' needs aggregator.patch_bundle")
+        loaded = load_bundle(_resolve(cfg.aggregator.patch_bundle))
+        model, thresholds = loaded.model, dict(loaded.contract.thresholds)
+        patch_metrics = {"from_bundle": str(cfg.aggregator.patch_bundle)}
+        model_key = loaded.sha256
+    if cfg.task in ("aggregator", "pipeline"):
+        predictor, slide_metrics = train_slide_aggregator(cfg, run_dir, model, thresholds, model_key)
+    contract = _contract(cfg, model, thresholds, _flat_metrics(patch_metrics, slide_metrics))
+    extra = None
+    if predictor is not None:
+        params, state = predictor.to_bundle_sections()
+        contract.aggregator = AggregatorSpec(type=predictor.kind, params=params, weights="aggregator" if state else None)
+        contract.calibration = predictor.calibrator.to_json() if predictor.calibrator is not None else {"kind": "none"}
+        contract.bands = {"low": predictor.bands.low, "high": predictor.bands.high}
+        extra = {"aggregator": state} if state else None
+    bundle = run_dir / "bundle"
+    digest = save_bundle(bundle, model, contract, extra_tensors=extra)
+    if cfg.bundle_dir is not None:
+        target = _resolve(cfg.bundle_dir)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bundle, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        log.info("bundle copied to %s", target)
+    atomic_write_json(run_dir / "summary.json", {"bundle": str(bundle), "sha256": digest, "task": cfg.task,
+                                                  "patch_metrics": patch_metrics, "slide_metrics": slide_metrics})
+    return bundle

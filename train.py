@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train the patch model and/or the slide aggregator from one YAML config.
+
+    python train.py --config configs/demo.yaml [--set train.epochs=2 --set seed=1] [--quiet]
+
+The config schema is ``pipeline/training/config.py`` (unknown keys are errors). The run folder
+(``output_dir``) receives the resolved config, splits, logs, metrics and the model bundle; run
+the same command again to resume an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pipeline  # noqa: F401 - sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported
+from pipeline.cli import run_cli, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    ap.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    args = ap.parse_args(argv)
+    setup_logging(quiet=args.quiet)
+    from pipeline.config import load_config
+    from pipeline.training.config import RunConfig
+
+    cfg = load_config(RunConfig, args.config, args.overrides)  # config errors surface before heavy imports
+    from pipeline.training.run import run_training
+
+    bundle = run_training(cfg)
+    print(f"bundle: {bundle}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
