@@ -2,11 +2,18 @@
 """Batch inference: NME-pattern probability, heatmaps, QuPath tiles, reports and proposed orders per slide.
 
     python infer.py SLIDES_DIR --out OUT_DIR [--model BUNDLE] [--clinical FILE]
-                    [--mpp M | --slides-table CSV] [--workers N] [--force]
+                    [--mpp M | --slides-table CSV] [--reader-threads N] [--force]
+                    [--engine ray [--address auto|HOST:PORT] [--workers N] [--gpus-per-worker G]]
 
 With no arguments it runs the embedded demo: a few synthetic slides (made on first use in
 demo_slides/), the shipped demo model (trained on synthetic slides only, not for clinical use),
 results in demo_output/. Re-running skips finished slides; --force redoes them.
+
+Engines: `local` (default) processes one slide at a time in this process; `ray` spreads slides
+over Ray actors (N parallel slide workers, each loading the model once), on this machine or on an
+existing Ray cluster (--address). The Ray engine needs `pip install '.[ray]'` and a filesystem
+shared by all workers (slides, model and --out at the same paths); see docs/cluster.md.
+
 Decision support only: a clinician confirms every order.
 """
 
@@ -31,7 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--mpp", type=float, help="level-0 µm/px for slides whose metadata lacks it")
     group.add_argument("--slides-table", type=Path, help="CSV with path[, slide_id, mpp, patient_id] columns")
-    ap.add_argument("--workers", type=int, default=2, help="tile reader threads per slide (default 2)")
+    ap.add_argument("--reader-threads", type=int, default=2, help="tile reader threads per slide (default 2)")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: one slide at a time in this process (default); ray: slides in parallel on Ray actors")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="slides processed in parallel (Ray actors). The local engine runs 1; with --engine ray the "
+                         "default fills the cluster (CPUs // 2, or GPUs // --gpus-per-worker)")
+    ap.add_argument("--address", default=None,
+                    help="--engine ray: Ray cluster to join: auto (the cluster running on this node), HOST:PORT (head "
+                         "node GCS) or ray://HOST:PORT (Ray Client); default: start a local Ray instance sized to this machine")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0,
+                    help="--engine ray: GPUs reserved per actor (e.g. 1, or 0.5 to share a GPU); default 0 = CPU")
+    ap.add_argument("--cpus-per-worker", type=float, default=None,
+                    help="--engine ray: CPUs reserved per actor (default: the cluster's CPUs shared out, at most one node's)")
     ap.add_argument("--batch-size", type=int, default=64, help="tiles per model batch (default 64)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--backend", default="auto", help="auto | torch-fp32 | torch-bf16")
@@ -51,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         ap.error("--out is required (except for the demo)")
     opts = BatchOptions(slides_dir=args.slides_dir, out_dir=args.out, model=args.model, clinical=args.clinical, mpp=args.mpp,
-                        slides_table=args.slides_table, workers=args.workers, batch_size=args.batch_size, force=args.force,
-                        device=args.device, backend=args.backend, quiet=args.quiet, command=["infer.py", *(argv or [])])
+                        slides_table=args.slides_table, workers=args.workers, reader_threads=args.reader_threads,
+                        batch_size=args.batch_size, force=args.force, device=args.device, backend=args.backend,
+                        engine=args.engine, address=args.address, gpus_per_worker=args.gpus_per_worker,
+                        cpus_per_worker=args.cpus_per_worker, quiet=args.quiet, command=["infer.py", *(argv or [])])
     record = run_batch(opts)
     print(final_screen(record, args.out.resolve()))
     return 1 if record["counts"]["failed"] else 0

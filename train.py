@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training.run import run_training
 
     bundle = run_training(cfg)
-    print(f"bundle: {bundle}")
+    from pipeline.training.distributed import env_ranks
+
+    ranks = env_ranks()
+    if ranks is None or ranks[0] == 0:  # under torchrun only rank 0 reports
+        print(f"bundle: {bundle}")
     return 0
 
 

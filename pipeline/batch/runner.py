@@ -1,5 +1,10 @@
-"""The local batch engine: checks inputs, takes the output lock, processes slides one by one
-(skipping finished ones), and writes ``summary.csv``, ``index.html`` and ``run.json``.
+"""Batch inference: checks inputs, takes the output lock, processes slides (skipping finished ones),
+and writes ``summary.csv``, ``index.html`` and ``run.json``.
+
+Two engines run the same :func:`~pipeline.batch.process.process_slide` into the same output
+layout: ``local`` (this module: one slide at a time in this process) and ``ray``
+(:mod:`pipeline.batch.ray_engine`: slides spread over Ray actors, one model load per actor).
+:func:`run_batch` picks the engine from :attr:`BatchOptions.engine`.
 
 Nothing finished is ever lost: every file is written atomically and a slide counts as done only
 when its ``result.json`` and the files it lists are complete; ``kill -9`` loses at most the slide
@@ -41,15 +46,70 @@ class BatchOptions:
     clinical: Path | None = None
     mpp: float | None = None
     slides_table: Path | None = None
-    workers: int = 2
+    workers: int | None = None  # slides processed in parallel: local engine 1; ray: actors (None = sized to the cluster)
+    reader_threads: int = 2  # tile reader threads per slide (both engines)
     batch_size: int = 64
     force: bool = False
     device: str = "auto"
     precision: str = "auto"
     backend: str = "auto"
-    engine: str = "local"
+    engine: str = "local"  # local | ray
+    address: str | None = None  # ray: "auto", "HOST:PORT" or "ray://HOST:PORT"; None starts a local Ray instance
+    gpus_per_worker: float = 0.0  # ray: GPUs reserved per actor (0: CPU inference)
+    cpus_per_worker: float | None = None  # ray: CPUs reserved per actor (None: the cluster's CPUs shared out)
     quiet: bool = False
     command: list[str] = field(default_factory=list)
+
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What ``run.json`` records about the model and the device that ran it.
+
+    Taken from this process's :class:`InferenceContext` (local engine) or reported by a worker
+    that built its own (Ray engine: the driver never loads the model).
+    """
+
+    model_info: dict[str, Any]
+    model_label: str
+    ruleset_version: str | None
+    device: str
+    reader_threads: int
+
+    @classmethod
+    def of(cls, ctx: InferenceContext) -> RunFacts:
+        return cls(model_info=ctx.model_info(), model_label=ctx.bundle.contract.label,
+                   ruleset_version=getattr(ctx.ruleset, "ruleset_version", None),
+                   device=str(ctx.runner.device) if hasattr(ctx.runner, "device") else "cpu",
+                   reader_threads=ctx.reader_threads)
+
+
+def check_options(opts: BatchOptions) -> None:
+    """Engine-related option errors, one line each, before anything is read or written."""
+    if opts.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
+    if opts.reader_threads < 1:
+        raise ConfigError(f"--reader-threads must be at least 1 (got {opts.reader_threads})")
+    if opts.workers is not None and opts.workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (got {opts.workers})")
+    if opts.engine == "local":
+        if opts.workers not in (None, 1):
+            raise ConfigError(f"--workers {opts.workers}: the local engine processes one slide at a time; use --engine ray "
+                              "for parallel slide workers (tile reader threads per slide are --reader-threads)")
+        ray_only = {"--address": opts.address is not None, "--gpus-per-worker": bool(opts.gpus_per_worker),
+                    "--cpus-per-worker": opts.cpus_per_worker is not None}
+        given = [k for k, v in ray_only.items() if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to --engine ray")
+    else:
+        if opts.gpus_per_worker < 0:
+            raise ConfigError(f"--gpus-per-worker must not be negative (got {opts.gpus_per_worker})")
+        if opts.gpus_per_worker > 1 and opts.gpus_per_worker != int(opts.gpus_per_worker):
+            raise ConfigError(f"--gpus-per-worker {opts.gpus_per_worker}: fractions are only allowed below 1")
+        if opts.cpus_per_worker is not None and opts.cpus_per_worker <= 0:
+            raise ConfigError(f"--cpus-per-worker must be positive (got {opts.cpus_per_worker})")
 
 
 def check_inputs(opts: BatchOptions) -> list[SlideJob]:
@@ -94,11 +154,21 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     runner, backend = make_runner(bundle, device, opts.precision, opts.backend)
     return InferenceContext(bundle=bundle, predictor=predictor, runner=runner, ruleset=ruleset, clinical=clinical,
                             out_dir=opts.out_dir, cache_dir=opts.out_dir / ".cache", batch_size=opts.batch_size,
-                            reader_threads=max(1, opts.workers), backend=backend)
+                            reader_threads=max(1, opts.reader_threads), backend=backend)
 
 
 def run_batch(opts: BatchOptions) -> dict[str, Any]:
-    """Process every slide; returns the run record (also written to run.json)."""
+    """Process every slide with the engine ``opts.engine``; returns the run record (also written to run.json)."""
+    check_options(opts)
+    if opts.engine == "ray":
+        from pipeline.batch.ray_engine import run_batch_ray
+
+        return run_batch_ray(opts)
+    return run_batch_local(opts)
+
+
+def run_batch_local(opts: BatchOptions) -> dict[str, Any]:
+    """The local engine: one slide at a time in this process."""
     jobs = check_inputs(opts)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -124,9 +194,12 @@ def run_batch(opts: BatchOptions) -> dict[str, Any]:
     return record
 
 
-def write_summary(opts: BatchOptions, ctx: InferenceContext, results: list[dict[str, Any]], started: datetime,
+def write_summary(opts: BatchOptions, ctx: InferenceContext | RunFacts, results: list[dict[str, Any]], started: datetime,
                   elapsed: float, processed: int, skipped: int, n_tiles: int, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write summary.csv, index.html and run.json (atomically); returns the run record."""
     from pipeline.outputs.summary import write_index_html, write_summary_csv
+
+    facts = ctx if isinstance(ctx, RunFacts) else RunFacts.of(ctx)
 
     write_summary_csv(opts.out_dir / "summary.csv", results)
     write_index_html(opts.out_dir / "index.html", results, {r["slide_id"]: f"{r['slide_id']}/report.html" for r in results})
@@ -134,13 +207,13 @@ def write_summary(opts: BatchOptions, ctx: InferenceContext, results: list[dict[
     record = {
         "command": opts.command or sys.argv,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items() if k != "command"},
-        "model": ctx.model_info(),
-        "model_label": ctx.bundle.contract.label,
-        "ruleset_version": getattr(ctx.ruleset, "ruleset_version", None),
-        "engine": engine or {"name": "local", "workers": 1, "reader_threads": ctx.reader_threads},
+        "model": facts.model_info,
+        "model_label": facts.model_label,
+        "ruleset_version": facts.ruleset_version,
+        "engine": engine or {"name": "local", "workers": 1, "reader_threads": facts.reader_threads},
         "versions": versions(),
         "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                 "device": str(ctx.runner.device) if hasattr(ctx.runner, "device") else "cpu"},
+                 "device": facts.device},
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(elapsed, 3),

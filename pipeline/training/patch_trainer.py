@@ -9,6 +9,10 @@ Run-folder layout (``cfg.output_dir``)::
     checkpoints/last.pt    resume state (tensors + numbers only: loads with weights_only=True)
     checkpoints/best.safetensors
     patch_metrics.json     per-class AUROC / AUPRC / F1 at thresholds picked on validation
+
+Under ``torchrun`` (see :mod:`pipeline.training.distributed`) each rank trains on its own shard
+of the epoch's tile sample with a DDP-wrapped model (``train.batch_size`` is per rank); rank 0
+alone validates and writes checkpoints, logs and metrics.
 """
 
 from __future__ import annotations
@@ -32,13 +36,18 @@ from tqdm import tqdm
 from models.patch import PATTERN_CLASSES, PatchClassifier, load_backbone_weights
 from models.preprocess import to_tensor_batch
 from pipeline.augment import build_train_augmentation, seed_transforms
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_path, atomic_write_bytes, atomic_write_text
 from pipeline.metrics import multilabel_tile_metrics, pick_thresholds
+from pipeline.training import distributed
 from pipeline.training.config import RunConfig
 from pipeline.training.data import SlideTiles, TileDataset, balanced_sample, collate_uint8
 from pipeline.runtime import autocast_context, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
+
+#: Added (times the rank) to the augmentation and dropout seeds of ranks other than 0.
+RANK_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -94,7 +103,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], val: list[SlideTiles]) -> PatchTrainResult:
     """Train (or resume) the patch classifier; returns the best model with thresholds and metrics."""
     tcfg = cfg.train
-    device = resolve_device(tcfg.device)
+    dctx = distributed.current()
+    device = dctx.device if dctx.enabled else resolve_device(tcfg.device)
     precision = tcfg.precision
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -108,7 +118,8 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
     if tcfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    steps_per_epoch = math.ceil(tcfg.tiles_per_epoch / tcfg.batch_size)
+    # each rank runs over its shard (ceil(tiles / world) tiles): the same number of steps on every rank
+    steps_per_epoch = math.ceil(math.ceil(tcfg.tiles_per_epoch / dctx.world_size) / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=total_steps, pct_start=0.15)
 
@@ -124,6 +135,16 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best_score, bad_epochs = float(state["best_score"]), int(state["bad_epochs"])
         log.info("resuming from %s: epoch %d step %d (best macro AUROC %.4f)", last, start_epoch + 1, start_step, best_score)
+    if dctx.enabled:
+        points = distributed.all_gather_object((start_epoch, start_step))
+        if len(set(points)) > 1:
+            raise ConfigError(f"{last}: the ranks resume from different points {points}; the run folder must be on "
+                              "storage shared by every node")
+        if dctx.rank:
+            torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * dctx.rank)  # own dropout and data-loader seeds per rank
+    ddp_model = distributed.wrap_model(model)
+    show_bars = None if dctx.is_main else True
+    tiles_per_rank: list[int] = []
 
     val_items = balanced_sample(val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns, seed=cfg.seed + 999)
     val_ds = TileDataset(val, val_items, cfg.tiling.tile_px)
@@ -137,20 +158,21 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
             break
         t0 = time.perf_counter()
         items = balanced_sample(train, tcfg.tiles_per_epoch, n_patterns, seed=cfg.seed * 1000 + epoch)
+        items = distributed.shard(items, dctx.rank, dctx.world_size)  # disjoint positions per rank
         skip = start_step * tcfg.batch_size if epoch == start_epoch else 0
-        seed_transforms(augment, cfg.seed * 1000 + epoch)
+        seed_transforms(augment, cfg.seed * 1000 + epoch + RANK_SEED_STRIDE * dctx.rank)
         ds = TileDataset(train, items[skip:], cfg.tiling.tile_px, transform=augment)
         loader = DataLoader(ds, batch_size=tcfg.batch_size, shuffle=False, num_workers=tcfg.num_workers,
                             collate_fn=collate_uint8, drop_last=False, worker_init_fn=_seed_worker)
-        model.train()
+        ddp_model.train()
         losses = []
         step = start_step if epoch == start_epoch else 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, disable=None)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, disable=show_bars)
         for tiles, targets, mask in bar:
             x = to_tensor_batch(tiles, *model_norm(), channels_last=tcfg.channels_last, device=device)
             targets, mask = targets.to(device), mask.to(device)
             with autocast_context(device, precision):
-                logits = model(x)
+                logits = ddp_model(x)
             loss = masked_bce(logits, targets, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,11 +180,21 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
             if sched.last_epoch < total_steps - 1:
                 sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if step % tcfg.checkpoint_every == 0:
+            if step % tcfg.checkpoint_every == 0 and dctx.is_main:
                 _save_checkpoint(last, _state(model, opt, sched, epoch, step, best_score, bad_epochs))
-        # validation
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        if dctx.enabled:
+            total, count = distributed.all_reduce_sum([float(np.sum(losses)), float(len(losses))])
+            train_loss = total / count if count else float("nan")
+            tiles_per_rank = [int(n) for n in distributed.all_gather_object(len(ds))]
+            if not dctx.is_main:  # rank 0 validates and decides; the others wait for its decision
+                ds.close()
+                best_score, bad_epochs = distributed.broadcast_object(None)
+                continue
+            log.info("epoch %d: %d ranks trained on %s tiles", epoch + 1, dctx.world_size, " + ".join(map(str, tiles_per_rank)))
+        # validation (rank 0)
         probs, vt, vm = predict_tiles(model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last)
         with torch.no_grad():
             val_loss = float(masked_bce(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(vt), torch.from_numpy(vm)))
@@ -179,7 +211,7 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         else:
             bad_epochs += 1
-        row = {"epoch": epoch + 1, "train_loss": round(float(np.mean(losses)) if losses else float("nan"), 5),
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
                "val_loss": round(val_loss, 5), "val_macro_auroc": round(macro, 5), "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.perf_counter() - t0, 1)}
         for c in classes:
@@ -190,7 +222,13 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
                  val_loss, macro, " (best)" if improved else "", row["seconds"])
         _save_checkpoint(last, _state(model, opt, sched, epoch + 1, 0, best_score, bad_epochs))
         ds.close()
+        if dctx.enabled:
+            distributed.broadcast_object((best_score, bad_epochs))
 
+    if not dctx.is_main:  # rank 0 alone picks thresholds and reports
+        val_ds.close()
+        model.eval()
+        return PatchTrainResult(model=model.cpu().to(memory_format=torch.contiguous_format), thresholds={}, metrics={})
     # best weights → thresholds on validation → metrics
     if best_path.is_file():
         model.load_state_dict(st_load_file(str(best_path), device=str(device)))
@@ -199,8 +237,12 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
     metrics = multilabel_tile_metrics(probs, vt, vm, classes, thresholds=thresholds)
     val_ds.close()
     model.eval()
+    summary: dict[str, Any] = {"validation": metrics, "best_val_macro_auroc": best_score}
+    if dctx.enabled:
+        summary["distributed"] = {**dctx.describe(), "tiles_per_rank_last_epoch": tiles_per_rank,
+                                  "batch_size_per_rank": tcfg.batch_size}
     return PatchTrainResult(model=model.cpu().to(memory_format=torch.contiguous_format), thresholds=thresholds,
-                            metrics={"validation": metrics, "best_val_macro_auroc": best_score})
+                            metrics=summary)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -3,6 +3,10 @@
 ``task: patch`` → patch bundle; ``task: aggregator`` → aggregator + calibration on an existing
 patch bundle; ``task: pipeline`` → both, one bundle. Everything is written into the run folder;
 an interrupted run resumes when started again with the same config.
+
+Under ``torchrun`` the patch model trains data-parallel on every rank (see
+:mod:`pipeline.training.distributed`); rank 0 alone prepares the data, writes the run folder's
+files, trains the aggregator and writes the bundle.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pipeline.paths import REPO_ROOT
 from pipeline.runtime import resolve_device, resolve_precision
 from pipeline.slide import open_slide
 from pipeline.tiling import tile_slide
+from pipeline.training import distributed
 from pipeline.training.aggregator_trainer import SlideExample, train_aggregator
 from pipeline.training.config import DataConfig, RunConfig
 from pipeline.training.data import SlideRecord, index_slide, load_or_make_splits, load_slide_table, make_splits
@@ -111,10 +116,8 @@ def _flat_metrics(patch_metrics: dict[str, Any], slide_metrics: dict[str, Any] |
     return out
 
 
-def train_patch(cfg: RunConfig, run_dir: Path):
-    """Patch stage: table → splits → tile labels → training. Returns (model, thresholds, metrics)."""
-    from pipeline.training.patch_trainer import train_patch_model
-
+def patch_data(cfg: RunConfig, run_dir: Path) -> tuple[list, list]:
+    """Slide table → splits → tiles with labels: (train, val) lists of SlideTiles."""
     ensure_synthetic(cfg.data)
     records = load_slide_table(cfg.data, REPO_ROOT, require_annotations=True)
     splits = load_or_make_splits(run_dir / cfg.split.file, records, cfg.split)
@@ -133,8 +136,20 @@ def train_patch(cfg: RunConfig, run_dir: Path):
         if name == "train" and not any(n_pos[c] for c in PATTERN_CLASSES if c in n_pos):
             raise DataError("training split has no tile positive for any pattern; check the annotations and labels.positive_coverage")
     del by_id
+    return train, val
+
+
+def train_patch(cfg: RunConfig, run_dir: Path):
+    """Patch stage: table → splits → tile labels → training. Returns (model, thresholds, metrics).
+
+    Distributed: rank 0 prepares the data and broadcasts it; every rank trains; rank 0 writes the metrics.
+    """
+    from pipeline.training.patch_trainer import train_patch_model
+
+    train, val = distributed.run_on_main(patch_data, cfg, run_dir)
     result = train_patch_model(cfg, run_dir, train, val)
-    atomic_write_json(run_dir / "patch_metrics.json", result.metrics)
+    if distributed.current().is_main:
+        atomic_write_json(run_dir / "patch_metrics.json", result.metrics)
     return result.model, result.thresholds, result.metrics
 
 
@@ -180,13 +195,27 @@ def train_slide_aggregator(cfg: RunConfig, run_dir: Path, model: PatchClassifier
 
 
 def run_training(cfg: RunConfig) -> Path:
-    """Run ``cfg``; returns the bundle directory."""
-    run_dir = _prepare_run_dir(cfg)
+    """Run ``cfg``; returns the bundle directory (under torchrun: on every rank, written by rank 0)."""
+    dctx = distributed.setup(cfg.train.device)
+    try:
+        return _run_training(cfg, dctx)
+    finally:
+        distributed.shutdown()
+
+
+def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
+    run_dir = distributed.run_on_main(_prepare_run_dir, cfg)
     slide_metrics = None
     predictor = None
     if cfg.task in ("patch", "pipeline"):
         model, thresholds, patch_metrics = train_patch(cfg, run_dir)
         model_key = f"run:{config_hash(cfg)}"
+        if not dctx.is_main:
+            log.info("patch stage done on this rank; rank 0 writes the bundle")
+            return run_dir / "bundle"
+    elif not dctx.is_main:
+        log.warning("task %s has no data-parallel stage: rank %d has nothing to do, rank 0 runs it", cfg.task, dctx.rank)
+        return run_dir / "bundle"
     else:
         if cfg.aggregator.patch_bundle is None:
             raise ConfigError("task 'aggregator' needs aggregator.patch_bundle")
@@ -215,6 +244,9 @@ def run_training(cfg: RunConfig) -> Path:
             shutil.rmtree(target)
         tmp.rename(target)
         log.info("bundle copied to %s", target)
-    atomic_write_json(run_dir / "summary.json", {"bundle": str(bundle), "sha256": digest, "task": cfg.task,
-                                                  "patch_metrics": patch_metrics, "slide_metrics": slide_metrics})
+    summary = {"bundle": str(bundle), "sha256": digest, "task": cfg.task, "patch_metrics": patch_metrics,
+               "slide_metrics": slide_metrics}
+    if dctx.enabled:
+        summary["distributed"] = dctx.describe()
+    atomic_write_json(run_dir / "summary.json", summary)
     return bundle
