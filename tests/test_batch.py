@@ -35,8 +35,7 @@ def synthetic_pair(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, synthetic_pair, shared_slides):
-    if not (DEMO_BUNDLE / "bundle.json").is_file():
-        pytest.skip("the demo bundle models/demo_bundle is not built yet (python train.py --config configs/demo.yaml)")
+    assert (DEMO_BUNDLE / "bundle.json").is_file(), "the shipped demo bundle models/demo_bundle is missing"
     src = tmp_path_factory.mktemp("mixed") / "in"
     src.mkdir()
     for f in synthetic_pair.glob("*.tiff"):
@@ -115,8 +114,6 @@ def test_rerun_skips_done_and_retries_failed(mixed_run):
 
 
 def test_kill_9_loses_only_the_slide_in_progress(tmp_path, synthetic_pair, shared_slides):
-    if not (DEMO_BUNDLE / "bundle.json").is_file():
-        pytest.skip("the demo bundle models/demo_bundle is not built yet")
     src = tmp_path / "in"
     src.mkdir()
     for f in synthetic_pair.glob("*.tiff"):
@@ -143,8 +140,6 @@ def test_kill_9_loses_only_the_slide_in_progress(tmp_path, synthetic_pair, share
 
 @pytest.mark.parametrize("case", ["missing", "empty", "inside", "clinical", "model"])
 def test_bad_input_before_any_slide(tmp_path, synthetic_pair, case):
-    if case != "model" and not (DEMO_BUNDLE / "bundle.json").is_file():
-        pytest.skip("the demo bundle models/demo_bundle is not built yet")
     src = tmp_path / "in"
     src.mkdir()
     out = tmp_path / "out"

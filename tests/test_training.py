@@ -110,7 +110,7 @@ def tiny_set(tmp_path_factory) -> Path:
     from pipeline.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("train_data")
-    generate_dataset(root, n=6, seed=41, mpp=0.5, classes=["nme", "normal", "psoriasiform"], size_um=(2200, 1600), overwrite=True)
+    generate_dataset(root, n=12, seed=41, mpp=0.5, classes=["nme", "normal", "psoriasiform"], size_um=(2000, 1500), overwrite=True)
     return root
 
 
