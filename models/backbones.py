@@ -71,6 +71,13 @@ BACKBONES: dict[str, BackboneSpec] = {
 """Backbone name -> spec. Names are torchvision's builder names."""
 
 
+def known_backbone(name: str) -> str:
+    """``name`` if it is a registered backbone, else ValueError listing the allowed ones (for pydantic validators)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
+    return name
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     """Look up ``name``; an unknown name is a one-line :class:`ConfigError` listing the allowed ones."""
     spec = BACKBONES.get(name)

@@ -36,7 +36,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from models.backbones import BACKBONES
+from models.backbones import known_backbone
 from models.errors import BundleError
 from models.patch import PatchClassifier
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -72,9 +72,7 @@ class ArchitectureSpec(StrictModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(sorted(BACKBONES))}")
-        return v
+        return known_backbone(v)
 
     @classmethod
     def of(cls, model: PatchClassifier) -> ArchitectureSpec:

@@ -87,11 +87,9 @@ class ModelConfig(StrictModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        from models.backbones import BACKBONES
+        from models.backbones import known_backbone
 
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(sorted(BACKBONES))}")
-        return v
+        return known_backbone(v)
 
     @field_validator("init_weights")
     @classmethod
