@@ -18,7 +18,8 @@ import torch
 from models.mil import BagAggregator, build_aggregator
 from models.patch import PATTERN_CLASSES
 from models.pattern_stats import PatternStatistics, PatternStatsClassifier
-from pipeline.calibration import Bands, make_calibrator
+from pipeline.calibration import Bands
+from pipeline.calibration import calibrator_from_json as calibration_from_json
 from pipeline.errors import ConfigError
 from pipeline.features import SlideFeatures
 
@@ -48,8 +49,7 @@ def calibrator_from_json(data: dict[str, Any] | None):
     """Rebuild the calibrator stored in a bundle (``None`` → identity on the sigmoid)."""
     if not data or data.get("kind", "none") == "none":
         return None
-    cal = make_calibrator(data["kind"])
-    return cal.from_json(data)
+    return calibration_from_json(data)
 
 
 class SlidePredictor:

@@ -33,12 +33,10 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
     from pipeline.aggregation import SlidePredictor
     from pipeline.annotations import rasterise, read_annotations, tile_coverage
     from pipeline.backends import make_runner
-    from pipeline.features import extract_features
     from pipeline.metrics import auroc, evaluate_slides, per_group_table
     from pipeline.runtime import resolve_device
-    from pipeline.slide import open_slide
     from pipeline.synthetic import generate_dataset
-    from pipeline.tiling import TilingConfig, tile_slide
+    from pipeline.tiling import TilingConfig
     from pipeline.training.config import DataConfig
     from pipeline.training.data import load_slide_table
 
@@ -56,11 +54,7 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
     epi_cov: list[np.ndarray] = []
     slide_p, slide_y, groups, patients = [], [], [], []
     for r in records:
-        with open_slide(r.path, mpp=r.mpp) as slide:
-            grid, mask, _, _ = tile_slide(slide, tiling)
-            dims, mpp = slide.dimensions, slide.mpp
-        feats = extract_features(r.path, r.mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, runner, classes,
-                                 background_rgb=mask.background_rgb)
+        grid, mask, feats, dims, mpp = _slide_features(r.path, r.mpp, tiling, runner, classes)
         anns = read_annotations(r.annotation, classes)
         cov = tile_coverage(rasterise(anns, classes, dims, mpp), classes, grid.coords, grid.tile_size_l0, mpp)
         epi_cov.append(cov[:, classes.index("epidermis")])
@@ -99,16 +93,24 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
             "per_diagnosis": table, "real_slides": real_out}
 
 
-def _real_slide(path: Path, bundle, predictor, runner, tiling) -> dict[str, Any]:
+def _slide_features(path: Path, mpp: float | None, tiling, runner, classes: list[str]):
+    """(grid, tissue mask, patch-model features, level-0 dimensions, slide µm/px) of one slide."""
     from pipeline.features import extract_features
-    from pipeline.quality import QualityInputs, assess_quality
     from pipeline.slide import open_slide
     from pipeline.tiling import tile_slide
 
-    with open_slide(path) as slide:
+    with open_slide(path, mpp=mpp) as slide:
         grid, mask, _, _ = tile_slide(slide, tiling)
-    feats = extract_features(path, None, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, runner,
-                             list(bundle.contract.architecture.classes), background_rgb=mask.background_rgb)
+        dims, slide_mpp = slide.dimensions, slide.mpp
+    feats = extract_features(path, mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, runner, classes,
+                             background_rgb=mask.background_rgb)
+    return grid, mask, feats, dims, slide_mpp
+
+
+def _real_slide(path: Path, bundle, predictor, runner, tiling) -> dict[str, Any]:
+    from pipeline.quality import QualityInputs, assess_quality
+
+    grid, mask, feats, _, _ = _slide_features(path, None, tiling, runner, list(bundle.contract.architecture.classes))
     q = assess_quality(QualityInputs(len(feats), mask.tissue_area_mm2, list(mask.flags), feats.column("epidermis"),
                                      feats.sharpness, feats.stain, grid.plan.effective_mpp))
     pred = predictor.predict(feats)

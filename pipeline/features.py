@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models.preprocess import to_tensor_batch
-from pipeline.errors import PipelineError, SlideError
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 from pipeline.quality import StainAccumulator, tile_sharpness
 from pipeline.runtime import autocast_context
@@ -253,11 +253,5 @@ def load_features(path: Path, fingerprint: str, model_sha256: str) -> SlideFeatu
 
 def read_tiles_at(path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int) -> list[np.ndarray]:
     """Read a few tiles (e.g. the gallery's top tiles) as RGB uint8 arrays."""
-    out = []
-    try:
-        with open_slide(path, mpp=mpp) as slide:
-            for x, y in coords:
-                out.append(slide.read_region((int(x), int(y)), (tile_px, tile_px), plan))
-    except SlideError:
-        raise
-    return out
+    with open_slide(path, mpp=mpp) as slide:
+        return [slide.read_region((int(x), int(y)), (tile_px, tile_px), plan) for x, y in coords]

@@ -138,23 +138,42 @@ def process_slide(job: SlideJob, ctx: InferenceContext) -> dict[str, Any]:
         msg = " ".join(f"{type(exc).__name__}: {exc}".split())
         result.update(status="failed", error=f"{job.path}: unexpected error ({msg})")
     if result["status"] == "failed":
-        result["nme_probability"], result["band"] = None, None
-        result["recommendations"] = None
-        try:
-            _recommend(result, ctx, job)
-        except Exception:  # noqa: BLE001
-            result["recommendations"] = None
-        log.warning("%s: failed: %s", job.slide_id, result["error"])
-        try:
-            from pipeline.outputs.report import write_report
-
-            write_report(slide_dir / "report.html", _jsonable(result), None)
-            result["files"] = ["report.html"]
-        except Exception as exc:  # noqa: BLE001 - the failure itself is what matters
-            log.warning("%s: could not write the failure report (%s)", job.slide_id, exc)
+        _finish_failed(result, job, ctx, slide_dir)
     timings["total"] = round(time.perf_counter() - t_start, 4)
     atomic_write_json(slide_dir / "result.json", _jsonable(result))
     return result
+
+
+def failed_result(job: SlideJob, ctx: InferenceContext, error: str) -> dict[str, Any]:
+    """Write what :func:`process_slide` leaves for a failed slide (result.json + report.html) without running it.
+
+    For engines that lose a slide outside :func:`process_slide` (e.g. a Ray worker that died).
+    """
+    slide_dir = ctx.out_dir / job.slide_id
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    result = _base_result(job, ctx)
+    result.update(status="failed", error=" ".join(error.split()))
+    _finish_failed(result, job, ctx, slide_dir)
+    atomic_write_json(slide_dir / "result.json", _jsonable(result))
+    return result
+
+
+def _finish_failed(result: dict[str, Any], job: SlideJob, ctx: InferenceContext, slide_dir: Path) -> None:
+    """No probability for a failed slide; the rule layer's failure flags; a small failure report."""
+    from pipeline.outputs.report import write_report
+
+    result["nme_probability"], result["band"] = None, None
+    result["recommendations"] = None
+    try:
+        _recommend(result, ctx, job)
+    except Exception:  # noqa: BLE001 - the failure itself is what matters
+        result["recommendations"] = None
+    log.warning("%s: failed: %s", job.slide_id, result["error"])
+    try:
+        write_report(slide_dir / "report.html", _jsonable(result), None)
+        result["files"] = ["report.html"]
+    except Exception as exc:  # noqa: BLE001
+        log.warning("%s: could not write the failure report (%s)", job.slide_id, exc)
 
 
 def _run(job: SlideJob, ctx: InferenceContext, result: dict[str, Any], slide_dir: Path, timings: dict[str, float]) -> None:

@@ -320,24 +320,9 @@ def crash_requested(hook: str | None, slide_id: str, attempt: int) -> bool:
 
 def write_failed_result(job: SlideJob, ctx, error: str) -> dict[str, Any]:
     """Leave for ``job`` what :func:`process_slide` leaves for a failed slide: report.html + result.json (status failed)."""
-    from pipeline.batch.process import _base_result, _jsonable, _recommend
-    from pipeline.outputs.report import write_report
+    from pipeline.batch.process import failed_result
 
-    slide_dir = ctx.out_dir / job.slide_id
-    slide_dir.mkdir(parents=True, exist_ok=True)
-    result = _base_result(job, ctx)
-    result.update(status="failed", error=" ".join(error.split()))
-    try:
-        _recommend(result, ctx, job)
-    except Exception:  # noqa: BLE001 - the failure itself is what matters
-        result["recommendations"] = None
-    try:
-        write_report(slide_dir / "report.html", _jsonable(result), None)
-        result["files"] = ["report.html"]
-    except Exception as exc:  # noqa: BLE001
-        log.warning("%s: could not write the failure report (%s)", job.slide_id, exc)
-    atomic_write_json(slide_dir / "result.json", _jsonable(result))
-    return result
+    return failed_result(job, ctx, error)
 
 
 def _driver_failed_result(job: SlideJob, out_dir: Path, error: str) -> None:

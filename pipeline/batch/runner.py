@@ -32,6 +32,7 @@ from pipeline.batch.process import InferenceContext, process_slide, versions
 from pipeline.batch.state import OutputLock, is_done, read_result
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
+from pipeline.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def check_inputs(opts: BatchOptions) -> list[SlideJob]:
             raise ConfigError(f"{opts.out_dir}: output folder is inside the input folder {opts.slides_dir}; choose another --out")
         jobs = discover(src)
         if not jobs:
-            raise DataError(f"{opts.slides_dir}: no slide files found (looked for {', '.join(sorted({'.svs', '.ndpi', '.tiff', '.dcm', '.mrxs', '...'}))})")
+            raise DataError(f"{opts.slides_dir}: no slide files found (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)")
     if opts.mpp is not None:
         jobs = [SlideJob(j.slide_id, j.path, j.mpp if j.mpp is not None else opts.mpp, j.patient_id) for j in jobs]
     return jobs
@@ -137,13 +138,12 @@ def check_inputs(opts: BatchOptions) -> list[SlideJob]:
 
 def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     """Load model bundle, aggregator, rules and clinical context (errors before any slide)."""
-    from models.bundle import load_bundle, read_contract
+    from models.bundle import load_bundle
     from pipeline.aggregation import SlidePredictor
     from pipeline.backends import make_runner
     from pipeline.rules import load_clinical, load_ruleset
     from pipeline.runtime import resolve_device
 
-    read_contract(opts.model)  # cheap check that --model is a bundle
     device = resolve_device(opts.device)
     bundle = load_bundle(opts.model, device="cpu")
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
