@@ -441,10 +441,10 @@ def _one_class_reason(n_pos: int, n_neg: int) -> str | None:
     return None
 
 
-def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str) -> float:
-    """Threshold maximising F1 or Youden's J (``p >= t`` positive); ties: the highest threshold.
+def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str, specificity: float = 0.98) -> float:
+    """Threshold maximising F1 or Youden's J, or the lowest reaching ``specificity`` (``p >= t`` positive).
 
-    The threshold is placed halfway between the chosen score and the next lower distinct score,
+    Ties (F1/Youden): the highest threshold. The threshold is placed halfway between the chosen score and the next lower distinct score,
     which classifies these data identically and leaves a margin on both sides.
     """
     tps, fps, thr = _curve_counts(p, y)
@@ -453,8 +453,14 @@ def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str) -> float:
         score = 2 * tps / (2 * tps + fps + (n_pos - tps))
     elif rule == "youden":
         score = tps / n_pos - fps / n_neg
+    elif rule == "specificity":
+        ok = np.flatnonzero(fps <= (1.0 - specificity) * n_neg + 1e-9)
+        if ok.size == 0:  # even the top score has too many negatives at or above it
+            return float(min(1.0, np.nextafter(thr[0], np.inf)))
+        score = np.zeros(thr.size)
+        score[ok[-1]] = 1.0
     else:
-        raise InvalidInputError(f"rule must be 'f1' or 'youden', got {rule!r}")
+        raise InvalidInputError(f"rule must be 'f1', 'youden' or 'specificity', got {rule!r}")
     i = int(np.argmax(score))
     if i + 1 < thr.size:
         return float((thr[i] + thr[i + 1]) / 2.0)
@@ -462,7 +468,8 @@ def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str) -> float:
 
 
 def pick_thresholds(probs: Any, targets: Any, mask: Any | None = None, class_names: Sequence[str] | None = None,
-                    rule: Literal["f1", "youden"] = "f1", default: float = 0.5) -> dict[str, float]:
+                    rule: Literal["f1", "youden", "specificity"] = "f1", default: float = 0.5,
+                    specificity: float = 0.98) -> dict[str, float]:
     """Per-class probability thresholds chosen on validation tiles.
 
     Args:
@@ -470,14 +477,18 @@ def pick_thresholds(probs: Any, targets: Any, mask: Any | None = None, class_nam
         targets: (N, C) 0/1 labels (any value where ``mask`` is False).
         mask: (N, C) bool, True where the label is known; None = all known.
         class_names: C names (default ``class_0`` ...).
-        rule: ``"f1"`` maximises F1; ``"youden"`` maximises sensitivity + specificity - 1.
+        rule: ``"f1"`` maximises F1; ``"youden"`` maximises sensitivity + specificity - 1;
+            ``"specificity"`` takes the lowest threshold whose specificity on the labelled
+            negatives is at least ``specificity`` (for a model that must stay quiet on normal tissue).
         default: used (with a warning) for a class whose labelled tiles hold one class only.
 
     Returns:
         ``{class_name: threshold}`` for every class (a tile is positive when ``p >= threshold``).
     """
-    if rule not in ("f1", "youden"):
-        raise InvalidInputError(f"rule must be 'f1' or 'youden', got {rule!r}")
+    if rule not in ("f1", "youden", "specificity"):
+        raise InvalidInputError(f"rule must be 'f1', 'youden' or 'specificity', got {rule!r}")
+    if not 0 < specificity < 1:
+        raise InvalidInputError(f"specificity must be in (0, 1), got {specificity}")
     p, t, m, names = _multilabel_arrays(probs, targets, mask, class_names)
     out: dict[str, float] = {}
     for c, name in enumerate(names):
@@ -489,7 +500,7 @@ def pick_thresholds(probs: Any, targets: Any, mask: Any | None = None, class_nam
             log.warning("class %s: %s; threshold left at the default %.3g", name, reason, default)
             out[name] = float(default)
         else:
-            out[name] = _best_threshold(p[sel, c], yc, rule)
+            out[name] = _best_threshold(p[sel, c], yc, rule, specificity)
     return out
 
 

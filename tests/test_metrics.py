@@ -263,3 +263,21 @@ def test_pick_thresholds_maximise_the_rule():
         multilabel_tile_metrics(probs, targets, mask, names, thresholds={"z": 0.5})
     with pytest.raises(ValueError, match="shape"):
         multilabel_tile_metrics(probs, targets[:, :3], mask, names)
+
+
+def test_pick_thresholds_at_a_specificity():
+    probs, targets, mask = tile_data(seed=2)
+    names = ["a", "b", "c", "d"]
+    for target in (0.9, 0.99):
+        thr = pick_thresholds(probs, targets, mask, names, rule="specificity", specificity=target)
+        for c in (0, 2, 3):
+            sel = mask[:, c]
+            yt, pc = targets[sel, c].astype(int), probs[sel, c]
+            neg = pc[yt == 0]
+            t = thr[names[c]]
+            assert (neg < t).mean() >= target  # the specificity is reached ...
+            lower = np.unique(pc[pc < t])
+            if lower.size:  # ... and no lower observed score would reach it
+                assert (neg < lower[-1]).mean() < target
+    with pytest.raises(ValueError, match="specificity"):
+        pick_thresholds(probs, targets, mask, names, rule="specificity", specificity=1.0)

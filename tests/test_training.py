@@ -158,3 +158,24 @@ def test_killed_mid_epoch_resumes(tmp_path, tiny_set):
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     contract = json.loads((run / "bundle" / "bundle.json").read_text())
     assert contract["input"]["mpp"] == 0.5 and contract["training"]["config_sha256"]
+
+
+def test_balanced_sample_draws_epidermal_hard_negatives():
+    from pipeline.training.data import SlideTiles, balanced_sample
+
+    rng = np.random.default_rng(0)
+    n = 400
+    targets = np.zeros((n, 4), np.float32)  # pallor, necrolysis, parakeratosis, epidermis
+    targets[:20, 0] = 1
+    targets[20:40, 2] = 1
+    targets[:120, 3] = 1  # 80 epidermal tiles negative for every pattern, 280 dermis/other tiles
+    mask = np.ones_like(targets, bool)
+    mask[40:50, :3] = False  # ambiguous coverage: never a clean negative
+    slide = SlideTiles(record=None, coords=rng.integers(0, 10000, (n, 2)), targets=targets, mask=mask,
+                       coverage=targets.copy(), plan=None, tile_size_l0=224.0)
+    plain = balanced_sample([slide], 1000, 3, seed=1)
+    hard = balanced_sample([slide], 1000, 3, seed=1, epidermis_col=3, epidermal_negative_fraction=0.6)
+    is_epi_neg = lambda items: ((items[:, 1] >= 50) & (items[:, 1] < 120)).mean()  # noqa: E731
+    assert is_epi_neg(hard) == pytest.approx(0.5 * 0.6 + 0.5 * 0.4 * 70 / 360, abs=0.05)
+    assert is_epi_neg(hard) > 2 * is_epi_neg(plain)
+    assert np.array_equal(hard, balanced_sample([slide], 1000, 3, seed=1, epidermis_col=3, epidermal_negative_fraction=0.6))

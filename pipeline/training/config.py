@@ -109,6 +109,12 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     patience: int = Field(3, ge=1, description="Early stopping: epochs without validation macro-AUROC gain.")
     max_val_tiles: int = Field(3000, ge=50, description="Validation tiles (fixed, stratified sample).")
+    epidermal_negative_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of the negative half of each sample drawn from epidermal tiles negative for every pattern (hard negatives; needs an 'epidermis' class).")
+    threshold_rule: Literal["f1", "youden", "specificity"] = Field(
+        "f1", description="How per-pattern tile thresholds are picked on validation: max F1, max Youden J, or the lowest threshold reaching threshold_specificity.")
+    threshold_specificity: float = Field(0.98, gt=0, lt=1, description="Target specificity on validation negatives for threshold_rule=specificity.")
     num_workers: int = Field(1, ge=0, description="Data-loader worker processes (each opens its own slide handles).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CPUs with native bf16 / AMP on CUDA.")
     channels_last: bool = Field(True, description="channels_last memory format.")

@@ -255,10 +255,16 @@ class TileDataset(Dataset):
         self._handles = {}
 
 
-def balanced_sample(slides: list[SlideTiles], n: int, n_patterns: int, seed: int) -> np.ndarray:
+def balanced_sample(slides: list[SlideTiles], n: int, n_patterns: int, seed: int,
+                    epidermis_col: int | None = None, epidermal_negative_fraction: float = 0.0) -> np.ndarray:
     """``n`` (slide, tile) pairs: half from tiles positive for a pattern (each pattern equally), half from the rest.
 
-    Deterministic in ``seed`` (so a resumed epoch replays the same order).
+    The negative half draws ``epidermal_negative_fraction`` of its tiles from *epidermal* tiles
+    that are cleanly negative for every pattern (column ``epidermis_col`` positive, every pattern
+    labelled 0): normal epidermis and orthokeratotic corneum are the negatives that look most like
+    the patterns, and a uniform draw over the rest (mostly dermis) rarely shows them to the model.
+    Returns an ``(n, 2)`` int array of (slide index, tile index); deterministic in ``seed`` (so a
+    resumed epoch replays the same order).
     """
     rng = np.random.default_rng(seed)
     all_items = np.concatenate([np.stack([np.full(len(s.coords), i), np.arange(len(s.coords))], 1) for i, s in enumerate(slides)])
@@ -275,8 +281,16 @@ def balanced_sample(slides: list[SlideTiles], n: int, n_patterns: int, seed: int
     for j, p in enumerate(non_empty):
         k = n_pos // len(non_empty) + (1 if j < n_pos % len(non_empty) else 0)
         picks.append(rng.choice(p, size=k, replace=len(p) < k))
+    n_neg = n - n_pos
+    if epidermis_col is not None and epidermal_negative_fraction > 0:
+        clean_neg = masks[:, :n_patterns].all(axis=1) & (targets[:, :n_patterns] == 0).all(axis=1)
+        epi_neg = np.nonzero(clean_neg & (targets[:, epidermis_col] > 0) & masks[:, epidermis_col])[0]
+        if len(epi_neg):
+            k = int(round(n_neg * epidermal_negative_fraction))
+            picks.append(rng.choice(epi_neg, size=k, replace=len(epi_neg) < k))
+            n_neg -= k
     pool_rest = rest if len(rest) else np.arange(len(all_items))
-    picks.append(rng.choice(pool_rest, size=n - n_pos, replace=len(pool_rest) < n - n_pos))
+    picks.append(rng.choice(pool_rest, size=n_neg, replace=len(pool_rest) < n_neg))
     idx = np.concatenate(picks)
     rng.shuffle(idx)
     return all_items[idx]

@@ -146,7 +146,10 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
     show_bars = None if dctx.is_main else True
     tiles_per_rank: list[int] = []
 
-    val_items = balanced_sample(val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns, seed=cfg.seed + 999)
+    epi_col = classes.index("epidermis") if "epidermis" in classes else None
+    hard = {"epidermis_col": epi_col, "epidermal_negative_fraction": tcfg.epidermal_negative_fraction}
+    val_items = balanced_sample(val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns,
+                                seed=cfg.seed + 999, **hard)
     val_ds = TileDataset(val, val_items, cfg.tiling.tile_px)
     augment = build_train_augmentation(cfg.augment)
     log_path = run_dir / "log.csv"
@@ -157,7 +160,7 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
             log.info("early stopping: %d epochs without improvement", bad_epochs)
             break
         t0 = time.perf_counter()
-        items = balanced_sample(train, tcfg.tiles_per_epoch, n_patterns, seed=cfg.seed * 1000 + epoch)
+        items = balanced_sample(train, tcfg.tiles_per_epoch, n_patterns, seed=cfg.seed * 1000 + epoch, **hard)
         items = distributed.shard(items, dctx.rank, dctx.world_size)  # disjoint positions per rank
         skip = start_step * tcfg.batch_size if epoch == start_epoch else 0
         seed_transforms(augment, cfg.seed * 1000 + epoch + RANK_SEED_STRIDE * dctx.rank)
@@ -233,7 +236,7 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
     if best_path.is_file():
         model.load_state_dict(st_load_file(str(best_path), device=str(device)))
     probs, vt, vm = predict_tiles(model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last, desc="validation")
-    thresholds = pick_thresholds(probs, vt, vm, classes, rule="f1")
+    thresholds = pick_thresholds(probs, vt, vm, classes, rule=tcfg.threshold_rule, specificity=tcfg.threshold_specificity)
     metrics = multilabel_tile_metrics(probs, vt, vm, classes, thresholds=thresholds)
     val_ds.close()
     model.eval()

@@ -11,6 +11,7 @@ files, trains the aggregator and writes the bundle.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -68,11 +69,16 @@ def ensure_synthetic(data: DataConfig) -> None:
     if data.synthetic is None:
         return
     root = _resolve(data.root)
+    s = data.synthetic
     if (root / data.labels_csv).is_file():
-        return
+        manifest = root / "manifest.json"
+        made = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        if made.get("n") == s.n and made.get("seed") == s.seed:
+            return
+        log.info("%s holds another synthetic set (n=%s, seed=%s); regenerating n=%d seed=%d", root, made.get("n"),
+                 made.get("seed"), s.n, s.seed)
     from pipeline.synthetic import generate_dataset
 
-    s = data.synthetic
     log.info("generating %d synthetic slides (seed %d) into %s", s.n, s.seed, root)
     generate_dataset(root, n=s.n, seed=s.seed, mpp=s.mpp, classes=s.classes, size_um=s.size_um, overwrite=True)
 
