@@ -28,6 +28,7 @@ from pipeline.cli import run_cli, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.backends import BACKEND_HELP
     from pipeline.paths import DEMO_BUNDLE, DEMO_OUTPUT, DEMO_SLIDES
 
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="--engine ray: CPUs reserved per actor (default: the cluster's CPUs shared out, at most one node's)")
     ap.add_argument("--batch-size", type=int, default=64, help="tiles per model batch (default 64)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--backend", default="auto", help="auto | torch-fp32 | torch-bf16")
+    ap.add_argument("--backend", default="auto", help=BACKEND_HELP + "; the backend used is recorded in run.json")
     ap.add_argument("--force", action="store_true", help="redo slides that are already done")
     ap.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     args = ap.parse_args(argv)

@@ -119,6 +119,8 @@ def run_checks() -> list[Check]:
         ("pydantic", "pip install 'pydantic>=2'"),
     ]:
         checks.append(_module(name, fix))
+    checks.append(_module("onnxruntime", "pip install -e '.[onnx]' (needed only for --backend onnx-fp32 / onnx-int8)",
+                          hard=False))
     checks.append(_demo_model())
     return checks
 

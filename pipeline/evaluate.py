@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tuple[float, float] | None,
-             real: list[Path], n_boot: int = 1000) -> dict[str, Any]:
+             real: list[Path], n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
     from models.bundle import load_bundle
     from models.patch import PATTERN_CLASSES
     from pipeline.aggregation import SlidePredictor
@@ -44,7 +44,7 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
         generate_dataset(data_root, n=n, seed=seed, mpp=0.5, size_um=size_um, overwrite=True)
     bundle = load_bundle(bundle_dir)
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
-    runner, backend = make_runner(bundle, resolve_device("auto"))
+    runner, backend = make_runner(bundle, resolve_device("auto"), backend=backend)
     inp = bundle.contract.input
     tiling = TilingConfig(target_mpp=inp.mpp, mpp_tolerance=inp.mpp_tolerance, tile_px=inp.tile_size_px)
     classes = list(bundle.contract.architecture.classes)
@@ -93,8 +93,11 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
             "per_diagnosis": table, "real_slides": real_out}
 
 
-def _slide_features(path: Path, mpp: float | None, tiling, runner, classes: list[str]):
-    """(grid, tissue mask, patch-model features, level-0 dimensions, slide µm/px) of one slide."""
+def _slide_features(path: Path, mpp: float | None, tiling, runner, classes: list[str], batch_size: int = 64):
+    """(grid, tissue mask, patch-model features, level-0 dimensions, slide µm/px) of one slide.
+
+    Also used by :mod:`pipeline.backends.agreement` (with a runner that feeds several backends).
+    """
     from pipeline.features import extract_features
     from pipeline.slide import open_slide
     from pipeline.tiling import tile_slide
@@ -103,7 +106,7 @@ def _slide_features(path: Path, mpp: float | None, tiling, runner, classes: list
         grid, mask, _, _ = tile_slide(slide, tiling)
         dims, slide_mpp = slide.dimensions, slide.mpp
     feats = extract_features(path, mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, runner, classes,
-                             background_rgb=mask.background_rgb)
+                             batch_size=batch_size, background_rgb=mask.background_rgb)
     return grid, mask, feats, dims, slide_mpp
 
 
@@ -134,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "eval")
     ap.add_argument("--real", type=Path, action="append", default=[], help="real slide(s) to report the band of")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--backend", default="auto", help="patch-model backend (see infer.py --backend)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(quiet=args.quiet)
-    data_root = args.out / f"synthetic_seed{args.seed}_n{args.n}"
+    data_root = args.out.resolve() / f"synthetic_seed{args.seed}_n{args.n}"
     res = evaluate(args.bundle, data_root, args.n, args.seed, tuple(args.size_um) if args.size_um else None, args.real,
-                   args.bootstrap)
+                   args.bootstrap, args.backend)
     atomic_write_json(args.out / "evaluation.json", res)
     sys.stdout.write(json.dumps({"tile_auroc": {k: v["auroc"] for k, v in res["tile_auroc"].items()},
                                  "tile_auroc_epidermal": {k: v["auroc_epidermal"] for k, v in res["tile_auroc"].items()},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -68,8 +69,26 @@ class SlideFeatures:
         return self.probs[:, self.classes.index(name)]
 
 
+def lower_thread_priority(nice: int = 19) -> None:
+    """Make the calling thread yield the CPU to the model's threads (Linux: per-thread nice value).
+
+    When the model runs on the CPU with as many threads as cores, readers at normal priority
+    pre-empt its threads and every parallel region then waits for the pre-empted one; at the
+    lowest priority the readers fill the gaps the model leaves instead. No-op where unsupported.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+
+
 class TileReader:
     """Reads tiles of one slide in reader threads into a bounded queue of uint8 batches.
+
+    Horizontally adjacent tiles of a batch (the grid is in raster order) are read with one
+    ``read_region`` of up to ``max_strip_tiles`` tiles and sliced (identical pixels, fewer calls);
+    with ``low_priority`` (the model runs on the CPU) the reader threads run at the lowest CPU
+    priority so that they use the cycles the model leaves instead of pre-empting it.
 
     Iterating yields ``(indices (B,), tiles uint8 (B, H, W, 3), sharpness (B,))`` in tile order;
     :meth:`stain` gives the stain statistics of all tiles read.
@@ -77,32 +96,39 @@ class TileReader:
     """
 
     def __init__(self, path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int,
-                 batch_size: int, threads: int = 2, prefetch_batches: int = 4,
-                 background_rgb: tuple[int, int, int] = (255, 255, 255)) -> None:
+                 batch_size: int, threads: int = 2, prefetch_batches: int = 2,
+                 background_rgb: tuple[int, int, int] = (255, 255, 255), low_priority: bool = False,
+                 max_strip_tiles: int = 16) -> None:
         self.path, self.mpp, self.coords, self.plan, self.tile_px = path, mpp, coords, plan, tile_px
+        self.low_priority = low_priority
+        self.max_strip_tiles = max_strip_tiles
         self.batch_size = batch_size
         self.threads = max(1, threads)
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, prefetch_batches))
         self._stop = threading.Event()
-        self.read_seconds = 0.0
+        self._busy = [0.0] * self.threads  # per reader thread: no shared counter to race on
         self._stain = [StainAccumulator(background_rgb) for _ in range(self.threads)]
 
+    @property
+    def read_seconds(self) -> float:
+        """Busy time of the reader threads (reading, decoding, per-tile statistics), summed over threads, s."""
+        return float(sum(self._busy))
+
     def _work(self, worker: int, batches: list[int], slots: dict[int, Any], cond: threading.Condition) -> None:
+        if self.low_priority:
+            lower_thread_priority()
         try:
             with open_slide(self.path, mpp=self.mpp) as slide:
+                strip_step = self._strip_step(slide)
                 for b in batches:
                     if self._stop.is_set():
                         return
                     t0 = time.perf_counter()
                     idx = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(self.coords)))
-                    tiles = np.empty((len(idx), self.tile_px, self.tile_px, 3), np.uint8)
-                    stats = np.empty(len(idx), np.float32)
-                    for k, i in enumerate(idx):
-                        x, y = self.coords[i]
-                        tiles[k] = slide.read_region((int(x), int(y)), (self.tile_px, self.tile_px), self.plan)
-                        stats[k] = tile_sharpness(tiles[k])
+                    tiles = self._read(slide, idx, strip_step)
+                    stats = np.array([tile_sharpness(t) for t in tiles], np.float32)
                     self._stain[worker].update(tiles)
-                    self.read_seconds += time.perf_counter() - t0
+                    self._busy[worker] += time.perf_counter() - t0
                     with cond:
                         while b - self._next_out >= self.queue.maxsize * self.threads and not self._stop.is_set():
                             cond.wait(0.1)
@@ -112,6 +138,40 @@ class TileReader:
             with cond:
                 slots[-1 - worker] = exc
                 cond.notify_all()
+
+    def _strip_step(self, slide) -> int | None:
+        """Level-0 x step between horizontally adjacent tiles that can be read as one strip, or None.
+
+        Strips give the same pixels as tile-by-tile reads only when the level is read as is (no
+        resize) at an integer downsample; otherwise every tile is read on its own.
+        """
+        if self.max_strip_tiles < 2 or self.plan.resized:
+            return None
+        ds = float(slide.reader.level_downsamples[self.plan.level])
+        if abs(ds - round(ds)) > 1e-9:
+            return None
+        return self.tile_px * int(round(ds))
+
+    def _read(self, slide, idx: np.ndarray, strip_step: int | None) -> np.ndarray:
+        """uint8 (len(idx), tile_px, tile_px, 3) tiles ``idx``; runs of adjacent tiles in a row are read as one strip."""
+        px = self.tile_px
+        tiles = np.empty((len(idx), px, px, 3), np.uint8)
+        xy = self.coords[idx]
+        k = 0
+        while k < len(idx):
+            end = k + 1
+            if strip_step is not None and xy[k, 0] % (strip_step // px) == 0 and xy[k, 1] % (strip_step // px) == 0:
+                while (end < len(idx) and end - k < self.max_strip_tiles and xy[end, 1] == xy[k, 1]
+                       and xy[end, 0] - xy[end - 1, 0] == strip_step):
+                    end += 1
+            x, y = int(xy[k, 0]), int(xy[k, 1])
+            if end - k == 1:
+                tiles[k] = slide.read_region((x, y), (px, px), self.plan)
+            else:
+                strip = slide.read_region((x, y), (px * (end - k), px), self.plan)
+                tiles[k:end] = strip.reshape(px, end - k, px, 3).transpose(1, 0, 2, 3)
+            k = end
+        return tiles
 
     def stain(self) -> dict[str, Any]:
         """Stain statistics over every tile read so far (all reader threads merged)."""
@@ -150,7 +210,11 @@ class TileReader:
 
 
 class PatchRunner:
-    """Applies a loaded bundle's patch model to uint8 tile batches on a device with a precision."""
+    """Applies a loaded bundle's patch model to uint8 tile batches on a device with a precision.
+
+    On CUDA each uint8 batch is copied into a reused pinned (page-locked) host buffer and sent
+    to the GPU asynchronously; conversion to float and normalisation happen on the GPU.
+    """
 
     def __init__(self, model: torch.nn.Module, mean, std, device: torch.device, precision: str = "auto",
                  channels_last: bool = True) -> None:
@@ -159,11 +223,27 @@ class PatchRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.mean, self.std = tuple(mean), tuple(std)
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        self._pinned: torch.Tensor | None = None
+
+    def _stage(self, tiles: np.ndarray) -> torch.Tensor | np.ndarray:
+        """The uint8 batch, through a pinned staging buffer when the device is a GPU.
+
+        The buffer is reused: safe because :meth:`__call__` waits for the outputs (``.cpu()``),
+        hence for the copy, before the next batch overwrites it.
+        """
+        if self.device.type != "cuda":
+            return tiles
+        t = torch.from_numpy(np.ascontiguousarray(tiles))
+        if self._pinned is None or self._pinned.shape[0] < t.shape[0] or self._pinned.shape[1:] != t.shape[1:]:
+            self._pinned = torch.empty(t.shape, dtype=torch.uint8).pin_memory()
+        buf = self._pinned[: t.shape[0]]
+        buf.copy_(t)
+        return buf
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (B, H, W, 3) → (probs (B, C) float32, embeddings (B, D) float32)."""
-        x = to_tensor_batch(tiles, self.mean, self.std, channels_last=self.channels_last, device=self.device)
+        x = to_tensor_batch(self._stage(tiles), self.mean, self.std, channels_last=self.channels_last, device=self.device)
         with autocast_context(self.device, self.precision):
             logits, emb = self.model.forward_with_embedding(x)
         return torch.sigmoid(logits.float()).cpu().numpy(), emb.float().cpu().numpy()
@@ -172,17 +252,32 @@ class PatchRunner:
 def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int, tile_size_l0: float,
                      runner: PatchRunner, classes: list[str], batch_size: int = 64, reader_threads: int = 2,
                      progress=None, background_rgb: tuple[int, int, int] = (255, 255, 255)) -> SlideFeatures:
-    """Stream all tiles of a slide through ``runner``. ``progress(n_done)`` is called per batch."""
+    """Stream all tiles of a slide through ``runner``. ``progress(n_done)`` is called per batch.
+
+    ``meta`` of the result holds wall seconds: ``seconds`` (all), ``model_seconds`` (in
+    ``runner``), ``wait_seconds`` (waiting for the reader threads) and ``read_seconds`` (busy
+    time of the reader threads, summed over threads: mostly hidden behind the model).
+    """
     n = len(coords)
     emb_dim = None
     probs_l, emb_l, stats_l = [], [], []
     t_model = 0.0
     t0 = time.perf_counter()
-    reader = TileReader(path, mpp, coords, plan, tile_px, batch_size, threads=reader_threads, background_rgb=background_rgb)
-    for idx, tiles, stats in reader:
+    t_wait = 0.0
+    on_cpu = getattr(getattr(runner, "device", None), "type", "cpu") == "cpu"
+    reader = TileReader(path, mpp, coords, plan, tile_px, batch_size, threads=reader_threads, background_rgb=background_rgb,
+                        low_priority=on_cpu)
+    batches = iter(reader)
+    while True:
         t1 = time.perf_counter()
+        item = next(batches, None)  # waiting here = reading/decoding not hidden behind the model
+        t2 = time.perf_counter()
+        t_wait += t2 - t1
+        if item is None:
+            break
+        idx, tiles, stats = item
         p, e = runner(tiles)
-        t_model += time.perf_counter() - t1
+        t_model += time.perf_counter() - t2
         probs_l.append(p)
         emb_l.append(e)
         stats_l.append(stats)
@@ -201,7 +296,8 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
     return SlideFeatures(coords=np.asarray(coords, np.int64), probs=probs.astype(np.float32), embeddings=emb.astype(np.float32),
                          sharpness=stats, stain=reader.stain(), classes=list(classes),
                          tile_size_l0=float(tile_size_l0),
-                         meta={"seconds": total, "model_seconds": t_model, "read_seconds": reader.read_seconds})
+                         meta={"seconds": total, "model_seconds": t_model, "wait_seconds": t_wait,
+                               "read_seconds": reader.read_seconds})
 
 
 # ----------------------------------------------------------------------------- cache

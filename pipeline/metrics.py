@@ -442,9 +442,9 @@ def _one_class_reason(n_pos: int, n_neg: int) -> str | None:
 
 
 def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str, specificity: float = 0.98) -> float:
-    """Threshold maximising F1 or Youden's J, or the lowest reaching ``specificity`` (``p >= t`` positive).
+    """Threshold maximising F1, Youden's J, or sensitivity at ``specificity`` or more (``p >= t`` positive).
 
-    Ties (F1/Youden): the highest threshold. The threshold is placed halfway between the chosen score and the next lower distinct score,
+    Ties: the highest threshold. The threshold is placed halfway between the chosen score and the next lower distinct score,
     which classifies these data identically and leaves a margin on both sides.
     """
     tps, fps, thr = _curve_counts(p, y)
@@ -457,8 +457,10 @@ def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str, specificity: float 
         ok = np.flatnonzero(fps <= (1.0 - specificity) * n_neg + 1e-9)
         if ok.size == 0:  # even the top score has too many negatives at or above it
             return float(min(1.0, np.nextafter(thr[0], np.inf)))
+        # the most sensitive threshold within the specificity budget; among equally sensitive ones the
+        # highest (placed halfway to the next lower score below), i.e. the widest margin above the negatives
         score = np.zeros(thr.size)
-        score[ok[-1]] = 1.0
+        score[int(np.flatnonzero(tps == tps[ok[-1]])[0])] = 1.0
     else:
         raise InvalidInputError(f"rule must be 'f1', 'youden' or 'specificity', got {rule!r}")
     i = int(np.argmax(score))
@@ -478,8 +480,9 @@ def pick_thresholds(probs: Any, targets: Any, mask: Any | None = None, class_nam
         mask: (N, C) bool, True where the label is known; None = all known.
         class_names: C names (default ``class_0`` ...).
         rule: ``"f1"`` maximises F1; ``"youden"`` maximises sensitivity + specificity - 1;
-            ``"specificity"`` takes the lowest threshold whose specificity on the labelled
-            negatives is at least ``specificity`` (for a model that must stay quiet on normal tissue).
+            ``"specificity"`` maximises sensitivity among thresholds whose specificity on the
+            labelled negatives is at least ``specificity``, taking the highest such threshold
+            (for a model that must stay quiet on normal tissue).
         default: used (with a warning) for a class whose labelled tiles hold one class only.
 
     Returns:

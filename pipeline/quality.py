@@ -147,25 +147,39 @@ class StainAccumulator:
             t = t[None]
         if t.dtype != np.uint8 or t.ndim != 4 or t.shape[-1] != 3:
             raise InvalidInputError(f"tiles: expected RGB uint8 (N, H, W, 3) or (H, W, 3), got {t.dtype} {np.asarray(tiles).shape}")
-        px = t.reshape(-1, 3)
-        pr, pg, pb = px[:, 0], px[:, 1], px[:, 2]
-        r, g, b = self._lut[0][pr], self._lut[1][pg], self._lut[2][pb]
-        stained = (r + g + b) >= self.stained_od_min
-        dark = np.maximum(np.maximum(pr, pg), pb) < self.dark_max_value
-        saturated = np.minimum(np.minimum(pr, pg), pb) < self.saturated_min_value
-        usable = stained & ~dark & ~saturated
+        # OpenCV kernels, a few tiles at a time: each call stays below OpenCV's size for
+        # multi-threading, so reader threads never wake its pool (it would pre-empt the model's threads)
+        lut = np.stack(self._lut, axis=1).reshape(256, 1, 3)
+        step = max(1, (1 << 18) // max(1, t.shape[1] * t.shape[2]) - 1)
+        for i in range(0, t.shape[0], step):
+            self._update_chunk(np.ascontiguousarray(t[i:i + step]).reshape(-1, t.shape[2], 3), lut)
         self.n_tiles += t.shape[0]
-        self.n_pixels += px.shape[0]
-        self.n_stained += int(np.count_nonzero(stained))
-        self.n_dark += int(np.count_nonzero(dark))
-        self.n_saturated += int(np.count_nonzero(saturated))
-        self.n_he_like += int(np.count_nonzero(usable & (g >= r) & (g >= b)))
-        self.n_dab_like += int(np.count_nonzero(usable & (b > g) & (b > r)))
-        self.n_red_dominant += int(np.count_nonzero(usable & (r > g)))
-        self._sum_rgb += px.sum(axis=0, dtype=np.float64)
-        self._sum_od_stained += [float(r[stained].sum(dtype=np.float64)), float(g[stained].sum(dtype=np.float64)),
-                                 float(b[stained].sum(dtype=np.float64))]
         return self
+
+    def _update_chunk(self, img: np.ndarray, lut: np.ndarray) -> None:
+        """Add the pixels of a (rows, W, 3) uint8 image (tiles stacked vertically); see the class docstring."""
+        od = cv2.LUT(img, lut)  # float32 optical density per channel
+        r, g, b = cv2.split(od)
+        pr, pg, pb = cv2.split(img)
+        stained = cv2.compare(cv2.add(cv2.add(r, g), b), self.stained_od_min, cv2.CMP_GE)  # float32 (r+g)+b, as numpy
+        not_dark = cv2.compare(cv2.max(cv2.max(pr, pg), pb), self.dark_max_value, cv2.CMP_GE)
+        not_saturated = cv2.compare(cv2.min(cv2.min(pr, pg), pb), self.saturated_min_value, cv2.CMP_GE)
+        usable = cv2.bitwise_and(cv2.bitwise_and(stained, not_dark), not_saturated)
+        g_ge_r = cv2.compare(g, r, cv2.CMP_GE)
+        he_like = cv2.bitwise_and(usable, cv2.bitwise_and(g_ge_r, cv2.compare(g, b, cv2.CMP_GE)))
+        dab_like = cv2.bitwise_and(usable, cv2.bitwise_and(cv2.compare(b, g, cv2.CMP_GT), cv2.compare(b, r, cv2.CMP_GT)))
+        n = img.shape[0] * img.shape[1]
+        n_stained = cv2.countNonZero(stained)
+        self.n_pixels += n
+        self.n_stained += n_stained
+        self.n_dark += n - cv2.countNonZero(not_dark)
+        self.n_saturated += n - cv2.countNonZero(not_saturated)
+        self.n_he_like += cv2.countNonZero(he_like)
+        self.n_dab_like += cv2.countNonZero(dab_like)
+        self.n_red_dominant += cv2.countNonZero(cv2.bitwise_and(usable, cv2.bitwise_not(g_ge_r)))
+        self._sum_rgb += np.asarray(cv2.sumElems(img)[:3], np.float64)
+        if n_stained:  # OD summed in float64 over stained pixels (others zeroed; 0.0 is all-zero bits)
+            self._sum_od_stained += np.asarray(cv2.sumElems(cv2.bitwise_and(od, od, mask=stained))[:3], np.float64)
 
     def merge(self, other: StainAccumulator) -> StainAccumulator:
         """Add the counts of ``other`` (same thresholds and background) into this accumulator; returns self."""

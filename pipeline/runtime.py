@@ -91,3 +91,51 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None where the C library has none, e.g. macOS or musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(lib, "malloc_trim", None) if lib is not None else None
+
+
+def return_large_blocks_to_os(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes or more (tile batches, thumbnail-sized arrays) with
+    their own ``mmap``, unmapped when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere).
+
+    glibc otherwise raises that threshold after the first large block is freed (up to 32 MiB)
+    and keeps later blocks of that size in its heaps, so the RSS of a long inference run keeps
+    the high-water mark of its largest slide. Fixing the threshold costs a few page faults per
+    large array (well under a millisecond per tile batch).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return
+    mallopt = getattr(lib, "mallopt", None) if lib is not None else None
+    if mallopt is not None:
+        mallopt(-3, ctypes.c_int(int(threshold)))  # M_MMAP_THRESHOLD
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Large temporary arrays (tissue detection, heatmaps: tens of bytes per thumbnail pixel) are
+    freed into glibc's heap, which otherwise keeps them: the process's RSS would then grow with
+    the largest slide seen so far instead of returning to the model's footprint between slides.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -100,10 +100,25 @@ class TissueMask:
 
 def optical_density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     """OD per channel relative to ``background``: -log10(I / I_bg), float32 (H, W, 3), >= 0."""
-    img = rgb.astype(np.float32) + 1.0
+    od = rgb.astype(np.float32)  # one float32 (H, W, 3) buffer, updated in place: the same values as
+    od += 1.0                     # -log10((rgb + 1) / (bg + 1)) with temporaries, a third of the memory
     bg = background.astype(np.float32) + 1.0
-    od = -np.log10(img / bg)
+    np.divide(od, bg, out=od)
+    np.log10(od, out=od)
+    np.negative(od, out=od)
     return np.maximum(od, 0.0, out=od)
+
+
+def _od_planes(rgb: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(OD red, OD green, OD blue, OD sum) float32 (H, W) planes of :func:`optical_density`.
+
+    The sum is (R + G) + B in float32, the same values as ``od.sum(axis=2)``; planes instead of
+    an interleaved image keep fewer full-size temporaries alive (peak memory per thumbnail pixel).
+    """
+    od = optical_density(rgb, background)
+    r, g, b = cv2.split(od)
+    del od
+    return r, g, b, cv2.add(cv2.add(r, g), b)
 
 
 def estimate_background(rgb: np.ndarray) -> np.ndarray:
@@ -154,10 +169,9 @@ class TissueDetector:
         self.config = config or TissueConfig()
 
     @staticmethod
-    def _ink(od: np.ndarray, cfg: TissueConfig) -> np.ndarray:
-        """Green/blue ink: red-heavy optical density, which no H&E mixture has."""
-        od_r, od_g = od[..., 0], od[..., 1]
-        return ((od_r - od_g) > cfg.ink_red_excess + 0.15 * od_g) & (od.sum(axis=2) > 0.12)
+    def _ink(od_r: np.ndarray, od_g: np.ndarray, od_sum: np.ndarray, cfg: TissueConfig) -> np.ndarray:
+        """Green/blue ink: red-heavy optical density, which no H&E mixture has (OD planes, (H, W))."""
+        return ((od_r - od_g) > cfg.ink_red_excess + 0.15 * od_g) & (od_sum > 0.12)
 
     def detect(self, thumbnail: np.ndarray, mpp: float, origin: tuple[int, int] = (0, 0)) -> TissueMask:
         """Return the tissue mask of an RGB uint8 thumbnail (H, W, 3) taken at ``mpp`` µm/px."""
@@ -172,14 +186,19 @@ class TissueDetector:
             return TissueMask(np.zeros((h, w), bool), mpp, origin, tuple(int(v) for v in background), ["dark_background"])
 
         smooth = cv2.medianBlur(thumbnail, 3)
-        od = optical_density(smooth, background)
-        od_sum = od.sum(axis=2)
-        chroma = od.max(axis=2) - od.min(axis=2)
+        od_r, od_g, od_b, od_sum = _od_planes(smooth, background)
+        chroma = cv2.subtract(cv2.max(cv2.max(od_r, od_g), od_b), cv2.min(cv2.min(od_r, od_g), od_b))  # max - min
 
         black = (od_sum > cfg.black_od) & (chroma < cfg.black_max_chroma * od_sum)
+        del chroma, od_b
         # Ink on the smoothed and the raw image: median smoothing hides thin ink speckles.
-        raw_od = optical_density(thumbnail, background)
-        not_tissue = black | self._ink(od, cfg) | self._ink(raw_od, cfg)
+        # (one set of float32 OD planes alive at a time: the peak memory is per thumbnail pixel)
+        not_tissue = black | self._ink(od_r, od_g, od_sum, cfg)
+        del od_r, od_g
+        raw_r, raw_g, raw_b, raw_sum = _od_planes(thumbnail, background)
+        del raw_b
+        not_tissue |= self._ink(raw_r, raw_g, raw_sum, cfg)
+        del raw_r, raw_g, raw_sum
 
         gray = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY).astype(np.float32)
         k = max(3, int(round(6.0 / mpp)) | 1)  # ~6 µm window

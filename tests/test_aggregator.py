@@ -51,7 +51,7 @@ def _folds(examples, k=3):
 @pytest.mark.parametrize("kind", ["pattern_stats", "gated_attention"])
 def test_training_writes_reports_and_separates_the_full_pattern(tmp_path, kind):
     ex = _examples()
-    cfg = AggregatorConfig(type=kind, use_embeddings=False, hidden_dim=16, epochs=15, bootstrap=50)
+    cfg = AggregatorConfig(type=kind, use_embeddings=False, hidden_dim=16, epochs=30, bootstrap=50)
     thr = {"pallor": 0.5, "necrolysis": 0.5, "parakeratosis": 0.5, "epidermis": 0.5}
     pred, metrics = train_aggregator(cfg, ex, _folds(ex), list(DEFAULT_CLASSES), thr, tmp_path, seed=0)
     for name in ("slide_metrics.json", "per_diagnosis.csv", "reliability.png", "oof_predictions.csv"):

@@ -275,9 +275,11 @@ def test_pick_thresholds_at_a_specificity():
             yt, pc = targets[sel, c].astype(int), probs[sel, c]
             neg = pc[yt == 0]
             t = thr[names[c]]
+            pos = pc[yt == 1]
             assert (neg < t).mean() >= target  # the specificity is reached ...
-            lower = np.unique(pc[pc < t])
-            if lower.size:  # ... and no lower observed score would reach it
-                assert (neg < lower[-1]).mean() < target
+            feasible = [u for u in np.unique(pc) if (neg < u).mean() >= target]
+            assert (pos >= t).mean() == max((pos >= u).mean() for u in feasible)  # ... at the best sensitivity ...
+            lowest_called = pc[pc >= t].min()  # t lies just below it: the highest threshold at that sensitivity
+            assert not any((pos >= u).mean() == (pos >= t).mean() for u in np.unique(pc) if u > lowest_called)
     with pytest.raises(ValueError, match="specificity"):
         pick_thresholds(probs, targets, mask, names, rule="specificity", specificity=1.0)

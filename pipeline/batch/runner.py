@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.batch.discovery import SlideJob, discover, read_slide_table
-from pipeline.batch.process import InferenceContext, process_slide, versions
+from pipeline.batch.process import InferenceContext, process_slides, versions
 from pipeline.batch.state import OutputLock, is_done, read_result
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
@@ -89,6 +89,9 @@ class RunFacts:
 
 def check_options(opts: BatchOptions) -> None:
     """Engine-related option errors, one line each, before anything is read or written."""
+    from pipeline.backends import check_backend_name
+
+    check_backend_name(opts.backend)
     if opts.engine not in ENGINES:
         raise ConfigError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
     if opts.reader_threads < 1:
@@ -142,9 +145,10 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     from pipeline.aggregation import SlidePredictor
     from pipeline.backends import make_runner
     from pipeline.rules import load_clinical, load_ruleset
-    from pipeline.runtime import resolve_device
+    from pipeline.runtime import resolve_device, return_large_blocks_to_os
 
     device = resolve_device(opts.device)
+    return_large_blocks_to_os()  # memory between and within slides: see pipeline.runtime
     bundle = load_bundle(opts.model, device="cpu")
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
     ruleset = load_ruleset()
@@ -180,14 +184,16 @@ def run_batch_local(opts: BatchOptions) -> dict[str, Any]:
         if skipped:
             log.info("%d slide(s) already done, skipped (use --force to redo)", skipped)
         n_tiles = 0
-        bar = tqdm(todo, desc="slides", unit="slide", disable=opts.quiet or None)
-        for job in bar:
+        bar = tqdm(total=len(todo), desc="slides", unit="slide", disable=opts.quiet or None)
+        # the next slide is opened and its tissue found in the background while this one runs
+        for job, result in zip(todo, process_slides(todo, ctx)):
+            bar.update(1)
             bar.set_postfix_str(job.slide_id[:30])
-            result = process_slide(job, ctx)
             n_tiles += int(result.get("n_tiles") or 0)
             log.info("%s: %s%s", job.slide_id, result["status"],
                      f" p={result['nme_probability']:.3f} {result['band']}" if result.get("nme_probability") is not None else
                      f" ({result.get('error') or '; '.join(result['quality']['reasons'])})")
+        bar.close()
         elapsed = time.perf_counter() - t0
         results = [r for r in (read_result(opts.out_dir / j.slide_id) for j in jobs) if r is not None]
         record = write_summary(opts, ctx, results, started, elapsed, processed=len(todo), skipped=skipped, n_tiles=n_tiles)

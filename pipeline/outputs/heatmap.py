@@ -138,13 +138,19 @@ def tile_mean_map(
     idx = np.concatenate([y0 * stride + x0, y0 * stride + x1, y1 * stride + x0, y1 * stride + x1])
     ones = np.ones_like(v)
     size = (h + 1) * stride
-    acc_sum = np.bincount(idx, weights=np.concatenate([v, -v, -v, v]), minlength=size)
-    acc_cnt = np.bincount(idx, weights=np.concatenate([ones, -ones, -ones, ones]), minlength=size)
-    # 2-D prefix sum (OpenCV's integral image: row/column 0 are zeros) turns the corner marks into areas
-    s = cv2.integral(acc_sum.reshape(h + 1, stride), sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1]
-    c = np.rint(cv2.integral(acc_cnt.reshape(h + 1, stride), sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1])
+    # 2-D prefix sum (OpenCV's integral image: row/column 0 are zeros) turns the corner marks into areas;
+    # each full-size float64 buffer is dropped as soon as it is used (peak memory per thumbnail pixel)
+    acc = np.bincount(idx, weights=np.concatenate([ones, -ones, -ones, ones]), minlength=size)
+    c = cv2.integral(acc.reshape(h + 1, stride), sdepth=cv2.CV_64F)
+    del acc
+    c = np.rint(c[1:h + 1, 1:w + 1])
     covered = c > 0
-    out[covered] = (s[covered] / c[covered]).astype(np.float32)
+    c = c[covered]
+    acc = np.bincount(idx, weights=np.concatenate([v, -v, -v, v]), minlength=size)
+    s = cv2.integral(acc.reshape(h + 1, stride), sdepth=cv2.CV_64F)
+    del acc
+    s = s[1:h + 1, 1:w + 1][covered]
+    out[covered] = (s / c).astype(np.float32)
     return out
 
 
@@ -261,7 +267,12 @@ def overlay_values(
     if show.any():
         colours = values_to_rgb(mean[show], vmin, vmax).astype(np.float32)
         base = rgb[show].astype(np.float32)
-        body[show] = np.clip(np.rint(base * (1.0 - alpha) + colours * alpha), 0, 255).astype(np.uint8)
+        # base * (1 - alpha) + colours * alpha, rounded and clipped, in place (same float32 operations)
+        base *= np.float32(1.0 - alpha)
+        colours *= np.float32(alpha)
+        base += colours
+        del colours
+        body[show] = np.clip(np.rint(base, out=base), 0, 255, out=base).astype(np.uint8)
     return body
 
 
@@ -307,11 +318,22 @@ def render_heatmap(
     return _decorate(body, title, legend_label, vmin, vmax)
 
 
-def encode_png(rgb: np.ndarray, compression: int = 3) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 RGB image (or (H, W) grey); zlib level 3 (level 6 is 3x slower, 3 % smaller)."""
+def _to_bgr(img: np.ndarray) -> np.ndarray:
+    """RGB → BGR copy for OpenCV's encoders (uint8 (H, W, 3); faster than a numpy channel flip)."""
+    if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR)
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 RGB image (or (H, W) grey); zlib level 1.
+
+    On a 1500x1221 heatmap level 1 took 68 ms for 1291 KB, level 3 89 ms for 1277 KB (level 6
+    is about 3x slower again for 3 % less): heatmaps are written for every slide, so speed wins.
+    """
     img = np.asarray(rgb)
-    bgr = img[:, :, ::-1] if img.ndim == 3 else img
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    bgr = _to_bgr(img) if img.ndim == 3 else np.ascontiguousarray(img)
+    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
     if not ok:
         raise ValueError(f"could not encode image of shape {img.shape} as PNG")
     return buf.tobytes()
@@ -320,7 +342,7 @@ def encode_png(rgb: np.ndarray, compression: int = 3) -> bytes:
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     """JPEG bytes of an (H, W, 3) uint8 RGB image (smaller reports for large thumbnails)."""
     img = np.asarray(rgb)
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ok, buf = cv2.imencode(".jpg", _to_bgr(img), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise ValueError(f"could not encode image of shape {img.shape} as JPEG")
     return buf.tobytes()

@@ -464,7 +464,7 @@ def _technical(result: Mapping[str, Any]) -> str:
     t_rows, total = [], 0.0
     given_total = as_float(timings.get("total"))  # a recorded wall-clock total wins over the sum of stages
     for stage, sec in timings.items():
-        if stage == "total":
+        if stage == "total" or "." in stage:  # dotted keys are sub-stages of a listed stage
             continue
         f = as_float(sec)
         total += f or 0.0

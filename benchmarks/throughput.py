@@ -1,0 +1,452 @@
+"""Benchmark: end-to-end inference throughput vs the model alone, stage breakdown, peak memory.
+
+    python benchmarks/throughput.py [--backend auto] [--batch-size 64] [--repeats 3] [--quick] [--json]
+                                    [--model models/demo_bundle] [--cache-dir DIR] [--reader-threads 2]
+
+On a fixed set of synthetic slides (made once with a fixed seed into the cache folder: 4 slides
+of 3000x2000 µm = 6000x4000 px at 0.5 µm/px; ``--quick``: 2 slides of 1200x1000 µm), for the
+chosen backend (``auto`` resolves as ``infer.py`` does):
+
+* end-to-end tiles/s and slides/hour through the real ``infer.py`` path (open, tissue, tiling,
+  reading, model, quality, aggregation, rules, heatmaps, GeoJSON, report, FHIR, summary) into a
+  fresh output folder each run (no feature-cache reuse); model loading is set-up, not counted;
+* model-only tiles/s: the same runner on random uint8 batches of the same batch size;
+* their ratio, and a stage breakdown as shares of the slides' time (``outputs`` = heatmaps,
+  GeoJSON, gallery, report, FHIR);
+* the same end-to-end run with plain torch-fp32 eager → ``speedup_vs_fp32_eager``;
+* peak RSS of processing one slide and one 4x larger in area, each in a fresh subprocess
+  (the child's ``VmHWM``, i.e. its own ``ru_maxrss``; also the peak while the slide itself was
+  processed, with the high-water mark reset after loading the model).
+
+Figures are medians over ``--repeats`` runs (runs of the backends interleaved). ``--json``
+prints exactly one JSON line. Targets (2-core CPU): ratio >= 0.85, speedup >= 3, large-slide
+RSS within 10 % of the small one, outputs < 5 % of slide time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pipeline  # noqa: E402,F401 - sets NO_ALBUMENTATIONS_UPDATE
+
+log = logging.getLogger("throughput")
+
+SET_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideSet:
+    """The fixed synthetic slides of a benchmark mode."""
+
+    name: str
+    n: int
+    size_um: tuple[float, float]
+    seed: int = 2024
+    classes: tuple[str, ...] = ("nme", "normal", "psoriasiform", "spongiotic")
+    rss_seed: int = 2025
+
+    @property
+    def large_um(self) -> tuple[float, float]:
+        """4x the area of one slide of the set."""
+        return (2 * self.size_um[0], 2 * self.size_um[1])
+
+    def folder(self, cache: Path) -> Path:
+        w, h = self.size_um
+        return cache / "bench" / f"throughput-v{SET_VERSION}-{self.name}-n{self.n}-{w:g}x{h:g}-s{self.seed}"
+
+
+FULL = SlideSet("full", 4, (3000.0, 2000.0))
+QUICK = SlideSet("quick", 2, (1200.0, 1000.0), classes=("nme", "normal"))
+TARGETS = {"ratio": 0.85, "speedup_vs_fp32_eager": 3.0, "rss_large_over_small": 1.10, "outputs_share": 0.05}
+
+
+def _generate(root: Path, n: int, seed: int, size_um: tuple[float, float], classes: list[str]) -> Path:
+    """``root/slides`` with ``n`` synthetic slides, generated once (atomically by folder rename)."""
+    from pipeline.synthetic import generate_dataset
+
+    if not (root / "labels.csv").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            generate_dataset(tmp, n=n, seed=seed, mpp=0.5, classes=classes, size_um=size_um, overwrite=True)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root / "slides"
+
+
+def prepare_slides(spec: SlideSet, cache: Path) -> dict[str, Path]:
+    """Folders of the benchmark set and of the two RSS slides (one slide, then 4x its area)."""
+    base = spec.folder(cache)
+    return {
+        "set": _generate(base / "set", spec.n, spec.seed, spec.size_um, list(spec.classes)),
+        "rss_small": _generate(base / "rss_small", 1, spec.rss_seed, spec.size_um, ["nme"]),
+        "rss_large": _generate(base / "rss_large", 1, spec.rss_seed, spec.large_um, ["nme"]),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch threads, GPU, versions, bf16 support."""
+    import torch
+
+    from pipeline.runtime import cpu_bf16_supported, cpu_description
+
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu": cpu_description(), "cores_usable": usable, "torch_threads": torch.get_num_threads(),
+            "cpu_bf16": cpu_bf16_supported(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "onnxruntime": ort, "python": platform.python_version(),
+            "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+
+
+class TimedRunner:
+    """Wraps a runner; counts tiles and seconds spent in it."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.device = runner, runner.device
+        self.seconds, self.tiles = 0.0, 0
+
+    def __call__(self, tiles):
+        t0 = time.perf_counter()
+        out = self.runner(tiles)
+        self.seconds += time.perf_counter() - t0
+        self.tiles += len(tiles)
+        return out
+
+
+def _options(model: Path, slides: Path, out: Path, backend: str, batch_size: int, reader_threads: int):
+    from pipeline.batch.runner import BatchOptions
+
+    return BatchOptions(slides_dir=slides, out_dir=out, model=model, backend=backend, batch_size=batch_size,
+                        reader_threads=reader_threads, force=True, quiet=True, command=["benchmarks/throughput.py"])
+
+
+def setup(model: Path, slides: Path, backend: str, batch_size: int, reader_threads: int, scratch: Path):
+    """(options, slide jobs, inference context) as infer.py builds them; model loading happens here."""
+    from pipeline.batch.runner import build_context, check_inputs
+
+    opts = _options(model, slides, scratch / "unused", backend, batch_size, reader_threads)
+    jobs = check_inputs(opts)
+    t0 = time.perf_counter()
+    ctx = build_context(opts, jobs)
+    return opts, jobs, ctx, time.perf_counter() - t0
+
+
+STAGES = ("open_tissue_tiling", "read_decode_wait", "model", "features_other", "quality_aggregation_rules", "outputs")
+
+
+def e2e_once(opts, jobs, ctx, out: Path, prefetch: bool | None = None) -> dict[str, Any]:
+    """Process every slide into the fresh folder ``out`` as infer.py's local engine does; timings."""
+    from datetime import datetime, timezone
+
+    from pipeline.batch.process import process_slides
+    from pipeline.batch.runner import write_summary
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    timed = TimedRunner(ctx.runner)
+    run_ctx = dataclasses.replace(ctx, out_dir=out, cache_dir=out / ".cache", runner=timed)
+    run_opts = dataclasses.replace(opts, out_dir=out)
+    stages = dict.fromkeys(STAGES, 0.0)
+    slide_total, tiles, failed, reader_busy = 0.0, 0, [], 0.0
+    started = datetime.now(timezone.utc)
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    results = []
+    for job, r in zip(jobs, process_slides(jobs, run_ctx, prefetch=prefetch)):
+        results.append(r)
+        if r["status"] == "failed":
+            failed.append(f"{job.slide_id}: {r.get('error')}")
+        tm = r["timings"]
+        tiles += int(r.get("n_tiles") or 0)
+        slide_total += tm.get("total", 0.0)
+        # prefetched slides: only the wait for the background preparation is on the critical path
+        stages["open_tissue_tiling"] += tm.get("tissue_tiling.wait", tm.get("open", 0.0) + tm.get("tissue_tiling", 0.0))
+        stages["read_decode_wait"] += tm.get("patch_model.tile_wait", 0.0)
+        stages["model"] += tm.get("patch_model.model", 0.0)
+        stages["features_other"] += tm.get("patch_model", 0.0) - tm.get("patch_model.model", 0.0) - tm.get("patch_model.tile_wait", 0.0)
+        stages["quality_aggregation_rules"] += tm.get("quality", 0.0) + tm.get("aggregation", 0.0) + tm.get("rules", 0.0)
+        stages["outputs"] += tm.get("outputs", 0.0)
+        reader_busy += tm.get("patch_model.reader_busy", 0.0)
+    t_slides = time.perf_counter() - t0
+    write_summary(run_opts, run_ctx, results, started, t_slides, processed=len(jobs), skipped=0, n_tiles=tiles)
+    wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    if failed:
+        raise RuntimeError("benchmark slide failed: " + "; ".join(failed))
+    return {"wall_s": wall, "tiles": tiles, "slides": len(jobs), "tiles_per_s": tiles / wall,
+            "slides_per_hour": len(jobs) / wall * 3600, "slide_seconds": slide_total, "stages_s": stages,
+            "summary_s": wall - t_slides, "reader_busy_s": reader_busy,
+            "cpu_ms_per_tile": 1000 * cpu / max(tiles, 1), "model_s": timed.seconds}
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process, all threads, s."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def model_only_once(runner, batch_size: int, tile_px: int, n_batches: int, seed: int = 0) -> tuple[float, float]:
+    """(tiles/s, CPU ms per tile) of ``runner`` alone on random uint8 batches (one warm-up batch not counted)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    batch = rng.integers(0, 256, (batch_size, tile_px, tile_px, 3), dtype=np.uint8)
+    runner(batch)
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        runner(batch)
+    n = n_batches * batch_size
+    return n / (time.perf_counter() - t0), 1000 * (_cpu_seconds() - cpu0) / n
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process, MB: ``VmHWM`` of /proc/self/status (Linux), else ``ru_maxrss``.
+
+    ``ru_maxrss`` of a child started by fork/vfork + exec also counts the parent's RSS at the
+    fork (Linux keeps the old address space's high-water mark across exec), which for this
+    benchmark's parent is larger than the slide's own; ``VmHWM`` belongs to the new process only.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: ``/proc/self/clear_refs`` ← 5); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_child(args: argparse.Namespace) -> int:
+    """Subprocess entry: process one slide folder, print {"maxrss_mb", ...} as one JSON line.
+
+    ``maxrss_mb``: peak RSS of the whole process (imports, model, the slide);
+    ``processing_peak_mb``: peak RSS while the slide was processed (high-water mark reset after set-up).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="nme-rss-"))
+    try:
+        opts, jobs, ctx, setup_s = setup(args.model, args.rss_child, args.backend, args.batch_size, args.reader_threads, tmp)
+        after_setup = _peak_rss_mb()
+        reset = _reset_peak_rss()
+        res = e2e_once(opts, jobs, ctx, tmp / "out")
+        processing = _peak_rss_mb() if reset else None
+        peak = max(after_setup, processing or _peak_rss_mb())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({"maxrss_mb": round(peak, 1), "maxrss_after_setup_mb": round(after_setup, 1),
+                      "processing_peak_mb": None if processing is None else round(processing, 1), "tiles": res["tiles"],
+                      "seconds": round(res["wall_s"], 3)}))
+    return 0
+
+
+def measure_rss(slides: Path, args: argparse.Namespace, backend: str, env: dict[str, str]) -> dict[str, Any]:
+    """Peak RSS of processing ``slides`` in a fresh interpreter."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(slides), "--backend", backend,
+           "--model", str(args.model), "--batch-size", str(args.batch_size), "--reader-threads", str(args.reader_threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS child failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median_dict(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.backends.cache import resolve_cache_dir
+
+    spec = QUICK if args.quick else FULL
+    cache = resolve_cache_dir(args.cache_dir)
+    env = dict(os.environ)
+    if args.cache_dir is not None:
+        env["NME_PIPELINE_CACHE"] = str(cache)
+        os.environ["NME_PIPELINE_CACHE"] = str(cache)  # exports/int8 models of the backends go here too
+    t_prep = time.perf_counter()
+    folders = prepare_slides(spec, cache)
+    prep_s = time.perf_counter() - t_prep
+    repeats = max(1, args.repeats)
+    n_model_batches = 3 if args.quick else 8
+    scratch = Path(tempfile.mkdtemp(prefix="nme-throughput-"))
+    try:
+        opts, jobs, ctx, setup_s = setup(args.model, folders["set"], args.backend, args.batch_size, args.reader_threads, scratch)
+        backend = ctx.backend
+        tile_px = ctx.bundle.contract.input.tile_size_px
+        contexts = {backend: (opts, jobs, ctx)}
+        compare_fp32 = backend != "torch-fp32" and not args.no_fp32
+        if compare_fp32:
+            o2, j2, c2, _ = setup(args.model, folders["set"], "torch-fp32", args.batch_size, args.reader_threads, scratch)
+            contexts["torch-fp32"] = (o2, j2, c2)
+        # warm-up (page cache, allocators, first-call costs): one slide per backend, not counted
+        for name, (o, j, c) in contexts.items():
+            e2e_once(o, j[:1], c, scratch / f"warm-{name}")
+        e2e_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contexts}
+        model_runs: list[float] = []
+        model_cpu: list[float] = []
+        for i in range(repeats):
+            for name, (o, j, c) in contexts.items():
+                e2e_runs[name].append(e2e_once(o, j, c, scratch / f"run-{name}-{i}"))
+                log.info("repeat %d %s: %.1f tiles/s end to end", i + 1, name, e2e_runs[name][-1]["tiles_per_s"])
+            speed, cpu_ms = model_only_once(ctx.runner, args.batch_size, tile_px, n_model_batches, seed=i)
+            model_runs.append(speed)
+            model_cpu.append(cpu_ms)
+            log.info("repeat %d %s: %.1f tiles/s model only", i + 1, backend, model_runs[-1])
+        del contexts, ctx
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    main_runs = e2e_runs[backend]
+    e2e = statistics.median(r["tiles_per_s"] for r in main_runs)
+    fp32 = statistics.median(r["tiles_per_s"] for r in e2e_runs["torch-fp32"]) if "torch-fp32" in e2e_runs else None
+    model = statistics.median(model_runs)
+    stage_s = _median_dict([r["stages_s"] for r in main_runs])
+    slide_s = statistics.median(r["slide_seconds"] for r in main_runs)
+    shares = {k: round(v / slide_s, 4) for k, v in stage_s.items()} if slide_s > 0 else {}
+    rss: dict[str, Any] = {}
+    if not args.no_rss:
+        rss["small"] = measure_rss(folders["rss_small"], args, backend, env)
+        rss["large"] = measure_rss(folders["rss_large"], args, backend, env)
+    small = rss.get("small", {}).get("maxrss_mb")
+    large = rss.get("large", {}).get("maxrss_mb")
+    proc_small = rss.get("small", {}).get("processing_peak_mb")
+    proc_large = rss.get("large", {}).get("processing_peak_mb")
+    result = {
+        "backend": backend,
+        "batch_size": args.batch_size,
+        "reader_threads": args.reader_threads,
+        "mode": spec.name,
+        "repeats": repeats,
+        "slides": {"n": len(jobs), "size_um": list(spec.size_um), "mpp": 0.5, "seed": spec.seed,
+                   "tiles": main_runs[0]["tiles"], "folder": str(folders["set"].parent)},
+        "e2e_tiles_per_s": round(e2e, 2),
+        "e2e_slides_per_hour": round(statistics.median(r["slides_per_hour"] for r in main_runs), 1),
+        "model_tiles_per_s": round(model, 2),
+        "ratio": round(e2e / model, 4) if model > 0 else None,
+        "fp32_eager_e2e_tiles_per_s": None if fp32 is None else round(fp32, 2),
+        "speedup_vs_fp32_eager": round(e2e / fp32, 3) if fp32 else None,
+        "model_in_pipeline_tiles_per_s": round(statistics.median(r["tiles"] / r["model_s"] for r in main_runs), 2),
+        "cpu_ms_per_tile": {"e2e": round(statistics.median(r["cpu_ms_per_tile"] for r in main_runs), 3),
+                            "model_only": round(statistics.median(model_cpu), 3)},
+        "stage_seconds": {k: round(v, 4) for k, v in stage_s.items()},
+        "stage_share_of_slide_time": shares,
+        "outputs_share": shares.get("outputs"),
+        "peak_rss_mb_small": small,
+        "peak_rss_mb_large": large,
+        "rss_large_over_small": round(large / small, 4) if small and large else None,
+        "processing_peak_rss_mb_small": proc_small,
+        "processing_peak_rss_mb_large": proc_large,
+        "rss": rss,
+        "setup_s": round(setup_s, 2),
+        "slide_generation_s": round(prep_s, 2),
+        "machine": machine(),
+        "runs": {"e2e_tiles_per_s": {k: [round(r["tiles_per_s"], 2) for r in v] for k, v in e2e_runs.items()},
+                 "model_tiles_per_s": [round(m, 2) for m in model_runs]},
+    }
+    checks = {"ratio": (result["ratio"], ">="), "speedup_vs_fp32_eager": (result["speedup_vs_fp32_eager"], ">="),
+              "rss_large_over_small": (result["rss_large_over_small"], "<="), "outputs_share": (result["outputs_share"], "<")}
+    result["targets"] = {}
+    for k, (v, op) in checks.items():
+        t = TARGETS[k]
+        met = None if v is None else (v >= t if op == ">=" else v <= t if op == "<=" else v < t)
+        result["targets"][k] = {"value": v, "target": f"{op} {t}", "met": met}
+    return result
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    print(f"machine: {m['cpu']}; {m['cores_usable']} usable cores; torch threads {m['torch_threads']}; "
+          f"GPU {m['gpu'] or 'none'}; bf16 CPU {m['cpu_bf16']}; torch {m['torch']}; onnxruntime {m['onnxruntime']}; "
+          f"load avg at start {m['load_avg_1min_at_start']}")
+    s = r["slides"]
+    print(f"slides: {s['n']} synthetic, {s['size_um'][0]:g}x{s['size_um'][1]:g} µm at 0.5 µm/px, {s['tiles']} tiles; "
+          f"backend {r['backend']}, batch {r['batch_size']}, reader threads {r['reader_threads']}, "
+          f"median of {r['repeats']}")
+    print(f"end to end      {r['e2e_tiles_per_s']:8.1f} tiles/s  {r['e2e_slides_per_hour']:8.1f} slides/h")
+    print(f"model only      {r['model_tiles_per_s']:8.1f} tiles/s  ratio {r['ratio']}  "
+          f"(model inside the pipeline: {r['model_in_pipeline_tiles_per_s']:.1f} tiles/s)")
+    c = r["cpu_ms_per_tile"]
+    print(f"CPU time per tile: end to end {c['e2e']:.2f} ms, model only {c['model_only']:.2f} ms "
+          f"(model share of the CPU work {c['model_only'] / c['e2e']:.2f}; less sensitive to other load)")
+    if r["fp32_eager_e2e_tiles_per_s"] is not None:
+        print(f"fp32 eager e2e  {r['fp32_eager_e2e_tiles_per_s']:8.1f} tiles/s  speedup {r['speedup_vs_fp32_eager']}x")
+    print("stages (share of slide time): " + ", ".join(f"{k} {v:.1%}" for k, v in r["stage_share_of_slide_time"].items()))
+    print("rss detail: " + json.dumps(r["rss"]))
+    print(f"peak RSS: one slide {r['peak_rss_mb_small']} MB, 4x area {r['peak_rss_mb_large']} MB "
+          f"(ratio {r['rss_large_over_small']}); while processing the slide: {r['processing_peak_rss_mb_small']} "
+          f"/ {r['processing_peak_rss_mb_large']} MB")
+    for k, t in r["targets"].items():
+        print(f"target {k}: {t['value']} {t['target']}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="auto", help="auto | torch-fp32 | torch-bf16 | onnx-fp32 | onnx-int8")
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "demo_bundle")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--reader-threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 small slides, 1 repeat unless --repeats given")
+    ap.add_argument("--json", action="store_true", help="print exactly one JSON line")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the torch-fp32 eager comparison")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="slides and model exports cache (default $NME_PIPELINE_CACHE or ~/.cache/nme-pipeline)")
+    ap.add_argument("--rss-child", type=Path, default=None, help=argparse.SUPPRESS)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = ap.parse_args(argv)
+    if args.quick and "--repeats" not in argv:
+        args.repeats = 1
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not (args.json or args.rss_child):
+        log.setLevel(logging.INFO)
+    if args.rss_child is not None:
+        return rss_child(args)
+    result = run(args)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        _print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_cli
+
+    run_cli(main)

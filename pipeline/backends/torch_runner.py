@@ -1,0 +1,51 @@
+"""PyTorch backends: ``torch-fp32`` (eager fp32, the reference) and ``torch-bf16`` (channels_last + autocast).
+
+``torch-bf16`` runs bf16 autocast on CPUs with native bf16 (AVX-512 BF16 / AMX) and on CUDA
+GPUs that support bf16 (fp16 autocast on older GPUs). On CUDA the uint8 batch goes through a
+pinned staging buffer and is normalised on the GPU (:class:`pipeline.features.PatchRunner`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.features import PatchRunner
+from pipeline.runtime import cpu_bf16_supported, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def bf16_available(device: torch.device) -> bool:
+    """True when ``torch-bf16`` can run natively on ``device`` (reduced-precision autocast)."""
+    return device.type == "cuda" or cpu_bf16_supported()
+
+
+def make_torch_runner(bundle, device: torch.device, backend: str, precision: str = "auto") -> PatchRunner:
+    """A :class:`PatchRunner` over a private copy of ``bundle.model`` for ``torch-fp32`` or ``torch-bf16``.
+
+    Args:
+        bundle: a :class:`models.bundle.LoadedBundle`; its model is copied, never modified.
+        device: where to run.
+        backend: ``torch-fp32`` or ``torch-bf16``.
+        precision: ``auto`` (bf16 where supported, fp16 on CUDA without bf16) or an explicit
+            ``bf16``/``fp16`` for ``torch-bf16``; ignored for ``torch-fp32``.
+    Raises:
+        ConfigError: ``torch-bf16`` on a CPU without native bf16.
+    """
+    norm = bundle.contract.input.normalisation
+    model = copy.deepcopy(bundle.model)
+    if backend == "torch-fp32":
+        return PatchRunner(model, norm.mean, norm.std, device, "fp32", channels_last=False)
+    if backend != "torch-bf16":
+        raise ConfigError(f"not a torch backend: {backend!r}")
+    if not bf16_available(device):
+        raise ConfigError("backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); "
+                          "use --backend torch-fp32 or onnx-fp32")
+    prec = resolve_precision(device, precision)
+    if prec == "fp32":
+        prec = "bf16"
+    return PatchRunner(model, norm.mean, norm.std, device, prec, channels_last=True)
