@@ -194,6 +194,8 @@ class LoadedBundle:
         extra: every non-patch section of ``model.safetensors``: ``{section: state_dict}``,
             tensors on the requested device (e.g. ``extra["aggregator"]``).
         sha256: :func:`bundle_sha256` of the bundle, for provenance.
+        weights_sha256: sha256 of ``model.safetensors`` as read (verified against the contract's
+            ``weights_sha256`` when that is present): the key for anything derived from the weights.
     """
 
     path: Path
@@ -201,6 +203,7 @@ class LoadedBundle:
     model: PatchClassifier
     extra: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     sha256: str = ""
+    weights_sha256: str = ""
 
 
 def bundle_sha256(directory: str | Path) -> str:
@@ -378,4 +381,5 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Lo
     extra = {name: {k: v.to(device) for k, v in sd.items()} for name, sd in sections.items()}
     bundle_digest = _framed_sha256([(CONTRACT_FILE, contract_raw), (WEIGHTS_FILE, blob)])  # as bundle_sha256
     log.info("loaded bundle %s (%s %s, backbone %s) on %s", d, contract.name, contract.version, arch.backbone, device)
-    return LoadedBundle(path=d, contract=contract, model=model, extra=extra, sha256=bundle_digest)
+    return LoadedBundle(path=d, contract=contract, model=model, extra=extra, sha256=bundle_digest,
+                        weights_sha256=digest)

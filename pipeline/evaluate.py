@@ -40,6 +40,7 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
     from pipeline.training.config import DataConfig
     from pipeline.training.data import load_slide_table
 
+    data_root = Path(data_root).resolve()  # the slide table resolves a relative root against its own base
     if not (data_root / "labels.csv").is_file():
         generate_dataset(data_root, n=n, seed=seed, mpp=0.5, size_um=size_um, overwrite=True)
     bundle = load_bundle(bundle_dir)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(quiet=args.quiet)
-    data_root = args.out.resolve() / f"synthetic_seed{args.seed}_n{args.n}"
+    data_root = args.out / f"synthetic_seed{args.seed}_n{args.n}"
     res = evaluate(args.bundle, data_root, args.n, args.seed, tuple(args.size_um) if args.size_um else None, args.real,
                    args.bootstrap, args.backend)
     atomic_write_json(args.out / "evaluation.json", res)

@@ -82,6 +82,11 @@ def lower_thread_priority(nice: int = 19) -> None:
         pass
 
 
+def runs_on_cpu(runner) -> bool:
+    """True when ``runner`` (any backend's runner, see :mod:`pipeline.backends`) computes on the CPU."""
+    return getattr(getattr(runner, "device", None), "type", "cpu") == "cpu"
+
+
 class TileReader:
     """Reads tiles of one slide in reader threads into a bounded queue of uint8 batches.
 
@@ -264,9 +269,8 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
     t_model = 0.0
     t0 = time.perf_counter()
     t_wait = 0.0
-    on_cpu = getattr(getattr(runner, "device", None), "type", "cpu") == "cpu"
     reader = TileReader(path, mpp, coords, plan, tile_px, batch_size, threads=reader_threads, background_rgb=background_rgb,
-                        low_priority=on_cpu)
+                        low_priority=runs_on_cpu(runner))
     batches = iter(reader)
     while True:
         t1 = time.perf_counter()

@@ -179,3 +179,15 @@ def test_balanced_sample_draws_epidermal_hard_negatives():
     assert is_epi_neg(hard) == pytest.approx(0.5 * 0.6 + 0.5 * 0.4 * 70 / 360, abs=0.05)
     assert is_epi_neg(hard) > 2 * is_epi_neg(plain)
     assert np.array_equal(hard, balanced_sample([slide], 1000, 3, seed=1, epidermis_col=3, epidermal_negative_fraction=0.6))
+
+
+def test_a_synthetic_set_is_reused_only_when_it_matches_the_config():
+    from pipeline.training.config import SyntheticData
+    from pipeline.training.run import _same_synthetic_set
+
+    made = {"n": 8, "seed": 3, "mpp": [0.5], "size_um": [4000.0, 3000.0], "classes": ["normal", "nme"]}
+    assert _same_synthetic_set(made, SyntheticData(n=8, seed=3, mpp=0.5))
+    assert _same_synthetic_set(made, SyntheticData(n=8, seed=3, mpp=0.5, size_um=(4000, 3000), classes=["normal", "nme"]))
+    for changed in ({"n": 9}, {"seed": 4}, {"mpp": 0.25}, {"size_um": (2000, 1000)}, {"classes": ["nme"]}):
+        assert not _same_synthetic_set(made, SyntheticData(**{"n": 8, "seed": 3, "mpp": 0.5, **changed})), changed
+    assert not _same_synthetic_set({}, SyntheticData(n=8, seed=3))  # no manifest: regenerate

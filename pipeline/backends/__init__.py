@@ -65,11 +65,10 @@ def check_backend_name(backend: str) -> None:
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run here (one line), or None when it can."""
     from pipeline.backends.onnx_runner import onnxruntime_available
-    from pipeline.backends.torch_runner import bf16_available
+    from pipeline.backends.torch_runner import BF16_UNAVAILABLE, bf16_available
 
     if backend == "torch-bf16" and not bf16_available(device):
-        return ("backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); "
-                "use --backend torch-fp32 or onnx-fp32")
+        return BF16_UNAVAILABLE
     if backend.startswith("onnx") and not onnxruntime_available():
         return (f"backend {backend} needs onnxruntime and onnx: pip install -e '.[onnx]' "
                 "(or choose --backend torch-fp32 / torch-bf16)")
@@ -89,9 +88,7 @@ def resolve_backend(bundle, device: torch.device, backend: str = "auto", precisi
     failed). Raises ConfigError (one line) for an unknown name or a backend that cannot run here.
     """
     check_backend_name(backend)
-    from pipeline.backends.onnx_runner import weights_sha256
-
-    record = record_for(Path(bundle.path), weights_sha256(bundle))
+    record = record_for(Path(bundle.path), bundle.weights_sha256)
     dtype = device.type if device.type in PREFERENCE else "cpu"
     if backend != "auto":
         why = unavailable_reason(backend, device)

@@ -216,7 +216,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
         "format": RECORD_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bundle": {"path": str(bundle_dir), "name": bundle.contract.name, "version": bundle.contract.version,
-                   "weights_sha256": bundle.contract.weights_sha256, "bundle_sha256": bundle.sha256},
+                   "weights_sha256": bundle.weights_sha256, "bundle_sha256": bundle.sha256},
         "reference": REFERENCE,
         "rule": {"min_band_agreement": MIN_BAND_AGREEMENT, "max_auroc_diff": MAX_AUROC_DIFF},
         "data": data,

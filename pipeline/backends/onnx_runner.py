@@ -77,21 +77,10 @@ def export_key(bundle, backend: str, extra: dict[str, Any] | None = None) -> str
     import onnxruntime
 
     norm = bundle.contract.input.normalisation
-    parts = {"weights_sha256": weights_sha256(bundle), "mean": list(norm.mean), "std": list(norm.std),
+    parts = {"weights_sha256": bundle.weights_sha256, "mean": list(norm.mean), "std": list(norm.std),
              "tile_px": bundle.contract.input.tile_size_px, "backend": backend, "export_version": EXPORT_VERSION,
              "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, **(extra or {})}
     return cache_key(parts)
-
-
-def weights_sha256(bundle) -> str:
-    """sha256 of the bundle's ``model.safetensors`` (from the contract, else hashed from the file)."""
-    if bundle.contract.weights_sha256:
-        return bundle.contract.weights_sha256
-    import hashlib
-
-    from models.bundle import WEIGHTS_FILE
-
-    return hashlib.sha256((Path(bundle.path) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def cached_path(bundle, backend: str, cache_dir: str | Path | None, extra: dict[str, Any] | None = None) -> Path:
@@ -99,7 +88,7 @@ def cached_path(bundle, backend: str, cache_dir: str | Path | None, extra: dict[
     import onnxruntime
 
     root = resolve_cache_dir(cache_dir) / "onnx"
-    name = f"{weights_sha256(bundle)[:16]}-{backend}-ort{onnxruntime.__version__}-{export_key(bundle, backend, extra)}.onnx"
+    name = f"{bundle.weights_sha256[:16]}-{backend}-ort{onnxruntime.__version__}-{export_key(bundle, backend, extra)}.onnx"
     return root / name
 
 
@@ -126,7 +115,7 @@ def export_onnx(bundle, target: Path) -> Path:
             torch.onnx.export(wrapper, (example,), str(tmp), dynamo=True, input_names=[INPUT_NAME],
                               output_names=list(OUTPUT_NAMES), opset_version=OPSET,
                               dynamic_shapes={"tiles": {0: batch}}, external_data=False)
-    _stamp(target, {"nme.bundle_weights_sha256": weights_sha256(bundle), "nme.export_version": str(EXPORT_VERSION),
+    _stamp(target, {"nme.bundle_weights_sha256": bundle.weights_sha256, "nme.export_version": str(EXPORT_VERSION),
                     "nme.torch": torch.__version__})
     log.info("exported %s to ONNX: %s", bundle.contract.name, target)
     return target

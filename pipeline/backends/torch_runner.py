@@ -18,6 +18,9 @@ from pipeline.runtime import cpu_bf16_supported, resolve_precision
 
 log = logging.getLogger(__name__)
 
+BF16_UNAVAILABLE = ("backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); "
+                    "use --backend torch-fp32 or onnx-fp32")
+
 
 def bf16_available(device: torch.device) -> bool:
     """True when ``torch-bf16`` can run natively on ``device`` (reduced-precision autocast)."""
@@ -43,8 +46,7 @@ def make_torch_runner(bundle, device: torch.device, backend: str, precision: str
     if backend != "torch-bf16":
         raise ConfigError(f"not a torch backend: {backend!r}")
     if not bf16_available(device):
-        raise ConfigError("backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); "
-                          "use --backend torch-fp32 or onnx-fp32")
+        raise ConfigError(BF16_UNAVAILABLE)
     prec = resolve_precision(device, precision)
     if prec == "fp32":
         prec = "bf16"

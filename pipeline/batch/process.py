@@ -27,7 +27,7 @@ from models.patch import PATTERN_CLASSES
 from pipeline.aggregation import SlidePredictor
 from pipeline.batch.discovery import SlideJob
 from pipeline.errors import PipelineError
-from pipeline.features import PatchRunner, cache_path, extract_features, load_features, read_tiles_at, save_features
+from pipeline.features import PatchRunner, cache_path, extract_features, load_features, read_tiles_at, runs_on_cpu, save_features
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.quality import QualityConfig, QualityInputs, assess_quality
 from pipeline.runtime import release_free_memory
@@ -182,7 +182,7 @@ def process_slides(jobs: list[SlideJob], ctx: InferenceContext, prefetch: bool |
     priority. At most two prepared slides (thumbnail, mask, grid) are held at a time; results
     and files are the same either way.
     """
-    on_cpu = getattr(getattr(ctx.runner, "device", None), "type", "cpu") == "cpu"
+    on_cpu = runs_on_cpu(ctx.runner)
     if prefetch is None:
         prefetch = not on_cpu
     if not prefetch or len(jobs) < 2:

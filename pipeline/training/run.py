@@ -73,14 +73,24 @@ def ensure_synthetic(data: DataConfig) -> None:
     if (root / data.labels_csv).is_file():
         manifest = root / "manifest.json"
         made = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        if made.get("n") == s.n and made.get("seed") == s.seed:
+        if _same_synthetic_set(made, s):
             return
-        log.info("%s holds another synthetic set (n=%s, seed=%s); regenerating n=%d seed=%d", root, made.get("n"),
-                 made.get("seed"), s.n, s.seed)
+        log.info("%s holds another synthetic set (n=%s, seed=%s, mpp=%s); regenerating n=%d seed=%d mpp=%s", root,
+                 made.get("n"), made.get("seed"), made.get("mpp"), s.n, s.seed, s.mpp)
     from pipeline.synthetic import generate_dataset
 
     log.info("generating %d synthetic slides (seed %d) into %s", s.n, s.seed, root)
     generate_dataset(root, n=s.n, seed=s.seed, mpp=s.mpp, classes=s.classes, size_um=s.size_um, overwrite=True)
+
+
+def _same_synthetic_set(made: dict[str, Any], s) -> bool:
+    """Whether a generator ``manifest.json`` matches the configured set (unset options: any value)."""
+    same = made.get("n") == s.n and made.get("seed") == s.seed and made.get("mpp") in ([s.mpp], s.mpp)
+    if s.size_um is not None:
+        same = same and list(made.get("size_um") or []) == list(s.size_um)
+    if s.classes is not None:
+        same = same and list(made.get("classes") or []) == list(s.classes)
+    return same
 
 
 def _prepare_run_dir(cfg: RunConfig) -> Path:
