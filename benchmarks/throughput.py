@@ -161,7 +161,7 @@ def setup(model: Path, slides: Path, backend: str, batch_size: int, reader_threa
 STAGES = ("open_tissue_tiling", "read_decode_wait", "model", "features_other", "quality_aggregation_rules", "outputs")
 
 
-def e2e_once(opts, jobs, ctx, out: Path, prefetch: bool | None = None) -> dict[str, Any]:
+def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]:
     """Process every slide into the fresh folder ``out`` as infer.py's local engine does; timings."""
     from datetime import datetime, timezone
 
@@ -179,7 +179,7 @@ def e2e_once(opts, jobs, ctx, out: Path, prefetch: bool | None = None) -> dict[s
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     results = []
-    for job, r in zip(jobs, process_slides(jobs, run_ctx, prefetch=prefetch)):
+    for job, r in zip(jobs, process_slides(jobs, run_ctx, overlap=overlap)):
         results.append(r)
         if r["status"] == "failed":
             failed.append(f"{job.slide_id}: {r.get('error')}")

@@ -96,14 +96,16 @@ class TileReader:
     priority so that they use the cycles the model leaves instead of pre-empting it.
 
     Iterating yields ``(indices (B,), tiles uint8 (B, H, W, 3), sharpness (B,))`` in tile order;
-    :meth:`stain` gives the stain statistics of all tiles read.
+    :meth:`stain` gives the stain statistics of all tiles read (on a regular sample of every
+    ``stain_pixel_stride``-th pixel of every ``stain_pixel_stride``-th row, see
+    :class:`pipeline.quality.StainAccumulator`).
     Errors in a reader thread are re-raised in the consumer.
     """
 
     def __init__(self, path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int,
                  batch_size: int, threads: int = 2, prefetch_batches: int = 2,
                  background_rgb: tuple[int, int, int] = (255, 255, 255), low_priority: bool = False,
-                 max_strip_tiles: int = 16) -> None:
+                 max_strip_tiles: int = 16, stain_pixel_stride: int = 4) -> None:
         self.path, self.mpp, self.coords, self.plan, self.tile_px = path, mpp, coords, plan, tile_px
         self.low_priority = low_priority
         self.max_strip_tiles = max_strip_tiles
@@ -112,7 +114,7 @@ class TileReader:
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, prefetch_batches))
         self._stop = threading.Event()
         self._busy = [0.0] * self.threads  # per reader thread: no shared counter to race on
-        self._stain = [StainAccumulator(background_rgb) for _ in range(self.threads)]
+        self._stain = [StainAccumulator(background_rgb, pixel_stride=stain_pixel_stride) for _ in range(self.threads)]
 
     @property
     def read_seconds(self) -> float:
@@ -180,7 +182,7 @@ class TileReader:
 
     def stain(self) -> dict[str, Any]:
         """Stain statistics over every tile read so far (all reader threads merged)."""
-        total = StainAccumulator(self._stain[0].background_rgb)
+        total = StainAccumulator(self._stain[0].background_rgb, pixel_stride=self._stain[0].pixel_stride)
         for acc in self._stain:
             total.merge(acc)
         return total.result()

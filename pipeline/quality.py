@@ -114,11 +114,20 @@ class StainAccumulator:
       blue-dominant, and fluorescence images are dark or saturated.
     * *DAB-like*: stained, not dark/saturated, ``OD_B > OD_G`` and ``OD_B > OD_R``.
 
+    With ``pixel_stride`` k > 1 only every k-th pixel of every k-th row of each tile is counted
+    (a regular 1/k² sample): these are slide-level fractions and means over hundreds of tiles,
+    which a 1/16 sample estimates to well under a percentage point (the reader uses k = 4; it
+    cut the statistics from about 1.1 to 0.07 ms per 224 px tile on the 2-core CPU).
+
     Use ``update(tiles)`` for each batch, then :meth:`result`.
     """
 
     def __init__(self, background_rgb: tuple[int, int, int] = (255, 255, 255), stained_od_min: float = STAINED_OD_MIN,
-                 dark_max_value: int = DARK_MAX_VALUE, saturated_min_value: int = SATURATED_MIN_VALUE) -> None:
+                 dark_max_value: int = DARK_MAX_VALUE, saturated_min_value: int = SATURATED_MIN_VALUE,
+                 pixel_stride: int = 1) -> None:
+        if int(pixel_stride) < 1:
+            raise InvalidInputError(f"pixel_stride must be >= 1, got {pixel_stride}")
+        self.pixel_stride = int(pixel_stride)
         bg = np.asarray(background_rgb, dtype=np.float64).reshape(3)
         if np.any(bg < 1) or np.any(bg > 255):
             raise InvalidInputError(f"background_rgb must be 3 values in 1-255, got {background_rgb}")
@@ -147,13 +156,16 @@ class StainAccumulator:
             t = t[None]
         if t.dtype != np.uint8 or t.ndim != 4 or t.shape[-1] != 3:
             raise InvalidInputError(f"tiles: expected RGB uint8 (N, H, W, 3) or (H, W, 3), got {t.dtype} {np.asarray(tiles).shape}")
+        n_tiles = t.shape[0]
+        if self.pixel_stride > 1:
+            t = t[:, ::self.pixel_stride, ::self.pixel_stride]
         # OpenCV kernels, a few tiles at a time: each call stays below OpenCV's size for
         # multi-threading, so reader threads never wake its pool (it would pre-empt the model's threads)
         lut = np.stack(self._lut, axis=1).reshape(256, 1, 3)
         step = max(1, (1 << 18) // max(1, t.shape[1] * t.shape[2]) - 1)
         for i in range(0, t.shape[0], step):
             self._update_chunk(np.ascontiguousarray(t[i:i + step]).reshape(-1, t.shape[2], 3), lut)
-        self.n_tiles += t.shape[0]
+        self.n_tiles += n_tiles
         return self
 
     def _update_chunk(self, img: np.ndarray, lut: np.ndarray) -> None:
@@ -182,7 +194,9 @@ class StainAccumulator:
             self._sum_od_stained += np.asarray(cv2.sumElems(cv2.bitwise_and(od, od, mask=stained))[:3], np.float64)
 
     def merge(self, other: StainAccumulator) -> StainAccumulator:
-        """Add the counts of ``other`` (same thresholds and background) into this accumulator; returns self."""
+        """Add the counts of ``other`` (same thresholds, background and pixel stride) into this accumulator; returns self."""
+        if other.pixel_stride != self.pixel_stride:
+            raise InvalidInputError(f"cannot merge stain statistics sampled every {other.pixel_stride} px into every {self.pixel_stride} px")
         for name in ("n_tiles", "n_pixels", "n_stained", "n_dark", "n_saturated", "n_he_like", "n_dab_like", "n_red_dominant"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self._sum_rgb += other._sum_rgb
@@ -192,7 +206,7 @@ class StainAccumulator:
     def result(self) -> dict[str, Any]:
         """JSON-safe statistics; fractions of stained pixels are ``None`` when nothing is stained.
 
-        Keys: ``n_tiles``, ``n_pixels``, ``background_rgb``, ``mean_rgb`` (all pixels, 0-255),
+        Keys: ``n_tiles``, ``n_pixels`` (pixels counted), ``pixel_stride``, ``background_rgb``, ``mean_rgb`` (all pixels, 0-255),
         ``mean_od`` (stained pixels, [R, G, B]), ``stained_fraction``, ``dark_pixel_fraction``,
         ``saturated_fraction`` (of all pixels), ``he_like_fraction``, ``dab_like_fraction``,
         ``red_dominant_fraction`` (of stained pixels).
@@ -205,6 +219,7 @@ class StainAccumulator:
         return {
             "n_tiles": self.n_tiles,
             "n_pixels": n,
+            "pixel_stride": self.pixel_stride,
             "background_rgb": list(self.background_rgb),
             "mean_rgb": (self._sum_rgb / n).tolist() if n else None,
             "mean_od": (self._sum_od_stained / ns).tolist() if ns else None,

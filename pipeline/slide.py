@@ -20,10 +20,12 @@ does not detect, PIL for plain PNG/JPEG (bounded by a pixel limit).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import math
 import os
+import sys
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -203,6 +205,9 @@ class OpenSlideReader(SlideReader):
 
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         try:
+            raw = self._read_raw(int(x0), int(y0), int(level), int(width), int(height))
+            if raw is not None:
+                return _premultiplied_bgra_over_white(raw)
             region = self._h.read_region((int(x0), int(y0)), int(level), (int(width), int(height)))
         except self._openslide.OpenSlideError as exc:
             # A handle that hit a decode error stays broken: drop it, reopen on the next read.
@@ -215,21 +220,51 @@ class OpenSlideReader(SlideReader):
         rgba = np.asarray(region, dtype=np.uint8)
         return _rgba_over_white(rgba)
 
+    def _read_raw(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray | None:
+        """OpenSlide's own output for the region: premultiplied ARGB words, (height, width, 4) uint8 in memory order.
+
+        Calls ``openslide_read_region`` straight into a numpy buffer, skipping openslide-python's
+        un-premultiply and PIL image (about a quarter of the read time for a 224 px tile). Uses
+        openslide-python's ctypes binding of the C function (``lowlevel._read_region``, with its
+        error check); None when that binding or the handle's pointer is not there (another
+        openslide-python version): the caller then takes the public ``read_region``.
+        """
+        fn = getattr(self._openslide.lowlevel, "_read_region", None)
+        osr = getattr(self._h, "_osr", None)
+        if fn is None or osr is None or sys.byteorder != "little" or width <= 0 or height <= 0:
+            return None
+        buf = np.empty((height, width, 4), np.uint8)
+        fn(osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x0, y0, level, width, height)
+        return buf
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
 
 
+def _premultiplied_bgra_over_white(bgra: np.ndarray) -> np.ndarray:
+    """OpenSlide's premultiplied ARGB words (little-endian bytes B, G, R, A; (H, W, 4) uint8) over white → RGB uint8.
+
+    Premultiplied colour over white is ``c + (255 - alpha)``: transparent areas (outside the
+    scanned regions) become white, opaque pixels keep their colour.
+    """
+    if int(bgra.view(np.uint32).min()) >= 0xFF000000:  # every alpha is 255 (alpha is the top byte)
+        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
+    rgb = cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
+    fill = cv2.cvtColor(np.ascontiguousarray(255 - bgra[..., 3]), cv2.COLOR_GRAY2RGB)
+    return cv2.add(rgb, fill)  # saturating uint8 add
+
+
 def _rgba_over_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite premultiplied RGBA (OpenSlide's output) over white; returns RGB uint8."""
+    """Composite openslide-python's RGBA image (straight, not premultiplied alpha) over white; RGB uint8."""
     rgb = rgba[..., :3]
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
-    # OpenSlide returns premultiplied alpha: out = rgb + (255 - alpha)
-    out = rgb.astype(np.uint16) + (255 - alpha.astype(np.uint16))
-    return np.minimum(out, 255).astype(np.uint8)
+    a = alpha.astype(np.uint32)
+    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- tifffile

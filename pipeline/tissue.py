@@ -18,6 +18,7 @@ Sklearn-style: :class:`TissueDetector` holds parameters, ``detect(thumbnail, mpp
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import cv2
@@ -109,29 +110,53 @@ def optical_density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.maximum(od, 0.0, out=od)
 
 
+def _od_lut(background: np.ndarray) -> np.ndarray:
+    """(256, 1, 3) float32 table: :func:`optical_density` of every uint8 level, per channel."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
+    return optical_density(levels, background)
+
+
 def _od_planes(rgb: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(OD red, OD green, OD blue, OD sum) float32 (H, W) planes of :func:`optical_density`.
 
-    The sum is (R + G) + B in float32, the same values as ``od.sum(axis=2)``; planes instead of
-    an interleaved image keep fewer full-size temporaries alive (peak memory per thumbnail pixel).
+    Looked up per channel from a 256-entry table made by :func:`optical_density` itself (the
+    same float32 values, ~10x faster than the logarithm per pixel). The sum is (R + G) + B in
+    float32, the same values as ``od.sum(axis=2)``; planes instead of an interleaved image keep
+    fewer full-size temporaries alive (peak memory per thumbnail pixel).
     """
-    od = optical_density(rgb, background)
-    r, g, b = cv2.split(od)
-    del od
+    lut = _od_lut(background)
+    r, g, b = (cv2.LUT(plane, np.ascontiguousarray(lut[:, :, c])) for c, plane in enumerate(cv2.split(rgb)))
     return r, g, b, cv2.add(cv2.add(r, g), b)
 
 
 def estimate_background(rgb: np.ndarray) -> np.ndarray:
-    """Glass colour: median of the brightest 10 % of pixels (uint8 (3,)).
+    """Glass colour: per-channel median of the brightest 10 % of pixels (uint8 (3,)).
 
-    Robust to tinted backgrounds; on a slide fully covered by tissue it returns the palest
-    tissue, which only makes the detector more conservative.
+    Brightness is R + G + B (the mean's order); "brightest 10 %" are the pixels at or above its
+    90th percentile (linear interpolation between order statistics, as ``np.percentile``).
+    Computed from histograms (exact integer levels; a median halfway between two levels is
+    rounded down). Robust to tinted backgrounds; on a slide fully covered by tissue it returns
+    the palest tissue, which only makes the detector more conservative.
     """
-    flat = rgb.reshape(-1, 3)
-    lum = flat.astype(np.float32).mean(axis=1)
-    cut = np.percentile(lum, 90)
-    bright = flat[lum >= cut]
-    return np.median(bright, axis=0).astype(np.uint8)
+    planes = cv2.split(np.ascontiguousarray(rgb))
+    total = cv2.add(cv2.add(planes[0], planes[1], dtype=cv2.CV_16U), planes[2], dtype=cv2.CV_16U).reshape(-1)
+    n = total.size
+    cum = np.cumsum(np.bincount(total, minlength=766))
+    pos = 0.9 * (n - 1)
+    lo = int(math.floor(pos))
+    s_lo = int(np.searchsorted(cum, lo + 1, side="left"))  # order statistic ``lo`` (0-based)
+    s_hi = int(np.searchsorted(cum, min(lo + 2, n), side="left"))
+    cut = s_lo if (pos == lo or s_lo == s_hi) else s_hi  # interpolated cut lies above s_lo: only s_hi and up pass
+    bright = cv2.compare(total.reshape(planes[0].shape), cut, cv2.CMP_GE)
+    out = np.empty(3, np.uint8)
+    for c, plane in enumerate(planes):
+        hist = cv2.calcHist([plane], [0], bright, [256], [0, 256]).reshape(-1).astype(np.int64)
+        ccum = np.cumsum(hist)
+        m = int(ccum[-1])
+        a = int(np.searchsorted(ccum, (m - 1) // 2 + 1, side="left"))
+        b = int(np.searchsorted(ccum, m // 2 + 1, side="left"))
+        out[c] = (a + b) // 2
+    return out
 
 
 def _disk(radius_px: float) -> np.ndarray:

@@ -404,7 +404,7 @@ def test_stain_accumulator_matches_a_plain_numpy_reference():
         assert np.allclose(got["mean_rgb"], px.mean(axis=0), rtol=1e-12)
 
 
-def test_prefetching_the_next_slide_changes_nothing(tmp_path, slides, bundle_dir, cache_dir, no_record, monkeypatch):
+def test_overlapping_the_slide_stages_changes_nothing(tmp_path, slides, bundle_dir, cache_dir, no_record, monkeypatch):
     from pipeline.batch.process import process_slides
     from pipeline.batch.runner import BatchOptions, build_context, check_inputs
 
@@ -415,20 +415,21 @@ def test_prefetching_the_next_slide_changes_nothing(tmp_path, slides, bundle_dir
         shutil.copy(f, src / f.name)
     (src / "broken.tiff").write_bytes(b"not a tiff")
     results = {}
-    for prefetch in (True, False):
-        opts = BatchOptions(slides_dir=src, out_dir=tmp_path / f"out{prefetch}", model=bundle_dir, backend="onnx-fp32",
+    for overlap in (True, False):
+        opts = BatchOptions(slides_dir=src, out_dir=tmp_path / f"out{overlap}", model=bundle_dir, backend="onnx-fp32",
                             quiet=True)
         jobs = check_inputs(opts)
         ctx = build_context(opts, jobs)
-        got = {j.slide_id: r for j, r in zip(jobs, process_slides(jobs, ctx, prefetch=prefetch))}
+        got = {j.slide_id: r for j, r in zip(jobs, process_slides(jobs, ctx, overlap=overlap))}
         assert set(got) == {j.slide_id for j in jobs} and len(got) == 3
-        results[prefetch] = {k: {f: v for f, v in r.items() if f not in ("timings", "created_at")} for k, r in got.items()}
-        if prefetch:
+        results[overlap] = {k: {f: v for f, v in r.items() if f not in ("timings", "created_at")} for k, r in got.items()}
+        if overlap:
             assert any("tissue_tiling.wait" in r["timings"] for r in got.values())
     assert results[True] == results[False]
     assert results[True]["broken"]["status"] == "failed" and "broken" in results[True]["broken"]["error"]
     for sid, r in results[True].items():
         if sid != "broken":
             assert r["status"] in ("ok", "non_diagnostic") and r["n_tiles"] > 0
-            a = (tmp_path / "outTrue" / sid / "tiles.geojson").read_bytes()
-            assert a == (tmp_path / "outFalse" / sid / "tiles.geojson").read_bytes()
+            for name in ("tiles.geojson", "heatmap_pallor.png", "heatmap_attention.png"):
+                a = (tmp_path / "outTrue" / sid / name).read_bytes()
+                assert a == (tmp_path / "outFalse" / sid / name).read_bytes(), name

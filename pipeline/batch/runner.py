@@ -50,6 +50,7 @@ class BatchOptions:
     workers: int | None = None  # slides processed in parallel: local engine 1; ray: actors (None = sized to the cluster)
     reader_threads: int = 2  # tile reader threads per slide (both engines)
     batch_size: int = 64
+    heatmap_mpp: float = 4.0  # µm/px of the heatmap images and the report thumbnail
     force: bool = False
     device: str = "auto"
     precision: str = "auto"
@@ -96,6 +97,8 @@ def check_options(opts: BatchOptions) -> None:
         raise ConfigError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
     if opts.reader_threads < 1:
         raise ConfigError(f"--reader-threads must be at least 1 (got {opts.reader_threads})")
+    if not opts.heatmap_mpp > 0:
+        raise ConfigError(f"--heatmap-mpp must be a positive µm/px (got {opts.heatmap_mpp})")
     if opts.workers is not None and opts.workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {opts.workers})")
     if opts.engine == "local":
@@ -158,7 +161,7 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     runner, backend = make_runner(bundle, device, opts.precision, opts.backend)
     return InferenceContext(bundle=bundle, predictor=predictor, runner=runner, ruleset=ruleset, clinical=clinical,
                             out_dir=opts.out_dir, cache_dir=opts.out_dir / ".cache", batch_size=opts.batch_size,
-                            reader_threads=max(1, opts.reader_threads), backend=backend)
+                            reader_threads=max(1, opts.reader_threads), backend=backend, heatmap_mpp=opts.heatmap_mpp)
 
 
 def run_batch(opts: BatchOptions) -> dict[str, Any]:

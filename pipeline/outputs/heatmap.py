@@ -58,9 +58,17 @@ def values_to_rgb(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> n
     if not (math.isfinite(vmin) and math.isfinite(vmax) and vmax > vmin):
         raise ValueError(f"colour scale needs finite vmin < vmax, got {vmin!r}, {vmax!r}")
     v = np.asarray(values, dtype=np.float32)
-    norm = np.clip((np.nan_to_num(v, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0)
-    idx = np.rint(norm * 255.0).astype(np.uint8)
-    return _LUT[idx]
+    if v.ndim != 2:
+        norm = np.clip((np.nan_to_num(v, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0)
+        return _LUT[np.rint(norm * 255.0).astype(np.uint8)]
+    # images: the same float32 operations in one buffer, and OpenCV's 3-channel table lookup (~2.5x faster)
+    norm = np.nan_to_num(v, nan=vmin)
+    norm -= vmin
+    norm /= vmax - vmin
+    np.clip(norm, 0.0, 1.0, out=norm)
+    norm *= 255.0
+    idx = np.rint(norm, out=norm).astype(np.uint8)
+    return cv2.LUT(cv2.merge([idx, idx, idx]), _LUT.reshape(256, 1, 3))
 
 
 def normalise_attention(att: np.ndarray) -> np.ndarray:
@@ -265,15 +273,43 @@ def overlay_values(
         show &= mask
     body = rgb.copy()
     if show.any():
-        colours = values_to_rgb(mean[show], vmin, vmax).astype(np.float32)
-        base = rgb[show].astype(np.float32)
-        # base * (1 - alpha) + colours * alpha, rounded and clipped, in place (same float32 operations)
-        base *= np.float32(1.0 - alpha)
-        colours *= np.float32(alpha)
-        base += colours
+        # (1 - alpha) * thumbnail + alpha * colour, rounded and saturated (OpenCV), kept where shown
+        colours = values_to_rgb(mean, vmin, vmax)
+        blended = cv2.addWeighted(rgb, 1.0 - alpha, colours, alpha, 0.0)
         del colours
-        body[show] = np.clip(np.rint(base, out=base), 0, 255, out=base).astype(np.uint8)
+        np.copyto(body, blended, where=show[:, :, None])
     return body
+
+
+def heatmap_base(
+    thumbnail: np.ndarray,
+    thumb_mpp: float,
+    tissue_mask: np.ndarray | None,
+    target_mpp: float,
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """The thumbnail (and tissue mask) at about ``target_mpp`` µm/px, the base every heatmap is drawn on.
+
+    Never finer than the thumbnail: with ``target_mpp <= thumb_mpp`` the inputs come back
+    unchanged. Otherwise the image is reduced with area averaging and the mask with nearest
+    neighbour to ``round(W * thumb_mpp / target_mpp)`` x ``round(H * ...)`` pixels.
+
+    Returns:
+        (RGB uint8 (h, w, 3), its µm/px along x (``thumb_mpp * W / w``; y differs by under half
+        a pixel over the image), bool mask (h, w) or None).
+    """
+    rgb = _as_rgb(thumbnail)
+    if not (thumb_mpp > 0 and target_mpp > 0):
+        raise ValueError(f"thumb_mpp and target_mpp must be positive µm/px, got {thumb_mpp!r}, {target_mpp!r}")
+    h, w = rgb.shape[:2]
+    f = thumb_mpp / target_mpp
+    tw, th = max(1, int(round(w * f))), max(1, int(round(h * f)))
+    if f >= 1.0 or (tw, th) == (w, h):
+        return rgb, float(thumb_mpp), None if tissue_mask is None else np.asarray(tissue_mask).astype(bool)
+    small = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
+    mask = None
+    if tissue_mask is not None:
+        mask = cv2.resize(np.asarray(tissue_mask).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return small, float(thumb_mpp) * w / tw, mask
 
 
 def render_heatmap(

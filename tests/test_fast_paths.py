@@ -1,0 +1,167 @@
+"""The throughput fast paths give the answers of their reference definitions.
+
+Reading straight from OpenSlide's buffer, table-lookup optical density, histogram background
+estimate, sampled stain statistics and the coarser heatmap base are speed changes (issue #8):
+each is checked here against the plain definition it replaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import skin_like_image, write_pyramid_tiff
+
+
+# ------------------------------------------------------------------------------------ reading
+def _public_read(reader, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    from pipeline.slide import _rgba_over_white
+
+    return _rgba_over_white(np.asarray(reader._h.read_region((x, y), level, (w, h)), dtype=np.uint8))
+
+
+def _check_reads_equal(path: Path) -> None:
+    from pipeline.slide import OpenSlideReader
+
+    reader = OpenSlideReader(path, str(path))
+    try:
+        w0, h0 = reader.level_dimensions[0]
+        regions = [(0, 0, min(w0, 700), min(h0, 500), 0), (-64, -32, 300, 200, 0),  # partly outside: transparent
+                   (w0 - 150, h0 - 100, 300, 250, 0), (0, 0, 200, 200, len(reader.level_dimensions) - 1)]
+        for x, y, w, h, lvl in regions:
+            fast = reader.read(x, y, lvl, w, h)
+            assert reader._read_raw(x, y, lvl, w, h) is not None  # the fast path is the one in use
+            assert fast.shape == (h, w, 3) and fast.dtype == np.uint8
+            assert np.array_equal(fast, _public_read(reader, x, y, lvl, w, h)), (path.name, x, y, lvl)
+        assert (reader.read(-64, -32, 0, 32, 16) == 255).all()  # outside the image: white
+    finally:
+        reader.close()
+
+
+def test_direct_openslide_read_equals_the_public_api_on_a_tiled_tiff(tmp_path):
+    path = write_pyramid_tiff(tmp_path / "s.tiff", skin_like_image(900, 700, seed=3), mpp=0.5)
+    _check_reads_equal(path)
+
+
+def test_direct_openslide_read_equals_the_public_api_on_real_slides(shared_slides):
+    for name in ("CMU-1-Small-Region.svs", "hamamatsu_test3-DAPI-2-387.ndpi"):
+        _check_reads_equal(shared_slides / name)
+
+
+def test_premultiplied_alpha_is_composited_over_white():
+    from pipeline.slide import _premultiplied_bgra_over_white, _rgba_over_white
+
+    rng = np.random.default_rng(0)
+    straight = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)  # straight RGBA
+    a = straight[..., 3:4].astype(np.float64)
+    premul = np.rint(straight[..., :3] * a / 255.0).astype(np.uint8)
+    bgra = np.concatenate([premul[..., ::-1], straight[..., 3:4]], axis=2)  # OpenSlide's memory order
+    got = _premultiplied_bgra_over_white(np.ascontiguousarray(bgra))
+    want = _rgba_over_white(straight)
+    assert got.dtype == np.uint8 and got.shape == (40, 50, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    opaque = bgra.copy()
+    opaque[..., 3] = 255
+    assert np.array_equal(_premultiplied_bgra_over_white(opaque), opaque[..., 2::-1])
+    clear = np.zeros((3, 4, 4), np.uint8)
+    assert (_premultiplied_bgra_over_white(clear) == 255).all()
+
+
+def test_a_corrupt_tile_still_fails_the_read_with_a_one_line_error(shared_slides):
+    from pipeline.errors import SlideError
+    from pipeline.slide import OpenSlideReader
+
+    reader = OpenSlideReader(shared_slides / "synthetic_openslide_fixtures" / "unreadable.svs", "unreadable.svs")
+    with pytest.raises(SlideError, match="unreadable.svs: corrupt image data") as exc:
+        reader.read(0, 0, 0, 16, 16)
+    assert "\n" not in str(exc.value)
+    reader.close()
+
+
+# ------------------------------------------------------------------------------------ tissue
+def test_od_planes_are_the_optical_density_values():
+    from pipeline.tissue import _od_planes, optical_density
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (63, 81, 3), dtype=np.uint8)
+    bg = np.array([243, 239, 250], np.uint8)
+    r, g, b, total = _od_planes(img, bg)
+    od = optical_density(img, bg)
+    assert np.array_equal(r, od[..., 0]) and np.array_equal(g, od[..., 1]) and np.array_equal(b, od[..., 2])
+    assert np.array_equal(total, od.sum(axis=2, dtype=np.float32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_background_estimate_is_the_median_of_the_brightest_tenth(seed):
+    from pipeline.tissue import estimate_background
+
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(5, 120, size=2)
+    img = rng.integers(150, 256, (h, w, 3), dtype=np.uint8)
+    if seed % 2:  # few distinct levels: ties at the cut and even-sized medians
+        img = (img // 32 * 32 + 20).astype(np.uint8)
+    flat = img.reshape(-1, 3)
+    lum = flat.astype(np.float32).mean(axis=1)
+    want = np.median(flat[lum >= np.percentile(lum, 90)], axis=0).astype(np.uint8)
+    assert np.array_equal(estimate_background(img), want)
+
+
+# ------------------------------------------------------------------------------------ stain statistics
+def test_stain_statistics_on_a_pixel_sample():
+    from pipeline.quality import InvalidInputError, StainAccumulator
+
+    tiles = np.stack([skin_like_image(224, 224, seed=s) for s in range(6)])
+    full = StainAccumulator().update(tiles).result()
+    sampled = StainAccumulator(pixel_stride=4).update(tiles).result()
+    explicit = StainAccumulator().update(np.ascontiguousarray(tiles[:, ::4, ::4])).result()
+    assert sampled["n_tiles"] == 6 and sampled["pixel_stride"] == 4 and sampled["n_pixels"] == 6 * 56 * 56
+    assert {k: v for k, v in sampled.items() if k not in ("n_tiles", "pixel_stride")} == \
+        {k: v for k, v in explicit.items() if k not in ("n_tiles", "pixel_stride")}
+    for k in ("stained_fraction", "he_like_fraction", "dark_pixel_fraction", "saturated_fraction"):
+        assert abs(sampled[k] - full[k]) < 0.01, k
+    with pytest.raises(InvalidInputError, match="pixel_stride"):
+        StainAccumulator(pixel_stride=0)
+    with pytest.raises(InvalidInputError, match="cannot merge"):
+        StainAccumulator().merge(StainAccumulator(pixel_stride=4))
+
+
+# ------------------------------------------------------------------------------------ heatmaps
+def test_heatmap_base_is_coarser_never_finer():
+    from pipeline.outputs.heatmap import heatmap_base
+
+    thumb = skin_like_image(600, 400, seed=2)
+    mask = np.zeros((400, 600), bool)
+    mask[100:300, 150:450] = True
+    img, mpp, m = heatmap_base(thumb, 2.0, mask, 4.0)
+    assert img.shape == (200, 300, 3) and mpp == pytest.approx(4.0) and m.shape == (200, 300)
+    assert m[50:150, 75:225].all() and not m[:40].any()
+    same, mpp2, m2 = heatmap_base(thumb, 2.0, mask, 1.0)  # finer than the thumbnail: unchanged
+    assert same.shape == thumb.shape and mpp2 == 2.0 and np.array_equal(m2, mask)
+    with pytest.raises(ValueError, match="positive"):
+        heatmap_base(thumb, 2.0, mask, 0.0)
+
+
+def test_heatmap_mpp_option_is_checked(tmp_path):
+    from pipeline.batch.runner import BatchOptions, check_options
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--heatmap-mpp must be a positive") as exc:
+        check_options(BatchOptions(slides_dir=tmp_path, out_dir=tmp_path / "o", model=tmp_path, heatmap_mpp=0.0))
+    assert "\n" not in str(exc.value)
+
+
+def test_colour_lookup_of_images_matches_the_plain_definition():
+    from pipeline.outputs.heatmap import _LUT, values_to_rgb
+
+    rng = np.random.default_rng(4)
+    for shape in [(), (9,), (1, 1), (120, 170), (3, 4, 5)]:
+        v = rng.normal(0.5, 0.6, shape).astype(np.float32)
+        if v.ndim:
+            v.flat[::7] = np.nan
+        for vmin, vmax in [(0.0, 1.0), (-1.0, 2.5)]:
+            norm = np.clip((np.nan_to_num(v, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0)
+            want = _LUT[np.rint(norm * 255.0).astype(np.uint8)]
+            got = values_to_rgb(v, vmin, vmax)
+            assert got.shape == want.shape and np.array_equal(got, want), (shape, vmin)
