@@ -12,7 +12,10 @@ chosen backend (``auto`` resolves as ``infer.py`` does):
   fresh output folder each run (no feature-cache reuse); model loading is set-up, not counted;
 * model-only tiles/s: the same runner on random uint8 batches of the same batch size;
 * their ratio, and a stage breakdown as shares of the slides' time (``outputs`` = heatmaps,
-  GeoJSON, gallery, report, FHIR);
+  GeoJSON, gallery, report, FHIR); the slides' stages overlap as in ``infer.py`` (next slide
+  prepared and previous slide's outputs written while one is in the model), so
+  ``outputs_share`` is the outputs' CPU time over the whole run's CPU time (what they take from
+  the slides), and ``outputs_wall_share`` their wall time over the slides' stage time;
 * the same end-to-end run with plain torch-fp32 eager → ``speedup_vs_fp32_eager``;
 * peak RSS of processing one slide and one 4x larger in area, each in a fresh subprocess
   (the child's ``VmHWM``, i.e. its own ``ru_maxrss``; also the peak while the slide itself was
@@ -174,7 +177,7 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     run_ctx = dataclasses.replace(ctx, out_dir=out, cache_dir=out / ".cache", runner=timed)
     run_opts = dataclasses.replace(opts, out_dir=out)
     stages = dict.fromkeys(STAGES, 0.0)
-    slide_total, tiles, failed, reader_busy = 0.0, 0, [], 0.0
+    slide_total, tiles, failed, reader_busy, outputs_cpu = 0.0, 0, [], 0.0, 0.0
     started = datetime.now(timezone.utc)
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
@@ -193,6 +196,7 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
         stages["features_other"] += tm.get("patch_model", 0.0) - tm.get("patch_model.model", 0.0) - tm.get("patch_model.tile_wait", 0.0)
         stages["quality_aggregation_rules"] += tm.get("quality", 0.0) + tm.get("aggregation", 0.0) + tm.get("rules", 0.0)
         stages["outputs"] += tm.get("outputs", 0.0)
+        outputs_cpu += tm.get("outputs.cpu", 0.0)
         reader_busy += tm.get("patch_model.reader_busy", 0.0)
     t_slides = time.perf_counter() - t0
     write_summary(run_opts, run_ctx, results, started, t_slides, processed=len(jobs), skipped=0, n_tiles=tiles)
@@ -203,7 +207,8 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     return {"wall_s": wall, "tiles": tiles, "slides": len(jobs), "tiles_per_s": tiles / wall,
             "slides_per_hour": len(jobs) / wall * 3600, "slide_seconds": slide_total, "stages_s": stages,
             "summary_s": wall - t_slides, "reader_busy_s": reader_busy,
-            "cpu_ms_per_tile": 1000 * cpu / max(tiles, 1), "model_s": timed.seconds}
+            "cpu_ms_per_tile": 1000 * cpu / max(tiles, 1), "model_s": timed.seconds,
+            "outputs_cpu_share": outputs_cpu / cpu if cpu > 0 else None}
 
 
 def _cpu_seconds() -> float:
@@ -365,7 +370,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "model_only": round(statistics.median(model_cpu), 3)},
         "stage_seconds": {k: round(v, 4) for k, v in stage_s.items()},
         "stage_share_of_slide_time": shares,
-        "outputs_share": shares.get("outputs"),
+        # what the outputs cost: their thread's CPU time over the process's CPU time (the stage runs
+        # overlapped with the next slide's model at low priority, so its wall time says little)
+        "outputs_share": round(statistics.median(r["outputs_cpu_share"] for r in main_runs), 4),
+        "outputs_wall_share": shares.get("outputs"),
         "peak_rss_mb_small": small,
         "peak_rss_mb_large": large,
         "rss_large_over_small": round(large / small, 4) if small and large else None,
@@ -406,6 +414,7 @@ def _print_table(r: dict[str, Any]) -> None:
     if r["fp32_eager_e2e_tiles_per_s"] is not None:
         print(f"fp32 eager e2e  {r['fp32_eager_e2e_tiles_per_s']:8.1f} tiles/s  speedup {r['speedup_vs_fp32_eager']}x")
     print("stages (share of slide time): " + ", ".join(f"{k} {v:.1%}" for k, v in r["stage_share_of_slide_time"].items()))
+    print(f"outputs: {r['outputs_share']:.1%} of the run's CPU time ({r['outputs_wall_share']:.1%} of the slides' stage wall time, overlapped)")
     print("rss detail: " + json.dumps(r["rss"]))
     print(f"peak RSS: one slide {r['peak_rss_mb_small']} MB, 4x area {r['peak_rss_mb_large']} MB "
           f"(ratio {r['rss_large_over_small']}); while processing the slide: {r['processing_peak_rss_mb_small']} "
