@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.batch.discovery import SlideJob, discover, read_slide_table
-from pipeline.batch.process import InferenceContext, process_slides, versions
+from pipeline.batch.process import HEATMAP_MPP, InferenceContext, process_slides, versions
 from pipeline.batch.state import OutputLock, is_done, read_result
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
@@ -50,7 +50,7 @@ class BatchOptions:
     workers: int | None = None  # slides processed in parallel: local engine 1; ray: actors (None = sized to the cluster)
     reader_threads: int = 2  # tile reader threads per slide (both engines)
     batch_size: int = 64
-    heatmap_mpp: float = 4.0  # µm/px of the heatmap images and the report thumbnail
+    heatmap_mpp: float = HEATMAP_MPP  # µm/px of the heatmap images and the report thumbnail
     force: bool = False
     device: str = "auto"
     precision: str = "auto"
