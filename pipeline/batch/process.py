@@ -274,13 +274,19 @@ def model_stage(job: SlideJob, ctx: InferenceContext, prepared: PreparedSlide | 
         else:
             waited = None
         outputs = _run(job, ctx, result, slide_dir, timings, prepared if prepared is not None else prepare_slide(job, ctx), waited)
-    except PipelineError as exc:
-        result.update(status="failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-        log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-        result.update(status="failed", error=f"{job.path}: unexpected error ({msg})")
+        _mark_failed(result, job, exc)
     return ModelledSlide(job, result, slide_dir, time.perf_counter() - t_start, outputs if result["status"] != "failed" else None)
+
+
+def _mark_failed(result: dict[str, Any], job: SlideJob, exc: Exception) -> None:
+    """The slide failed: a pipeline error's own one-line message, or a one-line 'unexpected error' naming the file."""
+    if isinstance(exc, PipelineError):
+        result.update(status="failed", error=str(exc))
+        return
+    log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
+    msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+    result.update(status="failed", error=f"{job.path}: unexpected error ({msg})")
 
 
 def output_stage(m: ModelledSlide, ctx: InferenceContext) -> dict[str, Any]:
@@ -293,12 +299,8 @@ def output_stage(m: ModelledSlide, ctx: InferenceContext) -> dict[str, Any]:
             _write_outputs(job, ctx, result, slide_dir, result["timings"], m.outputs)
             # CPU of this thread: when the stage overlaps the next slide's model, its wall time says little
             result["timings"]["outputs.cpu"] = round(time.thread_time() - cpu0, 4)
-        except PipelineError as exc:
-            result.update(status="failed", error=str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-            log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-            result.update(status="failed", error=f"{job.path}: unexpected error ({msg})")
+            _mark_failed(result, job, exc)
     m.outputs = None  # the thumbnail and features can go
     if result["status"] == "failed":
         _finish_failed(result, job, ctx, slide_dir)
