@@ -249,9 +249,9 @@ def _premultiplied_bgra_over_white(bgra: np.ndarray) -> np.ndarray:
     Premultiplied colour over white is ``c + (255 - alpha)``: transparent areas (outside the
     scanned regions) become white, opaque pixels keep their colour.
     """
-    if int(bgra.view(np.uint32).min()) >= 0xFF000000:  # every alpha is 255 (alpha is the top byte)
-        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
     rgb = cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
+    if int(bgra.view(np.uint32).min()) >= 0xFF000000:  # every alpha is 255 (alpha is the top byte)
+        return rgb
     fill = cv2.cvtColor(np.ascontiguousarray(255 - bgra[..., 3]), cv2.COLOR_GRAY2RGB)
     return cv2.add(rgb, fill)  # saturating uint8 add
 
