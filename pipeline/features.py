@@ -256,14 +256,48 @@ class PatchRunner:
         return torch.sigmoid(logits.float()).cpu().numpy(), emb.float().cpu().numpy()
 
 
+class TopTiles:
+    """Pixels of the best-scoring tiles per class, kept as the tiles stream past (no second read).
+
+    For each named column of the model's output, the ``2 * k`` highest-scoring tiles seen so far
+    are kept (copies, uint8); with ties at the cut a later caller may still need one that was not
+    kept (:func:`read_tiles_at` reads those). Memory: ``len(columns) * 2k`` tiles.
+    """
+
+    def __init__(self, columns: dict[str, int], k: int) -> None:
+        self.columns, self.keep = dict(columns), max(1, 2 * int(k))
+        self._best: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (scores, indices)
+        self._pixels: dict[int, np.ndarray] = {}
+
+    def update(self, idx: np.ndarray, tiles: np.ndarray, probs: np.ndarray) -> None:
+        """Offer a batch: ``idx`` (B,) tile indices, ``tiles`` (B, H, W, 3) uint8, ``probs`` (B, C)."""
+        for name, col in self.columns.items():
+            scores, kept = self._best.get(name, (np.zeros(0, np.float32), np.zeros(0, np.int64)))
+            scores = np.concatenate([scores, probs[:, col].astype(np.float32)])
+            kept = np.concatenate([kept, np.asarray(idx, np.int64)])
+            order = np.argsort(-scores, kind="stable")[:self.keep]
+            self._best[name] = (scores[order], kept[order])
+        wanted = {int(i) for _, kept in self._best.values() for i in kept}
+        for j, i in enumerate(np.asarray(idx).tolist()):
+            if i in wanted:
+                self._pixels[i] = tiles[j].copy()
+        self._pixels = {i: t for i, t in self._pixels.items() if i in wanted}
+
+    def pixels(self) -> dict[int, np.ndarray]:
+        """{tile index: uint8 (H, W, 3)} of every tile kept."""
+        return dict(self._pixels)
+
+
 def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int, tile_size_l0: float,
                      runner: PatchRunner, classes: list[str], batch_size: int = 64, reader_threads: int = 2,
-                     progress=None, background_rgb: tuple[int, int, int] = (255, 255, 255)) -> SlideFeatures:
+                     progress=None, background_rgb: tuple[int, int, int] = (255, 255, 255),
+                     keep_top: TopTiles | None = None) -> SlideFeatures:
     """Stream all tiles of a slide through ``runner``. ``progress(n_done)`` is called per batch.
 
     ``meta`` of the result holds wall seconds: ``seconds`` (all), ``model_seconds`` (in
     ``runner``), ``wait_seconds`` (waiting for the reader threads) and ``read_seconds`` (busy
     time of the reader threads, summed over threads: mostly hidden behind the model).
+    ``keep_top``, if given, is offered every batch (e.g. the report gallery's candidates).
     """
     n = len(coords)
     emb_dim = None
@@ -284,6 +318,8 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
         idx, tiles, stats = item
         p, e = runner(tiles)
         t_model += time.perf_counter() - t2
+        if keep_top is not None:
+            keep_top.update(idx, tiles, p)
         probs_l.append(p)
         emb_l.append(e)
         stats_l.append(stats)

@@ -30,6 +30,7 @@ import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -140,6 +141,9 @@ class OpenSlideReader(SlideReader):
         self.path = path
         self.display = display
         self._handle = self._open()
+        self._tiff = None  # direct JPEG tile reads (pipeline.tiff_tiles), made on the first read
+        self._direct: dict[int, Any] | None = None
+        self._direct_ok: dict[int, bool] = {}
 
     @property
     def _h(self):
@@ -204,7 +208,14 @@ class OpenSlideReader(SlideReader):
         return x, y, w, h
 
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        from pipeline.tiff_tiles import TileDecodeError
+
         try:
+            direct = self._direct_source(int(level))
+            if direct is not None:
+                ds = int(round(self.level_downsamples[level]))
+                if x0 % ds == 0 and y0 % ds == 0:
+                    return direct.read(int(x0) // ds, int(y0) // ds, int(width), int(height))
             raw = self._read_raw(int(x0), int(y0), int(level), int(width), int(height))
             if raw is not None:
                 return _premultiplied_bgra_over_white(raw)
@@ -217,8 +228,49 @@ class OpenSlideReader(SlideReader):
                 pass
             self._handle = None
             raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
+        except TileDecodeError as exc:
+            raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
         rgba = np.asarray(region, dtype=np.uint8)
         return _rgba_over_white(rgba)
+
+    def _direct_source(self, level: int):
+        """The level's :class:`pipeline.tiff_tiles.TiffLevelSource` if it may be used on this slide, else None.
+
+        Made on the first read; a level qualifies when it is a JPEG-tiled TIFF page
+        (generic TIFF, Aperio SVS), its downsample is an integer, and two regions read from it
+        (one in the middle, one across the bottom-right edge) are pixel-identical to OpenSlide's.
+        """
+        from pipeline.tiff_tiles import TileDecodeError, level_sources
+
+        if self._direct is None:
+            vendor = self._h.properties.get("openslide.vendor")
+            self._tiff, self._direct = level_sources(self.path, vendor, self.level_dimensions)
+        source = self._direct.get(level)
+        if source is None:
+            return None
+        ok = self._direct_ok.get(level)
+        if ok is None:
+            ds = self.level_downsamples[level]
+            ok = abs(ds - round(ds)) < 1e-9
+            w, h = source.width, source.height
+            for lx, ly, rw, rh in ((max(0, w // 2 - 128), max(0, h // 2 - 128), 256, 256), (max(0, w - 96), max(0, h - 64), 160, 112)):
+                if not ok:
+                    break
+                ids = int(round(ds))
+                try:
+                    mine = source.read(lx, ly, rw, rh)
+                except TileDecodeError:
+                    ok = False
+                    break
+                raw = self._read_raw(lx * ids, ly * ids, level, rw, rh)
+                theirs = (_premultiplied_bgra_over_white(raw) if raw is not None else
+                          _rgba_over_white(np.asarray(self._h.read_region((lx * ids, ly * ids), level, (rw, rh)), dtype=np.uint8)))
+                ok = bool(np.array_equal(mine, theirs))
+            if not ok:
+                log.info("%s: level %d read through OpenSlide (direct JPEG tile decoding not identical or not possible)",
+                         self.display, level)
+            self._direct_ok[level] = ok
+        return source if ok else None
 
     def _read_raw(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray | None:
         """OpenSlide's own output for the region: premultiplied ARGB words, (height, width, 4) uint8 in memory order.
@@ -241,6 +293,10 @@ class OpenSlideReader(SlideReader):
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
+        self._direct, self._direct_ok = None, {}
 
 
 def _premultiplied_bgra_over_white(bgra: np.ndarray) -> np.ndarray:

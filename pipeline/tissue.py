@@ -179,11 +179,10 @@ def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     holes = ~mask
     n, labels, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
     h, w = mask.shape
-    small = np.zeros(n, bool)
-    for i in range(1, n):
-        x, y, bw, bh, area = stats[i]
-        touches_border = x == 0 or y == 0 or x + bw == w or y + bh == h
-        small[i] = area <= max_px and not touches_border
+    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    touches_border = (x == 0) | (y == 0) | (x + stats[:, cv2.CC_STAT_WIDTH] == w) | (y + stats[:, cv2.CC_STAT_HEIGHT] == h)
+    small = (stats[:, cv2.CC_STAT_AREA] <= max_px) & ~touches_border
+    small[0] = False  # label 0 is the tissue itself
     return mask | small[labels]
 
 

@@ -165,3 +165,64 @@ def test_colour_lookup_of_images_matches_the_plain_definition():
             want = _LUT[np.rint(norm * 255.0).astype(np.uint8)]
             got = values_to_rgb(v, vmin, vmax)
             assert got.shape == want.shape and np.array_equal(got, want), (shape, vmin)
+
+
+def test_top_tiles_keep_the_pixels_of_the_best_tiles_per_class():
+    from pipeline.features import TopTiles
+
+    rng = np.random.default_rng(7)
+    n, k = 300, 6
+    tiles = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    probs = rng.random((n, 3)).astype(np.float32)
+    probs[rng.choice(n, 20, replace=False), 1] = 1.0  # saturated scores: ties
+    keeper = TopTiles({"a": 0, "b": 1, "c": 2}, k)
+    for start in range(0, n, 64):
+        sl = slice(start, min(n, start + 64))
+        keeper.update(np.arange(n)[sl], tiles[sl], probs[sl])
+    kept = keeper.pixels()
+    assert len(kept) <= 3 * 2 * k
+    for col in (0, 2):
+        for i in np.argsort(-probs[:, col])[:k]:
+            assert np.array_equal(kept[int(i)], tiles[i])
+    ties = [i for i in np.argsort(-probs[:, 1])[:k] if int(i) in kept]
+    assert len(ties) >= 1 and all(probs[i, 1] == 1.0 for i in ties)  # the rest is read again by the caller
+
+
+def test_direct_tile_decoding_is_used_only_where_it_matches_openslide(tmp_path, shared_slides):
+    from pipeline.slide import OpenSlideReader
+
+    path = write_pyramid_tiff(tmp_path / "s.tiff", skin_like_image(900, 700, seed=5), mpp=0.5)
+    reader = OpenSlideReader(path, path.name)
+    reader.read(0, 0, 0, 8, 8)
+    reader.read(0, 0, 1, 8, 8)  # level 1: 450x350, downsample exactly 2
+    reader.read(0, 0, 2, 8, 8)  # level 2: 225x175, downsample 4 (900/225) and 4 (700/175)
+    assert reader._direct_ok == {0: True, 1: True, 2: True}
+    # an origin off the level's pixel grid goes through OpenSlide, with the same pixels as its public API
+    assert np.array_equal(reader.read(3, 5, 1, 64, 48), _public_read(reader, 3, 5, 1, 64, 48))
+    reader.close()
+    ndpi = OpenSlideReader(shared_slides / "hamamatsu_test3-DAPI-2-387.ndpi", "ndpi")
+    ndpi.read(0, 0, 0, 8, 8)
+    assert ndpi._direct == {} and ndpi._direct_ok == {}  # not a plain tiled TIFF level: OpenSlide only
+    ndpi.close()
+
+
+def test_a_corrupt_tile_in_a_direct_read_is_a_one_line_slide_error(tmp_path):
+    import tifffile
+
+    from pipeline.errors import SlideError
+    from pipeline.slide import OpenSlideReader
+
+    path = write_pyramid_tiff(tmp_path / "c.tiff", skin_like_image(1024, 768, seed=6), mpp=0.5, levels=1)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])  # top-left tile
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = b"\x00" * count  # no JPEG markers left
+    path.write_bytes(bytes(data))
+    reader = OpenSlideReader(path, "c.tiff")
+    reader.read(512, 384, 0, 16, 16)  # middle of the slide: the verification regions are intact
+    assert reader._direct_ok == {0: True}
+    with pytest.raises(SlideError, match=r"c.tiff: corrupt image data at \(0, 0\) level 0") as exc:
+        reader.read(0, 0, 0, 64, 64)
+    assert "\n" not in str(exc.value)
+    reader.close()

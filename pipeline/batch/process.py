@@ -27,7 +27,8 @@ from models.patch import PATTERN_CLASSES
 from pipeline.aggregation import SlidePredictor
 from pipeline.batch.discovery import SlideJob
 from pipeline.errors import PipelineError
-from pipeline.features import PatchRunner, cache_path, extract_features, load_features, read_tiles_at, runs_on_cpu, save_features
+from pipeline.features import (PatchRunner, TopTiles, cache_path, extract_features, load_features, read_tiles_at, runs_on_cpu,
+                               save_features)
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.quality import QualityConfig, QualityInputs, assess_quality
 from pipeline.runtime import release_free_memory
@@ -247,6 +248,7 @@ class OutputInputs:
     bounds_origin: tuple[int, int]
     slide_mpp: float
     contours: list[np.ndarray]
+    tile_pixels: dict[int, np.ndarray] = field(default_factory=dict)  # gallery candidates kept from the model pass
 
 
 def process_slide(job: SlideJob, ctx: InferenceContext, prepared: PreparedSlide | Future | None = None) -> dict[str, Any]:
@@ -378,10 +380,13 @@ def _run(job: SlideJob, ctx: InferenceContext, result: dict[str, Any], slide_dir
     t = time.perf_counter()
     cp = cache_path(ctx.cache_dir, job.slide_id)
     feats = load_features(cp, fingerprint, ctx.bundle.sha256)
+    gallery_tiles = None
     if feats is None or len(feats) != len(grid):
+        classes = list(contract.architecture.classes)
+        gallery_tiles = TopTiles({p: classes.index(p) for p in PATTERN_CLASSES if p in classes}, GALLERY_SIZE)
         feats = extract_features(job.path, job.mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, ctx.runner,
-                                 list(contract.architecture.classes), batch_size=ctx.batch_size, reader_threads=ctx.reader_threads,
-                                 background_rgb=mask.background_rgb)
+                                 classes, batch_size=ctx.batch_size, reader_threads=ctx.reader_threads,
+                                 background_rgb=mask.background_rgb, keep_top=gallery_tiles)
         if len(grid):
             save_features(cp, feats, fingerprint, ctx.bundle.sha256)
         release_free_memory()  # the tile batches that went through the model
@@ -432,7 +437,8 @@ def _run(job: SlideJob, ctx: InferenceContext, result: dict[str, Any], slide_dir
     timings["rules"] = round(time.perf_counter() - t, 4)
 
     return OutputInputs(feats=feats, attention=attention, quality_ok=q.status == "ok", mask=mask, thumb=thumb, grid=grid,
-                        bounds_origin=bounds_origin, slide_mpp=slide_mpp, contours=contours)
+                        bounds_origin=bounds_origin, slide_mpp=slide_mpp, contours=contours,
+                        tile_pixels=gallery_tiles.pixels() if gallery_tiles is not None else {})
 
 
 def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any], slide_dir: Path,
@@ -478,7 +484,10 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
             order = np.argsort(-feats.column(p))[:GALLERY_SIZE]
             with_tiles.append((p, order))
         all_idx = np.unique(np.concatenate([o for _, o in with_tiles]))
-        crops = dict(zip(all_idx.tolist(), read_tiles_at(job.path, job.mpp, feats.coords[all_idx], grid.plan, grid.tile_px)))
+        crops = {i: o.tile_pixels[i] for i in all_idx.tolist() if i in o.tile_pixels}
+        missing = np.array([i for i in all_idx.tolist() if i not in crops], np.int64)  # features from the cache, or ties
+        if len(missing):
+            crops.update(zip(missing.tolist(), read_tiles_at(job.path, job.mpp, feats.coords[missing], grid.plan, grid.tile_px)))
         for p, order in with_tiles:
             gallery[p] = [{"png": encode_jpeg(crops[int(i)]), "score": float(feats.column(p)[i]),
                            "x": int(feats.coords[i][0]), "y": int(feats.coords[i][1])} for i in order]

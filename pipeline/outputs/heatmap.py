@@ -362,14 +362,18 @@ def _to_bgr(img: np.ndarray) -> np.ndarray:
 
 
 def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 RGB image (or (H, W) grey); zlib level 1.
+    """PNG bytes of an (H, W, 3) uint8 RGB image (or (H, W) grey); zlib level 1, "sub" row filter.
 
-    On a 1500x1221 heatmap level 1 took 68 ms for 1291 KB, level 3 89 ms for 1277 KB (level 6
-    is about 3x slower again for 3 % less): heatmaps are written for every slide, so speed wins.
+    Heatmaps are written for every slide, so speed wins: on a 1000x899 heatmap the default
+    adaptive filter took 27 ms for 494 KB, the fixed "sub" filter 16 ms for 505 KB (zlib
+    level 3 is no smaller; level 0 is 5x larger and still pays for the filter).
     """
     img = np.asarray(rgb)
     bgr = _to_bgr(img) if img.ndim == 3 else np.ascontiguousarray(img)
-    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    ok, buf = cv2.imencode(".png", bgr, params)
     if not ok:
         raise ValueError(f"could not encode image of shape {img.shape} as PNG")
     return buf.tobytes()
