@@ -5,7 +5,8 @@ OpenSlide paints every region through its own compositor: on the 2-core CPU that
 For the TIFF-based formats where an OpenSlide level *is* a tiled TIFF page (``generic-tiff``,
 ``aperio``), :class:`TiffLevelSource` reads the page's compressed tiles with tifffile, decodes
 them with imagecodecs (tifffile's own per-page decoder, which handles JPEG tables and the RGB or
-YCbCr colour space) and keeps recently decoded tiles in a small byte-bounded cache.
+YCbCr colour space) and keeps recently decoded tiles in one byte-bounded cache shared by all
+reader threads.
 
 It is only a speed-up, never a second opinion: :class:`pipeline.slide.OpenSlideReader` uses a
 level's source only after a region read both ways came out pixel-identical on that slide, and
@@ -16,6 +17,8 @@ through OpenSlide.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 
 #: OpenSlide vendors whose pyramid levels are plain tiled TIFF pages.
 TIFF_LEVEL_VENDORS = frozenset({"generic-tiff", "aperio"})
-#: Decoded tiles kept per reader, bytes (OpenSlide's own default cache is 32 MiB too).
+#: Decoded tiles kept by the process, bytes (OpenSlide's own default cache is 32 MiB per handle).
 DEFAULT_CACHE_BYTES = 32 << 20
 
 _JPEG = 7
@@ -37,25 +40,40 @@ class TileDecodeError(Exception):
 
 
 class TileCache:
-    """Least-recently-used decoded tiles ``{(page, tile): uint8 array}``, bounded in bytes."""
+    """Least-recently-used decoded tiles, bounded in bytes; safe to share between threads.
+
+    Keys are ``(file identity, page, tile)``, so the reader threads of one slide (each with its
+    own file handle) share their decoded tiles instead of decoding the same ones twice, and the
+    memory it holds is the same whatever the slide's size.
+    """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = int(max_bytes)
         self.bytes = 0
-        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, int]) -> np.ndarray | None:
-        tile = self._items.get(key)
-        if tile is not None:
-            self._items.move_to_end(key)
-        return tile
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            tile = self._items.get(key)
+            if tile is not None:
+                self._items.move_to_end(key)
+            return tile
 
-    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
-        self._items[key] = tile
-        self.bytes += tile.nbytes
-        while self.bytes > self.max_bytes and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.nbytes
+    def put(self, key: tuple, tile: np.ndarray) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+            self._items[key] = tile
+            self.bytes += tile.nbytes
+            while self.bytes > self.max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= dropped.nbytes
+
+
+#: The process's decoded-tile cache (all slides, all reader threads).
+SHARED_CACHE = TileCache()
 
 
 class TiffLevelSource:
@@ -64,16 +82,18 @@ class TiffLevelSource:
     Args:
         tiff: an open ``tifffile.TiffFile`` (owned by the caller; one per thread).
         page_index: index of the level's page in ``tiff.pages``.
-        cache: decoded tiles, shared by the levels of one file.
+        file_key: identity of the file (path, size, modification time) in cache keys.
+        cache: decoded tiles (default: the process's :data:`SHARED_CACHE`).
     """
 
-    def __init__(self, tiff, page_index: int, cache: TileCache) -> None:
+    def __init__(self, tiff, page_index: int, file_key: tuple, cache: TileCache | None = None) -> None:
         page = tiff.pages[page_index]
         self._tiff, self._page, self._index = tiff, page, page_index
+        self._file_key = file_key
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
         self._cols = -(-self.width // self.tile_w)
-        self._cache = cache
+        self._cache = cache if cache is not None else SHARED_CACHE
 
     @staticmethod
     def eligible(page) -> bool:
@@ -85,7 +105,7 @@ class TiffLevelSource:
     def _tile(self, col: int, row: int) -> np.ndarray:
         """Decoded tile (tile_h, tile_w, 3) uint8 at grid (col, row), from the cache when there."""
         index = row * self._cols + col
-        key = (self._index, index)
+        key = (self._file_key, self._index, index)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -124,7 +144,7 @@ class TiffLevelSource:
 
 
 def level_sources(path: Path, vendor: str | None, level_dimensions: list[tuple[int, int]],
-                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[object | None, dict[int, TiffLevelSource]]:
+                  cache: TileCache | None = None) -> tuple[object | None, dict[int, TiffLevelSource]]:
     """(open TiffFile or None, {OpenSlide level: source}) for the levels that are eligible tiled TIFF pages.
 
     A level qualifies when the slide's OpenSlide vendor is one of :data:`TIFF_LEVEL_VENDORS` and
@@ -145,12 +165,13 @@ def level_sources(path: Path, vendor: str | None, level_dimensions: list[tuple[i
         for i, page in enumerate(tiff.pages):
             if TiffLevelSource.eligible(page):
                 by_size.setdefault((int(page.imagewidth), int(page.imagelength)), []).append(i)
-        cache = TileCache(cache_bytes)
+        st = os.stat(path)
+        file_key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
         sources = {}
         for level, dims in enumerate(level_dimensions):
             pages = by_size.get((int(dims[0]), int(dims[1])), [])
             if len(pages) == 1:
-                sources[level] = TiffLevelSource(tiff, pages[0], cache)
+                sources[level] = TiffLevelSource(tiff, pages[0], file_key, cache)
     except Exception as exc:  # noqa: BLE001
         log.debug("%s: no direct TIFF tile reads (%s)", path, exc)
         tiff.close()

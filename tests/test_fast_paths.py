@@ -226,3 +226,13 @@ def test_a_corrupt_tile_in_a_direct_read_is_a_one_line_slide_error(tmp_path):
         reader.read(0, 0, 0, 64, 64)
     assert "\n" not in str(exc.value)
     reader.close()
+
+
+def test_heap_trimming_waits_for_enough_free_memory():
+    from pipeline import runtime
+
+    if runtime._malloc_trim() is None or runtime.heap_free_bytes() is None:
+        pytest.skip("not glibc: malloc_trim/mallinfo2 unavailable")
+    assert runtime.heap_free_bytes() >= 0
+    assert runtime.release_free_memory(min_free_bytes=1 << 62) is False  # never that much free: no trim
+    assert runtime.release_free_memory(min_free_bytes=0) is True
