@@ -159,7 +159,7 @@ def heap_free_bytes() -> int | None:
     return int(fn().fordblks) if fn is not None else None
 
 
-def release_free_memory(min_free_bytes: int = 256 << 20) -> bool:
+def release_free_memory(min_free_bytes: int = 128 << 20) -> bool:
     """Give freed heap memory back to the operating system (glibc ``malloc_trim(0)``; a no-op elsewhere).
 
     Large temporary arrays (tissue detection, heatmaps: tens of bytes per thumbnail pixel) are
@@ -168,7 +168,7 @@ def release_free_memory(min_free_bytes: int = 256 << 20) -> bool:
     Trimming is skipped while less than ``min_free_bytes`` is free (where glibc can say): memory
     given back is paid in page faults when the next slide needs it again, and trimming after
     every stage cost ~0.2 s of system time per 600 tiles (~10 % of the throughput) on the
-    2-core CPU. With 256 MiB a batch of small slides keeps its ~100-150 MiB of working memory
+    2-core CPU. With 128 MiB a batch of small slides mostly keeps its ~100 MiB of working memory
     for the next slide and large slides still give theirs back. Returns whether it trimmed.
     """
     trim = _malloc_trim()
