@@ -210,16 +210,14 @@ class OpenSlideReader(SlideReader):
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         from pipeline.tiff_tiles import TileDecodeError
 
+        x0, y0, level, width, height = int(x0), int(y0), int(level), int(width), int(height)
         try:
-            direct = self._direct_source(int(level))
+            direct = self._direct_source(level)
             if direct is not None:
                 ds = int(round(self.level_downsamples[level]))
                 if x0 % ds == 0 and y0 % ds == 0:
-                    return direct.read(int(x0) // ds, int(y0) // ds, int(width), int(height))
-            raw = self._read_raw(int(x0), int(y0), int(level), int(width), int(height))
-            if raw is not None:
-                return _premultiplied_bgra_over_white(raw)
-            region = self._h.read_region((int(x0), int(y0)), int(level), (int(width), int(height)))
+                    return direct.read(x0 // ds, y0 // ds, width, height)
+            return self._openslide_rgb(x0, y0, level, width, height)
         except self._openslide.OpenSlideError as exc:
             # A handle that hit a decode error stays broken: drop it, reopen on the next read.
             try:
@@ -230,8 +228,14 @@ class OpenSlideReader(SlideReader):
             raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
         except TileDecodeError as exc:
             raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
-        rgba = np.asarray(region, dtype=np.uint8)
-        return _rgba_over_white(rgba)
+
+    def _openslide_rgb(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        """The region as OpenSlide paints it, over white, RGB uint8 (raises ``OpenSlideError``)."""
+        raw = self._read_raw(x0, y0, level, width, height)
+        if raw is not None:
+            return _premultiplied_bgra_over_white(raw)
+        region = self._h.read_region((x0, y0), level, (width, height))
+        return _rgba_over_white(np.asarray(region, dtype=np.uint8))
 
     def _direct_source(self, level: int):
         """The level's :class:`pipeline.tiff_tiles.TiffLevelSource` if it may be used on this slide, else None.
@@ -262,10 +266,7 @@ class OpenSlideReader(SlideReader):
                 except TileDecodeError:
                     ok = False
                     break
-                raw = self._read_raw(lx * ids, ly * ids, level, rw, rh)
-                theirs = (_premultiplied_bgra_over_white(raw) if raw is not None else
-                          _rgba_over_white(np.asarray(self._h.read_region((lx * ids, ly * ids), level, (rw, rh)), dtype=np.uint8)))
-                ok = bool(np.array_equal(mine, theirs))
+                ok = bool(np.array_equal(mine, self._openslide_rgb(lx * ids, ly * ids, level, rw, rh)))
             if not ok:
                 log.info("%s: level %d read through OpenSlide (direct JPEG tile decoding not identical or not possible)",
                          self.display, level)
