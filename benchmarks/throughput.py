@@ -23,7 +23,7 @@ chosen backend (``auto`` resolves as ``infer.py`` does):
 
 Figures are medians over ``--repeats`` runs (runs of the backends interleaved). ``--json``
 prints exactly one JSON line. Targets (2-core CPU): ratio >= 0.85, speedup >= 3, large-slide
-RSS within 10 % of the small one, outputs < 5 % of slide time.
+RSS within 10 % of the small one, outputs < 5 % (of the run's CPU time).
 """
 
 from __future__ import annotations

@@ -144,6 +144,7 @@ class OpenSlideReader(SlideReader):
         self._tiff = None  # direct JPEG tile reads (pipeline.tiff_tiles), made on the first read
         self._direct: dict[int, Any] | None = None
         self._direct_ok: dict[int, bool] = {}
+        self._downsamples: list[float] = []
 
     @property
     def _h(self):
@@ -214,9 +215,9 @@ class OpenSlideReader(SlideReader):
         try:
             direct = self._direct_source(level)
             if direct is not None:
-                ds = int(round(self.level_downsamples[level]))
+                source, ds = direct
                 if x0 % ds == 0 and y0 % ds == 0:
-                    return direct.read(x0 // ds, y0 // ds, width, height)
+                    return source.read(x0 // ds, y0 // ds, width, height)
             return self._openslide_rgb(x0, y0, level, width, height)
         except self._openslide.OpenSlideError as exc:
             # A handle that hit a decode error stays broken: drop it, reopen on the next read.
@@ -238,40 +239,42 @@ class OpenSlideReader(SlideReader):
         return _rgba_over_white(np.asarray(region, dtype=np.uint8))
 
     def _direct_source(self, level: int):
-        """The level's :class:`pipeline.tiff_tiles.TiffLevelSource` if it may be used on this slide, else None.
+        """(the level's :class:`pipeline.tiff_tiles.TiffLevelSource`, its integer downsample) if it may be used, else None.
 
         Made on the first read; a level qualifies when it is a JPEG-tiled TIFF page
         (generic TIFF, Aperio SVS), its downsample is an integer, and two regions read from it
         (one in the middle, one across the bottom-right edge) are pixel-identical to OpenSlide's.
         """
-        from pipeline.tiff_tiles import TileDecodeError, level_sources
+        from pipeline.tiff_tiles import level_sources
 
         if self._direct is None:
             vendor = self._h.properties.get("openslide.vendor")
             self._tiff, self._direct = level_sources(self.path, vendor, self.level_dimensions)
+            self._downsamples = self.level_downsamples
         source = self._direct.get(level)
         if source is None:
             return None
-        ok = self._direct_ok.get(level)
-        if ok is None:
-            ds = self.level_downsamples[level]
-            ok = abs(ds - round(ds)) < 1e-9
-            w, h = source.width, source.height
-            for lx, ly, rw, rh in ((max(0, w // 2 - 128), max(0, h // 2 - 128), 256, 256), (max(0, w - 96), max(0, h - 64), 160, 112)):
-                if not ok:
-                    break
-                ids = int(round(ds))
-                try:
-                    mine = source.read(lx, ly, rw, rh)
-                except TileDecodeError:
-                    ok = False
-                    break
-                ok = bool(np.array_equal(mine, self._openslide_rgb(lx * ids, ly * ids, level, rw, rh)))
-            if not ok:
+        ds = self._downsamples[level]
+        if level not in self._direct_ok:
+            self._direct_ok[level] = abs(ds - round(ds)) < 1e-9 and self._matches_openslide(source, level, int(round(ds)))
+            if not self._direct_ok[level]:
                 log.info("%s: level %d read through OpenSlide (direct JPEG tile decoding not identical or not possible)",
                          self.display, level)
-            self._direct_ok[level] = ok
-        return source if ok else None
+        return (source, int(round(ds))) if self._direct_ok[level] else None
+
+    def _matches_openslide(self, source, level: int, ds: int) -> bool:
+        """True when ``source`` gives OpenSlide's pixels for a middle region and one across the bottom-right edge."""
+        from pipeline.tiff_tiles import TileDecodeError
+
+        w, h = source.width, source.height
+        for lx, ly, rw, rh in ((max(0, w // 2 - 128), max(0, h // 2 - 128), 256, 256), (max(0, w - 96), max(0, h - 64), 160, 112)):
+            try:
+                mine = source.read(lx, ly, rw, rh)
+            except TileDecodeError:
+                return False
+            if not np.array_equal(mine, self._openslide_rgb(lx * ds, ly * ds, level, rw, rh)):
+                return False
+        return True
 
     def _read_raw(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray | None:
         """OpenSlide's own output for the region: premultiplied ARGB words, (height, width, 4) uint8 in memory order.
