@@ -167,6 +167,105 @@ def test_colour_lookup_of_images_matches_the_plain_definition():
             assert got.shape == want.shape and np.array_equal(got, want), (shape, vmin)
 
 
+def _random_tiles(rng: np.random.Generator, h: int, w: int, scale: float, n: int, origin=(0, 0)) -> np.ndarray:
+    """(n, 2) level-0 tile corners around an (h, w) thumbnail at ``scale`` thumbnail px per level-0 px."""
+    return np.stack([rng.integers(origin[0] - 150, origin[0] + int(w / scale), n),
+                     rng.integers(origin[1] - 150, origin[1] + int(h / scale), n)], axis=1).astype(np.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 37, 3), (29, 1, 3), (61, 83, 3), (1, 1), (1, 40), (33, 1), (47, 52)])
+def test_png_encoder_round_trips_rgb_and_grey(shape):
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from pipeline.outputs.heatmap import encode_png
+
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    img[:, : shape[1] // 2] = 255  # flat areas as well as noise
+    for level in (0, 1, 9):
+        data = encode_png(img, level)
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(back[..., ::-1] if img.ndim == 3 else back, img), (shape, level)
+        with Image.open(io.BytesIO(data)) as pil:
+            assert pil.mode == ("RGB" if img.ndim == 3 else "L")
+            assert np.array_equal(np.asarray(pil), img), (shape, level)
+    if img.ndim == 2:  # (H, W, 1) is grey too
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(img[:, :, None])))), img)
+
+
+def test_png_encoder_refuses_what_it_cannot_write():
+    from pipeline.outputs.heatmap import encode_png
+
+    for bad in (np.zeros((4, 5, 4), np.uint8), np.zeros((4, 5, 3), np.uint16), np.zeros((0, 5, 3), np.uint8),
+                np.zeros(5, np.uint8), np.zeros((4, 5), np.float32)):
+        with pytest.raises(ValueError, match=r"shape \(" + ", ".join(map(str, bad.shape))):
+            encode_png(bad)
+
+
+def test_tile_coverage_gives_the_tile_mean_map_bit_for_bit():
+    from pipeline.outputs.heatmap import TileCoverage, tile_mean_map
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 90))
+        scale, size = float(rng.uniform(0.04, 0.6)), float(rng.uniform(3, 120))
+        origin = (int(rng.integers(-40, 40)), int(rng.integers(-40, 40)))
+        n = int(rng.integers(0, 50))
+        coords = _random_tiles(rng, h, w, scale, n, origin)
+        if n and trial % 5 == 0:
+            coords[0] = np.nan  # a tile without coordinates is left out
+        cov = TileCoverage((h, w), coords, size, scale, origin)
+        for with_nan in (False, True):
+            vals = rng.normal(0.5, 0.7, n)
+            if with_nan:
+                vals[rng.random(n) < 0.3] = np.nan  # other counts for this map: computed apart
+            want = tile_mean_map((h, w), coords, size, vals, scale, origin)
+            got = cov.mean(vals)
+            assert got.dtype == np.float32 and got.tobytes() == want.tobytes(), (trial, with_nan)
+        assert np.array_equal(cov.covered, np.isfinite(tile_mean_map((h, w), coords, size, np.ones(n), scale, origin)))
+    with pytest.raises(ValueError, match="differ in length"):
+        cov.mean(np.ones(n + 1))
+
+
+def test_overlay_is_the_documented_blend_pixel_for_pixel():
+    import cv2
+
+    from pipeline.outputs.heatmap import _LUT, TileCoverage, overlay_values, tile_mean_map
+
+    rng = np.random.default_rng(12)
+    for trial in range(24):
+        h, w = int(rng.integers(1, 90)), int(rng.integers(1, 120))
+        thumb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        thumb_mpp, slide_mpp, size = 4.0, 0.5, float(rng.uniform(40, 400))
+        scale = slide_mpp / thumb_mpp
+        n = int(rng.integers(1, 60))
+        coords = _random_tiles(rng, h, w, scale, n, (100, -50))
+        vmin, vmax = [(0.0, 1.0), (-0.5, 2.0), (0.2, 0.3)][trial % 3]
+        alpha = [0.5, 0.25, 0.75, 0.0, 1.0][trial % 5]  # exact in binary: the float reference is exact too
+        vals = vmin + rng.normal(0.5, 0.8, n) * (vmax - vmin)  # out-of-range values too
+        vals[rng.random(n) < 0.15] = np.nan
+        tissue = [None, rng.random((h, w)) < 0.7, rng.random((2 * h + 1, w + 3)) < 0.7][trial % 3]
+        # reference: (1 - alpha) * thumbnail + alpha * colour, rounded and saturated, on covered tissue pixels
+        mean = tile_mean_map((h, w), coords, size, vals, scale, (100, -50))
+        norm = np.clip((np.nan_to_num(mean, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0)
+        colour = _LUT[np.rint(norm * 255.0).astype(np.uint8)].astype(np.float64)
+        blend = np.clip(np.rint((1 - alpha) * thumb + alpha * colour), 0, 255).astype(np.uint8)
+        show = np.isfinite(mean)
+        if tissue is not None:
+            show &= cv2.resize(tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        want = np.where(show[:, :, None], blend, thumb)
+        for coverage in (None, TileCoverage((h, w), coords, size, scale, (100, -50))):
+            got = overlay_values(thumb, thumb_mpp, slide_mpp, coords, size, vals, tissue, (100, -50),
+                                 vmin=vmin, vmax=vmax, alpha=alpha, coverage=coverage)
+            assert got.dtype == np.uint8 and np.array_equal(got, want), (trial, coverage is None)
+    with pytest.raises(ValueError, match="coverage fitted on"):
+        wrong = TileCoverage((h + 1, w), coords, size, scale)
+        overlay_values(thumb, thumb_mpp, slide_mpp, coords, size, vals, coverage=wrong)
+
+
 def test_top_tiles_keep_the_pixels_of_the_best_tiles_per_class():
     from pipeline.features import TopTiles
 

@@ -445,7 +445,8 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
                    timings: dict[str, float], o: OutputInputs) -> None:
     """Heatmaps, GeoJSON, gallery, FHIR and report of a slide the model stages finished (no second model pass)."""
     from pipeline.outputs.geojson import write_tiles_geojson, write_tissue_geojson
-    from pipeline.outputs.heatmap import ATTENTION_LEGEND, encode_jpeg, encode_png, heatmap_base, normalise_attention, render_heatmap
+    from pipeline.outputs.heatmap import (ATTENTION_LEGEND, TileCoverage, encode_jpeg, encode_png, heatmap_base,
+                                          normalise_attention, render_heatmap)
     from pipeline.outputs.report import write_report
 
     feats, attention, mask, thumb, grid = o.feats, o.attention, o.mask, o.thumb, o.grid
@@ -466,15 +467,18 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
     base, base_mpp, base_mask = heatmap_base(thumb, mask.mpp, mask.mask, ctx.heatmap_mpp)
     result["heatmap_mpp"] = round(base_mpp, 4)
     if ok:
+        # the tiles' footprint on the base is the same for every heatmap: fitted once
+        coverage = TileCoverage(base.shape[:2], feats.coords, feats.tile_size_l0, slide_mpp / base_mpp, mask.origin)
         for name in HEATMAPS:
             values = normalise_attention(attention) if name == "attention" else feats.column(name)
             img = render_heatmap(base, base_mpp, slide_mpp, feats.coords, feats.tile_size_l0, values, base_mask,
-                                 origin=mask.origin, title=f"{job.slide_id} - {name}",
+                                 origin=mask.origin, title=f"{job.slide_id} - {name}", coverage=coverage,
                                  **({"legend_label": ATTENTION_LEGEND} if name == "attention" else {}))
             atomic_write_bytes(slide_dir / f"heatmap_{name}.png", encode_png(img))
             overlays[name] = encode_jpeg(img)  # lossless PNG on disk, compact JPEG inside the report
             files.append(f"heatmap_{name}.png")
             del img
+        del coverage
     gallery: dict[str, list[dict[str, Any]]] = {}
     if ok and len(feats):
         with_tiles = []
