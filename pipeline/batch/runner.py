@@ -148,10 +148,10 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     from pipeline.aggregation import SlidePredictor
     from pipeline.backends import make_runner
     from pipeline.rules import load_clinical, load_ruleset
-    from pipeline.runtime import resolve_device, return_large_blocks_to_os
+    from pipeline.runtime import keep_freed_memory, resolve_device
 
     device = resolve_device(opts.device)
-    return_large_blocks_to_os()  # memory between and within slides: see pipeline.runtime
+    keep_freed_memory()  # no page faults per batch; memory goes back per slide (pipeline.runtime)
     bundle = load_bundle(opts.model, device="cpu")
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
     ruleset = load_ruleset()
