@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import pipeline  # noqa: E402,F401 - sets NO_ALBUMENTATIONS_UPDATE
+from pipeline.backends.speed import cpu_seconds  # noqa: E402
 
 log = logging.getLogger("throughput")
 
@@ -179,7 +180,7 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     stages = dict.fromkeys(STAGES, 0.0)
     slide_total, tiles, failed, reader_busy, outputs_cpu = 0.0, 0, [], 0.0, 0.0
     started = datetime.now(timezone.utc)
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     results = []
     for job, r in zip(jobs, process_slides(jobs, run_ctx, overlap=overlap)):
@@ -201,7 +202,7 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     t_slides = time.perf_counter() - t0
     write_summary(run_opts, run_ctx, results, started, t_slides, processed=len(jobs), skipped=0, n_tiles=tiles)
     wall = time.perf_counter() - t0
-    cpu = _cpu_seconds() - cpu0
+    cpu = cpu_seconds() - cpu0
     if failed:
         raise RuntimeError("benchmark slide failed: " + "; ".join(failed))
     return {"wall_s": wall, "tiles": tiles, "slides": len(jobs), "tiles_per_s": tiles / wall,
@@ -211,25 +212,11 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
             "outputs_cpu_share": outputs_cpu / cpu if cpu > 0 else None}
 
 
-def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process, all threads, s."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def model_only_once(runner, batch_size: int, tile_px: int, n_batches: int, seed: int = 0) -> tuple[float, float]:
     """(tiles/s, CPU ms per tile) of ``runner`` alone on random uint8 batches (one warm-up batch not counted)."""
-    import numpy as np
+    from pipeline.backends.speed import random_tiles, time_runner
 
-    rng = np.random.default_rng(seed)
-    batch = rng.integers(0, 256, (batch_size, tile_px, tile_px, 3), dtype=np.uint8)
-    runner(batch)
-    cpu0 = _cpu_seconds()
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        runner(batch)
-    n = n_batches * batch_size
-    return n / (time.perf_counter() - t0), 1000 * (_cpu_seconds() - cpu0) / n
+    return time_runner(runner, random_tiles(batch_size, tile_px, seed), n_batches, warmup=1)
 
 
 def _peak_rss_mb() -> float:
@@ -325,6 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         e2e_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contexts}
         model_runs: list[float] = []
         model_cpu: list[float] = []
+        fp32_model_runs: list[float] = []
         for i in range(repeats):
             for name, (o, j, c) in contexts.items():
                 e2e_runs[name].append(e2e_once(o, j, c, scratch / f"run-{name}-{i}"))
@@ -333,6 +321,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model_runs.append(speed)
             model_cpu.append(cpu_ms)
             log.info("repeat %d %s: %.1f tiles/s model only", i + 1, backend, model_runs[-1])
+            if "torch-fp32" in contexts and backend != "torch-fp32":
+                fp32_model_runs.append(model_only_once(contexts["torch-fp32"][2].runner, args.batch_size, tile_px,
+                                                       n_model_batches, seed=i)[0])
         del contexts, ctx
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -340,6 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     e2e = statistics.median(r["tiles_per_s"] for r in main_runs)
     fp32 = statistics.median(r["tiles_per_s"] for r in e2e_runs["torch-fp32"]) if "torch-fp32" in e2e_runs else None
     model = statistics.median(model_runs)
+    fp32_model = statistics.median(fp32_model_runs) if fp32_model_runs else None
     stage_s = _median_dict([r["stages_s"] for r in main_runs])
     slide_s = statistics.median(r["slide_seconds"] for r in main_runs)
     shares = {k: round(v / slide_s, 4) for k, v in stage_s.items()} if slide_s > 0 else {}
@@ -365,6 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": round(e2e / model, 4) if model > 0 else None,
         "fp32_eager_e2e_tiles_per_s": None if fp32 is None else round(fp32, 2),
         "speedup_vs_fp32_eager": round(e2e / fp32, 3) if fp32 else None,
+        # the model alone, fp32 eager: model_speedup bounds what the end-to-end speedup can reach
+        "fp32_eager_model_tiles_per_s": round(fp32_model, 2) if fp32_model else None,
+        "model_speedup_vs_fp32_eager": round(model / fp32_model, 3) if fp32_model else None,
         "model_in_pipeline_tiles_per_s": round(statistics.median(r["tiles"] / r["model_s"] for r in main_runs), 2),
         "cpu_ms_per_tile": {"e2e": round(statistics.median(r["cpu_ms_per_tile"] for r in main_runs), 3),
                             "model_only": round(statistics.median(model_cpu), 3)},
@@ -384,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "slide_generation_s": round(prep_s, 2),
         "machine": machine(),
         "runs": {"e2e_tiles_per_s": {k: [round(r["tiles_per_s"], 2) for r in v] for k, v in e2e_runs.items()},
-                 "model_tiles_per_s": [round(m, 2) for m in model_runs]},
+                 "model_tiles_per_s": [round(m, 2) for m in model_runs],
+                 "fp32_eager_model_tiles_per_s": [round(m, 2) for m in fp32_model_runs]},
     }
     checks = {"ratio": (result["ratio"], ">="), "speedup_vs_fp32_eager": (result["speedup_vs_fp32_eager"], ">="),
               "rss_large_over_small": (result["rss_large_over_small"], "<="), "outputs_share": (result["outputs_share"], "<")}
@@ -412,7 +408,9 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"CPU time per tile: end to end {c['e2e']:.2f} ms, model only {c['model_only']:.2f} ms "
           f"(model share of the CPU work {c['model_only'] / c['e2e']:.2f}; less sensitive to other load)")
     if r["fp32_eager_e2e_tiles_per_s"] is not None:
-        print(f"fp32 eager e2e  {r['fp32_eager_e2e_tiles_per_s']:8.1f} tiles/s  speedup {r['speedup_vs_fp32_eager']}x")
+        print(f"fp32 eager e2e  {r['fp32_eager_e2e_tiles_per_s']:8.1f} tiles/s  speedup {r['speedup_vs_fp32_eager']}x  "
+              f"(model alone: fp32 eager {r['fp32_eager_model_tiles_per_s']} tiles/s, "
+              f"speedup {r['model_speedup_vs_fp32_eager']}x)")
     print("stages (share of slide time): " + ", ".join(f"{k} {v:.1%}" for k, v in r["stage_share_of_slide_time"].items()))
     print(f"outputs: {r['outputs_share']:.1%} of the run's CPU time ({r['outputs_wall_share']:.1%} of the slides' stage wall time, overlapped)")
     print("rss detail: " + json.dumps(r["rss"]))

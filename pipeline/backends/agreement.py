@@ -15,7 +15,10 @@ bundle's aggregator and calibration. Per backend, against torch-fp32:
 * slide AUROC (NME vs not, ``nme_pattern``) of the backend and of torch-fp32;
 * ``passed``: band agreement >= 0.99 and |AUROC - fp32 AUROC| <= 0.01
   (:mod:`pipeline.backends.record`); model tiles/s on this machine (for information and for
-  ``auto``'s choice among passing backends on the same machine).
+  ``auto``'s choice among passing backends on the same machine), measured after the slides on
+  fixed batches of ``--batch-size`` tiles with every runner warmed up and the runners
+  interleaved (:func:`pipeline.backends.speed.model_speeds`), in a process whose allocator is set
+  as ``infer.py`` sets it (:func:`pipeline.runtime.keep_freed_memory`).
 
 Prints the record as one JSON line; ``--write`` also stores it as ``<bundle>/agreement.json``
 (atomically, keeping entries of backends not checked now when the weights match).
@@ -28,7 +31,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from pipeline.backends.record import (
     runtime_versions,
     write_record,
 )
+from pipeline.backends.speed import model_speeds, random_tiles
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -62,23 +65,19 @@ DEFAULT_BACKENDS = ("torch-bf16", "onnx-fp32", "onnx-int8")
 class FanOutRunner:
     """Feeds every uint8 batch to several runners; returns the reference's outputs, keeps the others'.
 
-    ``seconds[name]`` accumulates each runner's time; :meth:`take` returns and clears the
+    :meth:`take` returns and clears the
     outputs collected since the last call, ``{name: (probs (N, C), embeddings (N, D))}``.
     """
 
     def __init__(self, runners: dict[str, Runner], reference: str) -> None:
         self.runners, self.reference = runners, reference
         self.device = runners[reference].device
-        self.seconds = {name: 0.0 for name in runners}
         self.tiles = 0
         self._out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in runners}
 
     def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for name, runner in self.runners.items():
-            t0 = time.perf_counter()
-            out = runner(tiles)
-            self.seconds[name] += time.perf_counter() - t0
-            self._out[name].append(out)
+            self._out[name].append(runner(tiles))
         self.tiles += len(tiles)
         return self._out[self.reference][-1]
 
@@ -142,7 +141,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
     from models.bundle import load_bundle
     from pipeline.aggregation import SlidePredictor
     from pipeline.evaluate import _slide_features
-    from pipeline.runtime import cpu_description, resolve_device
+    from pipeline.runtime import cpu_description, keep_freed_memory, resolve_device
     from pipeline.tiling import TilingConfig
     from pipeline.training.config import DataConfig
     from pipeline.training.data import load_slide_table
@@ -156,6 +155,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
         raise DataError(f"{slides_root}: no labels.csv; make a labelled synthetic set with "
                         f"python -m pipeline.synthetic --out {slides_root} --n 20 --seed 909")
     dev = resolve_device(device)
+    keep_freed_memory()  # as infer.py runs: the speeds below are the ones a batch run gets
     bundle = load_bundle(bundle_dir, device="cpu")
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
     classes = list(bundle.contract.architecture.classes)
@@ -190,6 +190,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
     if not labels:
         raise DataError(f"{slides_root}: no slide with tissue tiles")
     ref_auroc = _auroc(ref_p, labels)
+    speeds = model_speeds(runners, random_tiles(batch_size, inp.tile_size_px))
     versions = runtime_versions()
     mid = machine_id(dev)
     data = {"slides": str(slides_root), "n_slides": len(labels), "n_positive": int(sum(labels)), "n_tiles": fan.tiles,
@@ -209,7 +210,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
             "slide_prob_abs_diff": {"max": _sig(dp.max()), "mean": _sig(dp.mean())},
             "tile_prob_abs_diff": t.tile_summary(),
             "embedding_abs_diff": {"max": _sig(t.emb_max), "mean": _sig(t.emb_sum / max(t.emb_n, 1))},
-            "model_tiles_per_s": round(fan.tiles / fan.seconds[b], 1) if fan.seconds[b] > 0 else None,
+            "model_tiles_per_s": round(speeds[b], 1),
             "machine_id": mid, "data": data,
         }
     return {
@@ -223,7 +224,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
         "machine": {"cpu": cpu_description(), "device": str(dev), "machine_id": mid},
         "versions": versions,
         "reference_result": {"slide_auroc": None if ref_auroc is None else round(ref_auroc, 6),
-                             "model_tiles_per_s": round(fan.tiles / fan.seconds[REFERENCE], 1) if fan.seconds[REFERENCE] else None,
+                             "model_tiles_per_s": round(speeds[REFERENCE], 1),
                              "bands": {k: ref_bands.count(k) for k in ("LOW", "INDETERMINATE", "HIGH")}},
         "backends": entries,
     }
