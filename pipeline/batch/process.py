@@ -31,7 +31,7 @@ from pipeline.features import (PatchRunner, TopTiles, cache_path, extract_featur
                                save_features)
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.quality import QualityConfig, QualityInputs, assess_quality
-from pipeline.runtime import release_free_memory
+from pipeline.runtime import HeapReserve
 from pipeline.slide import open_slide
 from pipeline.tiling import TilingConfig, make_grid, package_versions
 from pipeline.tissue import TissueConfig, detect_tissue
@@ -68,6 +68,7 @@ class InferenceContext:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     backend: str = "torch"
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of heatmaps and report thumbnail (never finer than the tissue thumbnail)
+    heap: HeapReserve = field(default_factory=HeapReserve)  # when freed memory goes back to the OS
 
     @property
     def tiling(self) -> TilingConfig:
@@ -173,7 +174,7 @@ def prepare_slide(job: SlideJob, ctx: InferenceContext) -> PreparedSlide:
             prep.contours = mask.contours_level0(slide.mpp)
     except BaseException as exc:  # noqa: BLE001 - raised again by process_slide, in the slide's own try
         prep.error = exc
-    release_free_memory()  # the detector's full-thumbnail temporaries
+    ctx.heap.release()  # the detector's full-thumbnail temporaries (beyond the model's working memory)
     return prep
 
 
@@ -308,7 +309,7 @@ def output_stage(m: ModelledSlide, ctx: InferenceContext) -> dict[str, Any]:
         _finish_failed(result, job, ctx, slide_dir)
     result["timings"]["total"] = round(m.seconds + time.perf_counter() - t_start, 4)
     atomic_write_json(slide_dir / "result.json", _jsonable(result))
-    release_free_memory()  # heatmap temporaries: memory between slides stays that of the model
+    ctx.heap.release()  # heatmap temporaries: memory between slides stays that of the model
     return result
 
 
@@ -389,7 +390,7 @@ def _run(job: SlideJob, ctx: InferenceContext, result: dict[str, Any], slide_dir
                                  background_rgb=mask.background_rgb, keep_top=gallery_tiles)
         if len(grid):
             save_features(cp, feats, fingerprint, ctx.bundle.sha256)
-        release_free_memory()  # the tile batches that went through the model
+        ctx.heap.note_model_done()  # activations and tile batches: kept for the next slide
     timings["patch_model"] = round(time.perf_counter() - t, 4)
     if "model_seconds" in feats.meta:  # sub-stages (dotted: not added into the total by the report)
         timings["patch_model.model"] = round(feats.meta["model_seconds"], 4)
