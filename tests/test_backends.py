@@ -433,3 +433,28 @@ def test_overlapping_the_slide_stages_changes_nothing(tmp_path, slides, bundle_d
             for name in ("tiles.geojson", "heatmap_pallor.png", "heatmap_attention.png"):
                 a = (tmp_path / "outTrue" / sid / name).read_bytes()
                 assert a == (tmp_path / "outFalse" / sid / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet18"])
+def test_batchnorm_folding_keeps_the_function(backbone):
+    import torch
+
+    from models.patch import PatchClassifier
+    from pipeline.backends.torch_runner import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = PatchClassifier(backbone).eval()
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        want = model.forward_with_embedding(x)
+        model.backbone = fold_batchnorm(model.backbone)
+        got = model.forward_with_embedding(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for w, g in zip(want, got):
+        assert torch.allclose(w, g, rtol=1e-4, atol=1e-4), (w - g).abs().max()
