@@ -243,9 +243,10 @@ class OpenSlideReader(SlideReader):
 
         Made on the first read; a level qualifies when it is a JPEG-tiled TIFF page
         (generic TIFF, Aperio SVS), its downsample is an integer, and two regions read from it
-        (one in the middle, one across the bottom-right edge) are pixel-identical to OpenSlide's.
+        (one in the middle, one across the bottom-right edge) are pixel-identical to OpenSlide's
+        (checked once per file version and level in the process, whichever handle reads first).
         """
-        from pipeline.tiff_tiles import level_sources
+        from pipeline.tiff_tiles import known_verdict, level_sources, remember_verdict
 
         if self._direct is None:
             vendor = self._h.properties.get("openslide.vendor")
@@ -256,8 +257,13 @@ class OpenSlideReader(SlideReader):
             return None
         ds = self._downsamples[level]
         if level not in self._direct_ok:
-            self._direct_ok[level] = abs(ds - round(ds)) < 1e-9 and self._matches_openslide(source, level, int(round(ds)))
-            if not self._direct_ok[level]:
+            key = (*source.verdict_key, level, ds)
+            ok = known_verdict(key)
+            if ok is None:
+                ok = abs(ds - round(ds)) < 1e-9 and self._matches_openslide(source, level, int(round(ds)))
+                remember_verdict(key, ok)
+            self._direct_ok[level] = ok
+            if not ok:
                 log.info("%s: level %d read through OpenSlide (direct JPEG tile decoding not identical or not possible)",
                          self.display, level)
         return (source, int(round(ds))) if self._direct_ok[level] else None

@@ -75,6 +75,22 @@ class TileCache:
 #: The process's decoded-tile cache (all slides, all reader threads).
 SHARED_CACHE = TileCache()
 
+_VERDICTS: dict[tuple, bool] = {}
+_MAX_VERDICTS = 4096
+
+
+def known_verdict(key: tuple) -> bool | None:
+    """Whether the level behind ``key`` (:attr:`TiffLevelSource.verdict_key`) was found identical to OpenSlide, if checked."""
+    return _VERDICTS.get(key)
+
+
+def remember_verdict(key: tuple, identical: bool) -> None:
+    """Record a check for every later handle of the same file version in this process (each
+    slide is opened by the tissue stage and by every reader thread: one check, not three)."""
+    if len(_VERDICTS) >= _MAX_VERDICTS:
+        _VERDICTS.clear()
+    _VERDICTS[key] = bool(identical)
+
 
 class TiffLevelSource:
     """RGB regions of one tiled TIFF page (a pyramid level), in that level's pixel coordinates.
@@ -94,6 +110,11 @@ class TiffLevelSource:
         self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
         self._cols = -(-self.width // self.tile_w)
         self._cache = cache if cache is not None else SHARED_CACHE
+
+    @property
+    def verdict_key(self) -> tuple:
+        """(file identity, page): what a check against OpenSlide is remembered under (:func:`remember_verdict`)."""
+        return (self._file_key, self._index)
 
     @staticmethod
     def eligible(page) -> bool:

@@ -305,6 +305,37 @@ def test_direct_tile_decoding_is_used_only_where_it_matches_openslide(tmp_path, 
     ndpi.close()
 
 
+def test_the_direct_decoding_check_is_made_once_per_file_version(tmp_path, monkeypatch):
+    import os
+
+    from pipeline import tiff_tiles
+    from pipeline.slide import OpenSlideReader
+
+    path = write_pyramid_tiff(tmp_path / "v.tiff", skin_like_image(600, 400, seed=8), mpp=0.5, levels=1)
+    calls = []
+    original = OpenSlideReader._matches_openslide
+    monkeypatch.setattr(OpenSlideReader, "_matches_openslide",
+                        lambda self, *a: calls.append(self) or original(self, *a))
+    for _ in range(3):  # the tissue stage and two reader threads each open the slide
+        r = OpenSlideReader(path, "v.tiff")
+        r.read(0, 0, 0, 8, 8)
+        assert r._direct_ok == {0: True}
+        key = (*r._direct[0].verdict_key, 0, 1.0)
+        r.close()
+    assert len(calls) == 1
+    tiff_tiles.remember_verdict(key, False)  # a verdict against direct decoding holds for later handles too
+    r = OpenSlideReader(path, "v.tiff")
+    r.read(0, 0, 0, 8, 8)
+    assert r._direct_ok == {0: False}
+    r.close()
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a new version of the file: checked again
+    r = OpenSlideReader(path, "v.tiff")
+    r.read(0, 0, 0, 8, 8)
+    assert r._direct_ok == {0: True} and len(calls) == 2
+    r.close()
+
+
 def test_a_corrupt_tile_in_a_direct_read_is_a_one_line_slide_error(tmp_path):
     import tifffile
 
