@@ -144,18 +144,16 @@ class TimedRunner:
         return out
 
 
-def _options(model: Path, slides: Path, out: Path, backend: str, batch_size: int, reader_threads: int):
-    from pipeline.batch.runner import BatchOptions
+def setup(args: argparse.Namespace, slides: Path, backend: str, scratch: Path):
+    """(options, slide jobs, inference context) as infer.py builds them from ``args`` (model, batch
+    size, reader threads, heatmap µm/px) for ``backend``; model loading happens here."""
+    from pipeline.batch.process import HEATMAP_MPP
+    from pipeline.batch.runner import BatchOptions, build_context, check_inputs
 
-    return BatchOptions(slides_dir=slides, out_dir=out, model=model, backend=backend, batch_size=batch_size,
-                        reader_threads=reader_threads, force=True, quiet=True, command=["benchmarks/throughput.py"])
-
-
-def setup(model: Path, slides: Path, backend: str, batch_size: int, reader_threads: int, scratch: Path):
-    """(options, slide jobs, inference context) as infer.py builds them; model loading happens here."""
-    from pipeline.batch.runner import build_context, check_inputs
-
-    opts = _options(model, slides, scratch / "unused", backend, batch_size, reader_threads)
+    heatmap_mpp = HEATMAP_MPP if args.heatmap_mpp is None else args.heatmap_mpp
+    opts = BatchOptions(slides_dir=slides, out_dir=scratch / "unused", model=args.model, backend=backend,
+                        batch_size=args.batch_size, reader_threads=args.reader_threads, heatmap_mpp=heatmap_mpp,
+                        force=True, quiet=True, command=["benchmarks/throughput.py"])
     jobs = check_inputs(opts)
     t0 = time.perf_counter()
     ctx = build_context(opts, jobs)
@@ -254,7 +252,7 @@ def rss_child(args: argparse.Namespace) -> int:
     """
     tmp = Path(tempfile.mkdtemp(prefix="nme-rss-"))
     try:
-        opts, jobs, ctx, setup_s = setup(args.model, args.rss_child, args.backend, args.batch_size, args.reader_threads, tmp)
+        opts, jobs, ctx, setup_s = setup(args, args.rss_child, args.backend, tmp)
         after_setup = _peak_rss_mb()
         reset = _reset_peak_rss()
         res = e2e_once(opts, jobs, ctx, tmp / "out")
@@ -272,6 +270,8 @@ def measure_rss(slides: Path, args: argparse.Namespace, backend: str, env: dict[
     """Peak RSS of processing ``slides`` in a fresh interpreter."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(slides), "--backend", backend,
            "--model", str(args.model), "--batch-size", str(args.batch_size), "--reader-threads", str(args.reader_threads)]
+    if args.heatmap_mpp is not None:
+        cmd += ["--heatmap-mpp", str(args.heatmap_mpp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS child failed: {proc.stderr.strip()[-2000:]}")
@@ -298,13 +298,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_model_batches = 3 if args.quick else 8
     scratch = Path(tempfile.mkdtemp(prefix="nme-throughput-"))
     try:
-        opts, jobs, ctx, setup_s = setup(args.model, folders["set"], args.backend, args.batch_size, args.reader_threads, scratch)
+        opts, jobs, ctx, setup_s = setup(args, folders["set"], args.backend, scratch)
         backend = ctx.backend
         tile_px = ctx.bundle.contract.input.tile_size_px
         contexts = {backend: (opts, jobs, ctx)}
         compare_fp32 = backend != "torch-fp32" and not args.no_fp32
         if compare_fp32:
-            o2, j2, c2, _ = setup(args.model, folders["set"], "torch-fp32", args.batch_size, args.reader_threads, scratch)
+            o2, j2, c2, _ = setup(args, folders["set"], "torch-fp32", scratch)
             contexts["torch-fp32"] = (o2, j2, c2)
         # warm-up (page cache, allocators, first-call costs): one slide per backend, not counted
         for name, (o, j, c) in contexts.items():
@@ -347,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backend": backend,
         "batch_size": args.batch_size,
         "reader_threads": args.reader_threads,
+        "heatmap_mpp": opts.heatmap_mpp,
         "mode": spec.name,
         "repeats": repeats,
         "slides": {"n": len(jobs), "size_um": list(spec.size_um), "mpp": 0.5, "seed": spec.seed,
@@ -427,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=REPO / "models" / "demo_bundle")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--reader-threads", type=int, default=2)
+    ap.add_argument("--heatmap-mpp", type=float, default=None,
+                    help="µm/px of the heatmaps and report thumbnail (default: infer.py's, 4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 small slides, 1 repeat unless --repeats given")
     ap.add_argument("--json", action="store_true", help="print exactly one JSON line")
