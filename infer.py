@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="--engine ray: GPUs reserved per actor (e.g. 1, or 0.5 to share a GPU); default 0 = CPU")
     ap.add_argument("--cpus-per-worker", type=float, default=None,
                     help="--engine ray: CPUs reserved per actor (default: the cluster's CPUs shared out, at most one node's)")
-    ap.add_argument("--batch-size", type=int, default=64, help="tiles per model batch (default 64)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="tiles per model batch (default: 32 on the CPU, 64 on a GPU; recorded in run.json)")
     ap.add_argument("--heatmap-mpp", type=float, default=4.0,
                     help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
                          "2 µm/px tissue thumbnail; finer costs time per slide)")

@@ -269,7 +269,9 @@ def rss_child(args: argparse.Namespace) -> int:
 def measure_rss(slides: Path, args: argparse.Namespace, backend: str, env: dict[str, str]) -> dict[str, Any]:
     """Peak RSS of processing ``slides`` in a fresh interpreter."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(slides), "--backend", backend,
-           "--model", str(args.model), "--batch-size", str(args.batch_size), "--reader-threads", str(args.reader_threads)]
+           "--model", str(args.model), "--reader-threads", str(args.reader_threads)]
+    if args.batch_size is not None:
+        cmd += ["--batch-size", str(args.batch_size)]
     if args.heatmap_mpp is not None:
         cmd += ["--heatmap-mpp", str(args.heatmap_mpp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -299,8 +301,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="nme-throughput-"))
     try:
         opts, jobs, ctx, setup_s = setup(args, folders["set"], args.backend, scratch)
-        backend = ctx.backend
+        backend, batch_size = ctx.backend, ctx.batch_size
         tile_px = ctx.bundle.contract.input.tile_size_px
+        n_model_batches = max(n_model_batches, (n_model_batches * 64) // batch_size)  # >= 512 tiles (full mode)
         contexts = {backend: (opts, jobs, ctx)}
         compare_fp32 = backend != "torch-fp32" and not args.no_fp32
         if compare_fp32:
@@ -317,12 +320,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, (o, j, c) in contexts.items():
                 e2e_runs[name].append(e2e_once(o, j, c, scratch / f"run-{name}-{i}"))
                 log.info("repeat %d %s: %.1f tiles/s end to end", i + 1, name, e2e_runs[name][-1]["tiles_per_s"])
-            speed, cpu_ms = model_only_once(ctx.runner, args.batch_size, tile_px, n_model_batches, seed=i)
+            speed, cpu_ms = model_only_once(ctx.runner, batch_size, tile_px, n_model_batches, seed=i)
             model_runs.append(speed)
             model_cpu.append(cpu_ms)
             log.info("repeat %d %s: %.1f tiles/s model only", i + 1, backend, model_runs[-1])
             if "torch-fp32" in contexts and backend != "torch-fp32":
-                fp32_model_runs.append(model_only_once(contexts["torch-fp32"][2].runner, args.batch_size, tile_px,
+                fp32_model_runs.append(model_only_once(contexts["torch-fp32"][2].runner, batch_size, tile_px,
                                                        n_model_batches, seed=i)[0])
         del contexts, ctx
     finally:
@@ -345,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc_large = rss.get("large", {}).get("processing_peak_mb")
     result = {
         "backend": backend,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "reader_threads": args.reader_threads,
         "heatmap_mpp": opts.heatmap_mpp,
         "mode": spec.name,
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="auto", help="auto | torch-fp32 | torch-bf16 | onnx-fp32 | onnx-int8")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "demo_bundle")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: infer.py's for the device (CPU 32, GPU 64)")
     ap.add_argument("--reader-threads", type=int, default=2)
     ap.add_argument("--heatmap-mpp", type=float, default=None,
                     help="µm/px of the heatmaps and report thumbnail (default: infer.py's, 4)")

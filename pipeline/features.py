@@ -267,7 +267,10 @@ class TopTiles:
     def __init__(self, columns: dict[str, int], k: int) -> None:
         self.columns, self.keep = dict(columns), max(1, 2 * int(k))
         self._best: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (scores, indices)
-        self._pixels: dict[int, np.ndarray] = {}
+        # the kept pixels live in one block allocated once (slots reused): no long-lived tile-sized
+        # blocks scattered through the memory the model's activations are freed into
+        self._pool: np.ndarray | None = None
+        self._slot: dict[int, int] = {}  # tile index -> slot in the pool
 
     def update(self, idx: np.ndarray, tiles: np.ndarray, probs: np.ndarray) -> None:
         """Offer a batch: ``idx`` (B,) tile indices, ``tiles`` (B, H, W, 3) uint8, ``probs`` (B, C)."""
@@ -278,14 +281,19 @@ class TopTiles:
             order = np.argsort(-scores, kind="stable")[:self.keep]
             self._best[name] = (scores[order], kept[order])
         wanted = {int(i) for _, kept in self._best.values() for i in kept}
+        self._slot = {i: s for i, s in self._slot.items() if i in wanted}
+        if self._pool is None and len(tiles):
+            self._pool = np.empty((len(self.columns) * self.keep, *tiles.shape[1:]), tiles.dtype)
+        free = sorted(set(range(0 if self._pool is None else len(self._pool))) - set(self._slot.values()))
         for j, i in enumerate(np.asarray(idx).tolist()):
-            if i in wanted:
-                self._pixels[i] = tiles[j].copy()
-        self._pixels = {i: t for i, t in self._pixels.items() if i in wanted}
+            if i in wanted and i not in self._slot:
+                slot = free.pop(0)
+                self._pool[slot] = tiles[j]
+                self._slot[i] = slot
 
     def pixels(self) -> dict[int, np.ndarray]:
-        """{tile index: uint8 (H, W, 3)} of every tile kept."""
-        return dict(self._pixels)
+        """{tile index: uint8 (H, W, 3)} of every tile kept (copies)."""
+        return {i: self._pool[s].copy() for i, s in self._slot.items()}
 
 
 def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int, tile_size_l0: float,
@@ -300,8 +308,11 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
     ``keep_top``, if given, is offered every batch (e.g. the report gallery's candidates).
     """
     n = len(coords)
-    emb_dim = None
-    probs_l, emb_l, stats_l = [], [], []
+    # outputs of the whole slide in blocks allocated once (at the first batch), filled batch by
+    # batch: per-batch output arrays kept to the end would be scattered through the memory the
+    # model's activations are freed into, and the heap would grow with the number of batches
+    probs = emb = None
+    stats = np.zeros(n, np.float32)
     t_model = 0.0
     t0 = time.perf_counter()
     t_wait = 0.0
@@ -315,23 +326,21 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
         t_wait += t2 - t1
         if item is None:
             break
-        idx, tiles, stats = item
+        idx, tiles, sharp = item
         p, e = runner(tiles)
         t_model += time.perf_counter() - t2
         if keep_top is not None:
             keep_top.update(idx, tiles, p)
-        probs_l.append(p)
-        emb_l.append(e)
-        stats_l.append(stats)
-        emb_dim = e.shape[1]
+        if probs is None:
+            probs = np.empty((n, p.shape[1]), np.float32)
+            emb = np.empty((n, e.shape[1]), np.float32)
+        probs[idx], emb[idx], stats[idx] = p, e, sharp
+        del p, e, tiles
         if progress is not None:
             progress(len(idx))
-    if n == 0:
+    if probs is None:
         probs = np.zeros((0, len(classes)), np.float32)
-        emb = np.zeros((0, emb_dim or 0), np.float32)
-        stats = np.zeros(0, np.float32)
-    else:
-        probs, emb, stats = np.concatenate(probs_l), np.concatenate(emb_l), np.concatenate(stats_l)
+        emb = np.zeros((0, 0), np.float32)
     if not np.isfinite(probs).all():
         raise PipelineError(f"{path}: the patch model produced non-finite outputs")
     total = time.perf_counter() - t0

@@ -80,6 +80,7 @@ def test_mixed_folder_outputs_and_exit_status(mixed_run, synthetic_pair):
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["failed"] == 2 and run["counts"]["non_diagnostic"] == 1
     assert run["model"]["sha256"] and run["versions"]["torch"]
+    assert run["model"]["batch_size"] == 32 and run["options"]["batch_size"] is None  # the CPU default, recorded
     assert "index.html" in os.listdir(out) and not list(out.rglob("*.tmp"))
 
 

@@ -152,6 +152,18 @@ def test_heatmap_mpp_option_is_checked(tmp_path):
     assert "\n" not in str(exc.value)
 
 
+def test_batch_size_option_is_checked_and_defaults_by_device(tmp_path):
+    import torch
+
+    from pipeline.batch.runner import BatchOptions, check_options, default_batch_size
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--batch-size must be at least 1") as exc:
+        check_options(BatchOptions(slides_dir=tmp_path, out_dir=tmp_path / "o", model=tmp_path, batch_size=0))
+    assert "\n" not in str(exc.value)
+    assert default_batch_size(torch.device("cpu")) == 32 and default_batch_size(torch.device("cuda", 0)) == 64
+
+
 def test_colour_lookup_of_images_matches_the_plain_definition():
     from pipeline.outputs.heatmap import _LUT, values_to_rgb
 

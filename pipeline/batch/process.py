@@ -79,7 +79,7 @@ class InferenceContext:
         c = self.bundle.contract
         return {"name": c.name, "version": c.version, "sha256": self.bundle.sha256, "label": c.label,
                 "backbone": c.architecture.backbone, "aggregator": c.aggregator.type if c.aggregator else None,
-                "backend": self.backend}
+                "backend": self.backend, "batch_size": self.batch_size}
 
 
 def versions() -> dict[str, str]:
