@@ -1,7 +1,7 @@
 """Agreement of each backend with torch-fp32 on labelled slides, and the record ``auto`` relies on.
 
     python -m pipeline.backends.agreement --bundle models/demo_bundle --slides DIR
-        [--backends torch-bf16,onnx-fp32,onnx-int8] [--write] [--device auto] [--batch-size 64]
+        [--backends torch-bf16,onnx-fp32,onnx-int8] [--write] [--device auto] [--batch-size N]
 
 ``DIR`` holds ``labels.csv`` (``slide_id``, ``nme_pattern`` columns) and ``slides/`` — e.g. a
 synthetic set from ``python -m pipeline.synthetic --out DIR --n 20 --seed 909``. Each slide is
@@ -132,7 +132,7 @@ def _auroc(p: list[float], y: list[int]) -> float | None:
 
 
 def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], device: str = "auto",
-                    batch_size: int = 64, cache_dir: Path | None = None) -> dict[str, Any]:
+                    batch_size: int | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
     """Measure each of ``backends`` against torch-fp32 on the labelled slides under ``slides_root``.
 
     Returns the agreement record (see the module docstring); writes nothing.
@@ -156,6 +156,10 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
                         f"python -m pipeline.synthetic --out {slides_root} --n 20 --seed 909")
     dev = resolve_device(device)
     keep_freed_memory()  # as infer.py runs: the speeds below are the ones a batch run gets
+    if batch_size is None:
+        from pipeline.batch.runner import default_batch_size
+
+        batch_size = default_batch_size(dev)
     bundle = load_bundle(bundle_dir, device="cpu")
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
     classes = list(bundle.contract.architecture.classes)
@@ -194,7 +198,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
     versions = runtime_versions()
     mid = machine_id(dev)
     data = {"slides": str(slides_root), "n_slides": len(labels), "n_positive": int(sum(labels)), "n_tiles": fan.tiles,
-            "label_column": "nme_pattern"}
+            "label_column": "nme_pattern", "batch_size": batch_size}
     dtype = dev.type
     entries: dict[str, Any] = {}
     for b in backends:
@@ -252,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"choices {', '.join(b for b in CONCRETE_BACKENDS if b != REFERENCE)})")
     ap.add_argument("--write", action="store_true", help="store the record as <bundle>/agreement.json")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="tiles per batch, also for the speeds (default: infer.py's for the device, CPU 32, GPU 64)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="ONNX/int8 model cache (default ~/.cache/nme-pipeline)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
