@@ -378,3 +378,27 @@ def test_heap_trimming_waits_for_enough_free_memory():
     assert runtime.heap_free_bytes() >= 0
     assert runtime.release_free_memory(min_free_bytes=1 << 62) is False  # never that much free: no trim
     assert runtime.release_free_memory(min_free_bytes=0) is True
+
+
+def test_helper_threads_yield_the_cpu_to_the_model():
+    import os
+    import sys
+    import threading
+
+    from pipeline.features import lower_thread_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are Linux-only")
+    seen = {}
+
+    def helper():
+        lower_thread_priority()
+        tid = threading.get_native_id()
+        seen.update(nice=os.getpriority(os.PRIO_PROCESS, tid), policy=os.sched_getscheduler(tid))
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    assert seen == {"nice": 19, "policy": os.SCHED_IDLE}
+    main = threading.get_native_id()
+    assert os.sched_getscheduler(main) != os.SCHED_IDLE  # the calling thread only
