@@ -402,3 +402,20 @@ def test_helper_threads_yield_the_cpu_to_the_model():
     assert seen == {"nice": 19, "policy": os.SCHED_IDLE}
     main = threading.get_native_id()
     assert os.sched_getscheduler(main) != os.SCHED_IDLE  # the calling thread only
+
+
+def test_geojson_rings_round_coordinates_as_the_per_value_rule():
+    import json
+
+    from pipeline.outputs.geojson import _num, _ring
+
+    rng = np.random.default_rng(21)
+    for trial in range(20):
+        pts = rng.integers(-5000, 90000, (int(rng.integers(3, 400)), 2)).astype(np.float64)
+        if trial % 2:
+            pts += rng.choice([0.0, 0.25, 0.125, 1 / 3, 0.005], size=pts.shape)  # fractional: the per-value path
+        ox, oy = float(rng.integers(0, 500)), float(rng.integers(0, 500)) + (0.5 if trial % 4 == 3 else 0.0)
+        want = [[_num(x - ox), _num(y - oy)] for x, y in pts.tolist()]
+        want.append(list(want[0]))
+        got = _ring(pts, ox, oy, "ring")
+        assert json.dumps(got) == json.dumps(want), trial  # same numbers, same int/float types

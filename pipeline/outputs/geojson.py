@@ -166,7 +166,11 @@ def _ring(points: np.ndarray, ox: float, oy: float, what: str) -> list[list[int 
         pts = pts[:-1]
     if pts.shape[0] < 3 or len(np.unique(pts, axis=0)) < 3:
         return None
-    ring = [[_num(x - ox), _num(y - oy)] for x, y in pts.tolist()]
+    rel = pts - np.array([ox, oy])
+    if np.all(np.abs(rel) < 2.0 ** 52) and np.all(rel == np.floor(rel)):
+        ring = rel.astype(np.int64).tolist()  # whole level-0 pixels (the usual case): what _num gives, at once
+    else:
+        ring = [[_num(x), _num(y)] for x, y in rel.tolist()]
     ring.append(list(ring[0]))
     return ring
 
