@@ -70,23 +70,17 @@ class SlideFeatures:
 
 
 def lower_thread_priority(nice: int = 19) -> None:
-    """Make the calling thread yield the CPU to the model's threads (Linux: per-thread nice value
-    and the ``SCHED_IDLE`` policy).
+    """Make the calling thread yield the CPU to the model's threads (Linux: per-thread nice value).
 
     When the model runs on the CPU with as many threads as cores, readers at normal priority
     pre-empt its threads and every parallel region then waits for the pre-empted one; at the
-    lowest priority the readers fill the gaps the model leaves instead. ``SCHED_IDLE`` goes
-    further than nice 19 (which still gets ~1.5 % of a busy core in time slices): on the 2-core
-    CPU the torch-bf16 model ran ~8 % faster inside the pipeline with it (interleaved runs, 373 →
-    397 tiles/s end to end). No-op where unsupported.
+    lowest priority the readers fill the gaps the model leaves instead. (``SCHED_IDLE`` gave the
+    model another ~6 % on the idle 2-core CPU, but its threads get ~0.3 % of a core against any
+    busy thread: on a machine shared with other jobs the readers would starve the model.)
+    No-op where unsupported.
     """
-    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except (AttributeError, OSError):
-        pass
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):
         pass
 

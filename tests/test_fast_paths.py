@@ -399,9 +399,8 @@ def test_helper_threads_yield_the_cpu_to_the_model():
     t = threading.Thread(target=helper)
     t.start()
     t.join()
-    assert seen == {"nice": 19, "policy": os.SCHED_IDLE}
-    main = threading.get_native_id()
-    assert os.sched_getscheduler(main) != os.SCHED_IDLE  # the calling thread only
+    assert seen == {"nice": 19, "policy": os.SCHED_OTHER}  # lowest priority, still a fair share on a busy machine
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the calling thread only
 
 
 def test_geojson_rings_round_coordinates_as_the_per_value_rule():
