@@ -97,36 +97,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None where the C library has none, e.g. macOS or musl)."""
-    import ctypes
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str):
+    """The C library's function ``name`` (None where the library or the function is missing,
+    e.g. ``malloc_trim``/``mallopt`` outside glibc, ``mallinfo2`` before glibc 2.33)."""
     import ctypes.util
 
     try:
-        name = ctypes.util.find_library("c")
-        lib = ctypes.CDLL(name) if name else None
+        lib_name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(lib_name) if lib_name else None
     except OSError:
         return None
-    return getattr(lib, "malloc_trim", None) if lib is not None else None
+    return getattr(lib, name, None) if lib is not None else None
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` or None."""
+    return _libc_function("malloc_trim")
 
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_TRIM_THRESHOLD = 1 << 30
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_mallopt():
-    """glibc's ``mallopt`` (None where the C library has none, e.g. macOS or musl)."""
-    import ctypes.util
-
-    try:
-        name = ctypes.util.find_library("c")
-        lib = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return getattr(lib, "mallopt", None) if lib is not None else None
 
 
 def keep_freed_memory() -> bool:
@@ -140,11 +132,11 @@ def keep_freed_memory() -> bool:
     batches: torch-fp32 173 → 378 tiles/s and torch-bf16 539 → 804 at batch 64, and 1.4 M →
     33 k page faults per 512 tiles. So: ``M_MMAP_MAX = 0`` (every allocation from the heaps, the
     main thread's grows with ``brk``) and automatic trimming only above 1 GiB free. Memory then
-    goes back where the pipeline says so: :func:`release_free_memory` after each slide's
-    large-temporary stages (tissue detection, model, heatmaps), which keeps the RSS of a long
-    run at the model's footprint plus the working set instead of the largest slide seen so far.
+    goes back where the pipeline says so (:class:`HeapReserve`: after a slide's tissue detection
+    and outputs, what exceeds the model's working memory), which keeps the RSS of a long run at
+    the model's footprint plus the working set instead of the largest slide seen so far.
     """
-    mallopt = _libc_mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
     ok = bool(mallopt(_M_MMAP_MAX, ctypes.c_int(0)))
@@ -160,14 +152,8 @@ class _MallInfo2(ctypes.Structure):
 
 @functools.lru_cache(maxsize=1)
 def _mallinfo2():
-    """glibc's ``mallinfo2`` (glibc >= 2.33; None elsewhere)."""
-    import ctypes.util
-
-    try:
-        name = ctypes.util.find_library("c")
-        fn = getattr(ctypes.CDLL(name), "mallinfo2", None) if name else None
-    except OSError:
-        return None
+    """glibc's ``mallinfo2`` returning :class:`_MallInfo2` (glibc >= 2.33; None elsewhere)."""
+    fn = _libc_function("mallinfo2")
     if fn is not None:
         fn.restype = _MallInfo2
     return fn
