@@ -2,8 +2,9 @@
 
 ``torch-bf16`` runs bf16 autocast on CPUs with native bf16 (AVX-512 BF16 / AMX) and on CUDA
 GPUs that support bf16 (fp16 autocast on older GPUs), with every batch norm folded into the
-convolution before it (inference only: the running statistics are constants). On CUDA the uint8 batch goes through a
-pinned staging buffer and is normalised on the GPU (:class:`pipeline.features.PatchRunner`).
+convolution before it (inference only: the running statistics are constants). On CUDA the uint8
+batch goes through a pinned staging buffer and is normalised on the GPU
+(:class:`pipeline.features.PatchRunner`).
 """
 
 from __future__ import annotations
