@@ -193,18 +193,20 @@ class HeapReserve:
     bound, torch-bf16 at batch 64 re-faulted ~500 pages per tile, 1.4 ms of system time per
     tile, a fifth of the CPU time on the 2-core CPU). So the bound grows to the free memory seen
     right after a model stage (:meth:`note_model_done`, with 25 % headroom; at least ``floor``
-    bytes), and :meth:`release` trims only above it. Thread-safe enough: the bound only grows.
+    and at most ``ceiling`` bytes: what another stage happened to free at that moment cannot
+    raise it without limit), and :meth:`release` trims only above it. Thread-safe enough: the
+    bound only grows.
     """
 
-    def __init__(self, floor: int = 128 << 20) -> None:
-        self.floor = int(floor)
+    def __init__(self, floor: int = 128 << 20, ceiling: int = _KEEP_TRIM_THRESHOLD) -> None:
+        self.floor, self.ceiling = int(floor), int(ceiling)
         self.reserve = int(floor)
 
     def note_model_done(self) -> None:
         """Call right after the model stage of a slide: what is free now is the model's working memory."""
         free = heap_free_bytes()
         if free is not None:
-            self.reserve = max(self.reserve, int(free * 1.25))
+            self.reserve = min(self.ceiling, max(self.reserve, int(free * 1.25)))
 
     def release(self) -> bool:
         """Trim the heap if more than the reserve is free; whether it trimmed."""

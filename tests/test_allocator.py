@@ -60,3 +60,24 @@ def test_freed_blocks_are_reused_without_page_faults_and_given_back_on_request()
     # what was kept is given back when the pipeline asks (after a slide's large temporaries)
     assert kept["trimmed"] is True
     assert kept["free_after_trim"] is None or kept["free_after_trim"] < (64 << 20)
+
+
+def test_heap_reserve_grows_to_the_model_working_memory_within_bounds(monkeypatch):
+    from pipeline import runtime
+
+    free = {"bytes": 50 << 20}
+    monkeypatch.setattr(runtime, "heap_free_bytes", lambda: free["bytes"])
+    trims = []
+    monkeypatch.setattr(runtime, "_malloc_trim", lambda: trims.append)
+    heap = runtime.HeapReserve(floor=128 << 20, ceiling=1 << 30)
+    heap.note_model_done()
+    assert heap.reserve == 128 << 20  # never below the floor
+    free["bytes"] = 400 << 20  # the model's activations and batches, free between slides
+    heap.note_model_done()
+    assert heap.reserve == 500 << 20
+    assert heap.release() is False and not trims  # the next slide needs them again: kept
+    free["bytes"] = 900 << 20  # a large slide's temporaries on top: given back
+    assert heap.release() is True and trims == [0]
+    free["bytes"] = 5 << 30
+    heap.note_model_done()
+    assert heap.reserve == 1 << 30  # bounded
