@@ -1,6 +1,6 @@
 """Benchmark: end-to-end inference throughput vs the model alone, stage breakdown, peak memory.
 
-    python benchmarks/throughput.py [--backend auto] [--batch-size 64] [--repeats 3] [--quick] [--json]
+    python benchmarks/throughput.py [--backend auto] [--batch-size N] [--heatmap-mpp 4] [--repeats 3] [--quick] [--json]
                                     [--model models/demo_bundle] [--cache-dir DIR] [--reader-threads 2]
 
 On a fixed set of synthetic slides (made once with a fixed seed into the cache folder: 4 slides
