@@ -9,14 +9,16 @@ chosen backend (``auto`` resolves as ``infer.py`` does):
 
 * end-to-end tiles/s and slides/hour through the real ``infer.py`` path (open, tissue, tiling,
   reading, model, quality, aggregation, rules, heatmaps, GeoJSON, report, FHIR, summary) into a
-  fresh output folder each run (no feature-cache reuse); model loading is set-up, not counted;
+  fresh output folder each run (no feature-cache reuse); model loading and one warm-up pass over
+  the set per backend are set-up, not counted;
 * model-only tiles/s: the same runner on random uint8 batches of the same batch size;
 * their ratio, and a stage breakdown as shares of the slides' time (``outputs`` = heatmaps,
   GeoJSON, gallery, report, FHIR); the slides' stages overlap as in ``infer.py`` (next slide
   prepared and previous slide's outputs written while one is in the model), so
   ``outputs_share`` is the outputs' CPU time over the whole run's CPU time (what they take from
   the slides), and ``outputs_wall_share`` their wall time over the slides' stage time;
-* the same end-to-end run with plain torch-fp32 eager → ``speedup_vs_fp32_eager``;
+* the same end-to-end run with plain torch-fp32 eager → ``speedup_vs_fp32_eager``, and that
+  backend's model-only tiles/s → ``model_speedup_vs_fp32_eager`` (the end-to-end speedup's ceiling);
 * peak RSS of processing one slide and one 4x larger in area, each in a fresh subprocess
   (the child's ``VmHWM``, i.e. its own ``ru_maxrss``; also the peak while the slide itself was
   processed, with the high-water mark reset after loading the model).
