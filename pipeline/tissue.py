@@ -165,24 +165,34 @@ def _disk(radius_px: float) -> np.ndarray:
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """``mask`` without its 8-connected components of fewer than ``min_px`` pixels.
+
+    Component areas are counted from the labels (OpenCV's labelling without statistics is ~6x
+    cheaper than with them, and only the areas are needed); when no component is that small the
+    mask comes back as is.
+    """
     if min_px <= 1:
         return mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    keep = np.bincount(labels.ravel(), minlength=n) >= min_px
+    keep[0] = False  # the background
+    if keep[1:].all():
+        return mask
     return keep[labels]
 
 
 def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """``mask`` with its 4-connected holes of at most ``max_px`` pixels filled (holes touching the
+    image border are not holes). Areas and border contact come from the labels, as in
+    :func:`_remove_small`."""
     if max_px <= 0:
         return mask
-    holes = ~mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
-    h, w = mask.shape
-    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-    touches_border = (x == 0) | (y == 0) | (x + stats[:, cv2.CC_STAT_WIDTH] == w) | (y + stats[:, cv2.CC_STAT_HEIGHT] == h)
-    small = (stats[:, cv2.CC_STAT_AREA] <= max_px) & ~touches_border
+    n, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    small = np.bincount(labels.ravel(), minlength=n) <= max_px
+    small[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False  # touch the border
     small[0] = False  # label 0 is the tissue itself
+    if not small.any():
+        return mask
     return mask | small[labels]
 
 

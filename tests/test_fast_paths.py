@@ -418,3 +418,33 @@ def test_geojson_rings_round_coordinates_as_the_per_value_rule():
         want.append(list(want[0]))
         got = _ring(pts, ox, oy, "ring")
         assert json.dumps(got) == json.dumps(want), trial  # same numbers, same int/float types
+
+
+def test_small_objects_and_holes_match_the_component_statistics_definition():
+    import cv2
+
+    from pipeline.tissue import _fill_small_holes, _remove_small
+
+    def remove_ref(mask, min_px):  # the definition: OpenCV's component statistics
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+        return keep[labels]
+
+    def fill_ref(mask, max_px):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+        h, w = mask.shape
+        x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+        border = (x == 0) | (y == 0) | (x + stats[:, cv2.CC_STAT_WIDTH] == w) | (y + stats[:, cv2.CC_STAT_HEIGHT] == h)
+        small = (stats[:, cv2.CC_STAT_AREA] <= max_px) & ~border
+        small[0] = False
+        return mask | small[labels]
+
+    rng = np.random.default_rng(31)
+    for trial in range(60):
+        h, w = int(rng.integers(1, 120)), int(rng.integers(1, 160))
+        noise = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), float(rng.uniform(0.5, 4)))
+        mask = noise > np.quantile(noise, rng.uniform(0.2, 0.8))
+        for px in (0, 1, 2, 5, 30, 400):
+            assert np.array_equal(_remove_small(mask, px), remove_ref(mask, px) if px > 1 else mask), (trial, px)
+            assert np.array_equal(_fill_small_holes(mask, px), fill_ref(mask, px) if px > 0 else mask), (trial, px)
