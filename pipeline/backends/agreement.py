@@ -65,8 +65,8 @@ DEFAULT_BACKENDS = ("torch-bf16", "onnx-fp32", "onnx-int8")
 class FanOutRunner:
     """Feeds every uint8 batch to several runners; returns the reference's outputs, keeps the others'.
 
-    :meth:`take` returns and clears the
-    outputs collected since the last call, ``{name: (probs (N, C), embeddings (N, D))}``.
+    :meth:`take` returns and clears the outputs collected since the last call,
+    ``{name: (probs (N, C), embeddings (N, D))}``.
     """
 
     def __init__(self, runners: dict[str, Runner], reference: str) -> None:
