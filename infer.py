@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap-mpp", type=float, default=4.0,
                     help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
                          "2 µm/px tissue thumbnail; finer costs time per slide)")
+    ap.add_argument("--heatmap-format", choices=["jpeg", "png"], default="jpeg",
+                    help="heatmap image files: jpeg (default; quality 90, full colour resolution, the bytes the report "
+                         "embeds) or png (lossless, ~4x the encoding time and ~3x the size)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--backend", default="auto", help=BACKEND_HELP + "; the backend used is recorded in run.json")
     ap.add_argument("--force", action="store_true", help="redo slides that are already done")
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out is required (except for the demo)")
     opts = BatchOptions(slides_dir=args.slides_dir, out_dir=args.out, model=args.model, clinical=args.clinical, mpp=args.mpp,
                         slides_table=args.slides_table, workers=args.workers, reader_threads=args.reader_threads,
-                        batch_size=args.batch_size, heatmap_mpp=args.heatmap_mpp, force=args.force, device=args.device, backend=args.backend,
+                        batch_size=args.batch_size, heatmap_mpp=args.heatmap_mpp,
+                        heatmap_format=args.heatmap_format, force=args.force, device=args.device, backend=args.backend,
                         engine=args.engine, address=args.address, gpus_per_worker=args.gpus_per_worker,
                         cpus_per_worker=args.cpus_per_worker, quiet=args.quiet, command=["infer.py", *(argv or [])])
     record = run_batch(opts)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 
 from conftest import REPO
@@ -64,9 +65,12 @@ def test_mixed_folder_outputs_and_exit_status(mixed_run, synthetic_pair):
         r = res[sid]
         assert r["status"] == "ok", (sid, r.get("error"), r["quality"])
         assert 0.0 <= r["nme_probability"] <= 1.0 and r["band"] in ("LOW", "INDETERMINATE", "HIGH")
-        for name in ("tiles.geojson", "tissue.geojson", "heatmap_pallor.png", "heatmap_necrolysis.png",
-                     "heatmap_parakeratosis.png", "heatmap_attention.png", "report.html", "fhir.json"):
+        for name in ("tiles.geojson", "tissue.geojson", "heatmap_pallor.jpg", "heatmap_necrolysis.jpg",
+                     "heatmap_parakeratosis.jpg", "heatmap_attention.jpg", "report.html", "fhir.json"):
             assert (out / sid / name).is_file(), (sid, name)
+            assert name in r["files"], (sid, name)
+        heatmap = cv2.imread(str(out / sid / "heatmap_pallor.jpg"))  # a real JPEG: title band, thumbnail, legend
+        assert heatmap is not None and heatmap.shape[1] >= 560 and heatmap.shape[0] > 100
         assert r["mpp"]["requested"] == 0.5 and r["mpp"]["effective"] == pytest.approx(0.5, rel=0.1)
         assert r["model"]["sha256"] and "synthetic" in r["model"]["label"]
         assert r["recommendations"]["disclaimer"]

@@ -43,6 +43,9 @@ HEATMAPS = ("pallor", "necrolysis", "parakeratosis", "attention")
 #: 0.5 µm/px is 28 px wide there). Finer costs more: at 2 µm/px (the tissue thumbnail) drawing and
 #: PNG-encoding the four heatmaps took ~0.5 s per 3 x 2 mm slide on the 2-core CPU.
 HEATMAP_MPP = 4.0
+#: Default file format of the heatmap images (:data:`pipeline.outputs.heatmap.HEATMAP_FORMATS`):
+#: JPEG, whose bytes the report embeds too; ``png`` for lossless files (~4x the encoding time).
+HEATMAP_FORMAT = "jpeg"
 GALLERY_SIZE = 6
 CALIBRATION_NOTE = (
     "Calibrated on out-of-fold validation slides of the model's training data: among slides given about 0.8, "
@@ -68,6 +71,7 @@ class InferenceContext:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     backend: str = "torch"
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of heatmaps and report thumbnail (never finer than the tissue thumbnail)
+    heatmap_format: str = HEATMAP_FORMAT  # jpeg | png (files heatmap_<name>.jpg | .png)
     heap: HeapReserve = field(default_factory=HeapReserve)  # when freed memory goes back to the OS
 
     @property
@@ -446,8 +450,8 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
                    timings: dict[str, float], o: OutputInputs) -> None:
     """Heatmaps, GeoJSON, gallery, FHIR and report of a slide the model stages finished (no second model pass)."""
     from pipeline.outputs.geojson import write_tiles_geojson, write_tissue_geojson
-    from pipeline.outputs.heatmap import (ATTENTION_LEGEND, TileCoverage, encode_jpeg, encode_png, heatmap_base,
-                                          normalise_attention, render_heatmap)
+    from pipeline.outputs.heatmap import (ATTENTION_LEGEND, HEATMAP_FORMATS, TileCoverage, encode_heatmap, encode_jpeg,
+                                          heatmap_base, normalise_attention, render_heatmap)
     from pipeline.outputs.report import write_report
 
     feats, attention, mask, thumb, grid = o.feats, o.attention, o.mask, o.thumb, o.grid
@@ -464,6 +468,7 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
                         slide_id=job.slide_id)
     write_tissue_geojson(slide_dir / "tissue.geojson", contours, offset=bounds_origin, slide_id=job.slide_id)
     files += ["tiles.geojson", "tissue.geojson"]
+    view0 = time.thread_time()  # CPU of the heatmaps and the report (the rest: GeoJSON, FHIR)
     overlays: dict[str, bytes] = {}
     base, base_mpp, base_mask = heatmap_base(thumb, mask.mpp, mask.mask, ctx.heatmap_mpp)
     result["heatmap_mpp"] = round(base_mpp, 4)
@@ -475,10 +480,13 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
             img = render_heatmap(base, base_mpp, slide_mpp, feats.coords, feats.tile_size_l0, values, base_mask,
                                  origin=mask.origin, title=f"{job.slide_id} - {name}", coverage=coverage,
                                  **({"legend_label": ATTENTION_LEGEND} if name == "attention" else {}))
-            atomic_write_bytes(slide_dir / f"heatmap_{name}.png", encode_png(img))
-            overlays[name] = encode_jpeg(img)  # lossless PNG on disk, compact JPEG inside the report
-            files.append(f"heatmap_{name}.png")
-            del img
+            data = encode_heatmap(img, ctx.heatmap_format)
+            file = f"heatmap_{name}{HEATMAP_FORMATS[ctx.heatmap_format]}"
+            atomic_write_bytes(slide_dir / file, data)
+            # the report embeds the file's JPEG bytes, or a compact JPEG beside a lossless PNG
+            overlays[name] = data if ctx.heatmap_format == "jpeg" else encode_jpeg(img)
+            files.append(file)
+            del img, data
         del coverage
     gallery: dict[str, list[dict[str, Any]]] = {}
     if ok and len(feats):
@@ -493,18 +501,22 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
         missing = np.array([i for i in all_idx.tolist() if i not in crops], np.int64)  # features from the cache, or ties
         if len(missing):
             crops.update(zip(missing.tolist(), read_tiles_at(job.path, job.mpp, feats.coords[missing], grid.plan, grid.tile_px)))
+        jpegs = {i: encode_jpeg(crop) for i, crop in crops.items()}  # once per tile, also when it tops several patterns
         for p, order in with_tiles:
-            gallery[p] = [{"png": encode_jpeg(crops[int(i)]), "score": float(feats.column(p)[i]),
+            gallery[p] = [{"png": jpegs[int(i)], "score": float(feats.column(p)[i]),
                            "x": int(feats.coords[i][0]), "y": int(feats.coords[i][1])} for i in order]
     thumb_png = encode_jpeg(base)
     del base, base_mask
+    view_cpu = time.thread_time() - view0
     fhir = _write_fhir(result, slide_dir)
     if fhir:
         files.append(fhir)
     result["files"] = files + ["report.html"]
     timings["outputs"] = round(time.perf_counter() - t, 4)  # what the report shows (it cannot time itself)
+    report0 = time.thread_time()
     write_report(slide_dir / "report.html", _jsonable(result), thumb_png, overlays, gallery)
     timings["outputs"] = round(time.perf_counter() - t, 4)  # result.json: including the report
+    timings["outputs.heatmaps_report_cpu"] = round(view_cpu + time.thread_time() - report0, 4)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.batch.discovery import SlideJob, discover, read_slide_table
-from pipeline.batch.process import HEATMAP_MPP, InferenceContext, process_slides, versions
+from pipeline.batch.process import HEATMAP_FORMAT, HEATMAP_MPP, InferenceContext, process_slides, versions
 from pipeline.batch.state import OutputLock, is_done, read_result
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
@@ -51,6 +51,7 @@ class BatchOptions:
     reader_threads: int = 2  # tile reader threads per slide (both engines)
     batch_size: int | None = None  # tiles per model batch; None: DEFAULT_BATCH_SIZE for the device
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of the heatmap images and the report thumbnail
+    heatmap_format: str = HEATMAP_FORMAT  # jpeg | png
     force: bool = False
     device: str = "auto"
     precision: str = "auto"
@@ -103,6 +104,7 @@ class RunFacts:
 def check_options(opts: BatchOptions) -> None:
     """Engine-related option errors, one line each, before anything is read or written."""
     from pipeline.backends import check_backend_name
+    from pipeline.outputs.heatmap import HEATMAP_FORMATS
 
     check_backend_name(opts.backend)
     if opts.engine not in ENGINES:
@@ -113,6 +115,8 @@ def check_options(opts: BatchOptions) -> None:
         raise ConfigError(f"--reader-threads must be at least 1 (got {opts.reader_threads})")
     if not opts.heatmap_mpp > 0:
         raise ConfigError(f"--heatmap-mpp must be a positive µm/px (got {opts.heatmap_mpp})")
+    if opts.heatmap_format not in HEATMAP_FORMATS:
+        raise ConfigError(f"unknown --heatmap-format {opts.heatmap_format!r}; choose one of {', '.join(HEATMAP_FORMATS)}")
     if opts.workers is not None and opts.workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {opts.workers})")
     if opts.engine == "local":
@@ -176,7 +180,8 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     return InferenceContext(bundle=bundle, predictor=predictor, runner=runner, ruleset=ruleset, clinical=clinical,
                             out_dir=opts.out_dir, cache_dir=opts.out_dir / ".cache",
                             batch_size=opts.batch_size or default_batch_size(runner.device),
-                            reader_threads=max(1, opts.reader_threads), backend=backend, heatmap_mpp=opts.heatmap_mpp)
+                            reader_threads=max(1, opts.reader_threads), backend=backend, heatmap_mpp=opts.heatmap_mpp,
+                            heatmap_format=opts.heatmap_format)
 
 
 def run_batch(opts: BatchOptions) -> dict[str, Any]:

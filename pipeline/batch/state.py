@@ -95,6 +95,12 @@ def _file_ok(path: Path) -> bool:
                 fh.seek(max(0, size - 12))
                 tail = fh.read()
             return head == b"\x89PNG\r\n\x1a\n" and b"IEND" in tail
+        elif suffix in (".jpg", ".jpeg"):
+            with open(path, "rb") as fh:
+                head = fh.read(3)
+                fh.seek(max(0, path.stat().st_size - 2))
+                tail = fh.read()
+            return head == b"\xff\xd8\xff" and tail == b"\xff\xd9"  # start of image ... end of image
         elif suffix == ".html":
             with open(path, "rb") as fh:
                 fh.seek(max(0, path.stat().st_size - 64))

@@ -19,7 +19,9 @@ from pipeline.outputs.geojson import (
 )
 from pipeline.outputs.heatmap import (
     ATTENTION_LEGEND,
+    HEATMAP_FORMATS,
     PROBABILITY_LEGEND,
+    encode_heatmap,
     encode_jpeg,
     encode_png,
     normalise_attention,
@@ -31,7 +33,9 @@ from pipeline.outputs.summary import format_orders, write_index_html, write_summ
 
 __all__ = [
     "ATTENTION_LEGEND",
+    "HEATMAP_FORMATS",
     "PROBABILITY_LEGEND",
+    "encode_heatmap",
     "encode_jpeg",
     "encode_png",
     "format_orders",

@@ -353,12 +353,15 @@ def overlay_values(
             mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
         show &= mask
     body = rgb.copy()
-    if show.any():
+    x, y, bw, bh = cv2.boundingRect(show.view(np.uint8))  # only the shown pixels' bounding box is coloured
+    if bw and bh:
+        win = (slice(y, y + bh), slice(x, x + bw))
         # (1 - alpha) * thumbnail + alpha * colour, rounded and saturated (OpenCV), kept where shown
-        colours = values_to_rgb(mean, vmin, vmax)
-        blended = cv2.addWeighted(rgb, 1.0 - alpha, colours, alpha, 0.0)
+        colours = values_to_rgb(mean[win], vmin, vmax)
+        blended = cv2.addWeighted(rgb[win], 1.0 - alpha, colours, alpha, 0.0)
         del colours
-        body = cv2.copyTo(blended, show.view(np.uint8), body)  # masked copy, ~100x faster than np.copyto(where=)
+        # masked copy (~100x faster than np.copyto(where=)) into the window, a view of body
+        cv2.copyTo(blended, np.ascontiguousarray(show[win]).view(np.uint8), body[win])
     return body
 
 
@@ -493,13 +496,38 @@ def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
     return b"".join([b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), *idat, _png_chunk(b"IEND", b"")])
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """JPEG bytes of an (H, W, 3) uint8 RGB image (smaller reports for large thumbnails)."""
+def encode_jpeg(rgb: np.ndarray, quality: int = 90, full_chroma: bool = False) -> bytes:
+    """JPEG bytes of an (H, W, 3) uint8 RGB image.
+
+    ``full_chroma``: keep colour at full resolution (4:4:4) instead of halving it (4:2:0); for
+    images whose colours carry the information (heatmaps: sharp tile edges, legend), at ~1.6x
+    the encoding time and ~20 % more bytes.
+    """
     img = np.asarray(rgb)
-    ok, buf = cv2.imencode(".jpg", _to_bgr(img), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    if full_chroma:
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    ok, buf = cv2.imencode(".jpg", _to_bgr(img), params)
     if not ok:
         raise ValueError(f"could not encode image of shape {img.shape} as JPEG")
     return buf.tobytes()
+
+
+#: Heatmap file formats: name -> file suffix. ``jpeg`` (default): quality 90, full-resolution
+#: colour; on a 750x613 heatmap 1.6 ms and 74 KB (PSNR 42 dB against the exact image), the same
+#: bytes embedded in the report. ``png``: lossless, 6.4 ms and 227 KB, plus a JPEG for the report.
+HEATMAP_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+#: JPEG quality of heatmap files and of the report's heatmap images.
+HEATMAP_JPEG_QUALITY = 90
+
+
+def encode_heatmap(img: np.ndarray, fmt: str = "jpeg") -> bytes:
+    """Bytes of a rendered heatmap (uint8 RGB) in one of :data:`HEATMAP_FORMATS`."""
+    if fmt == "jpeg":
+        return encode_jpeg(img, HEATMAP_JPEG_QUALITY, full_chroma=True)
+    if fmt == "png":
+        return encode_png(img)
+    raise ValueError(f"unknown heatmap format {fmt!r}; choose one of {', '.join(HEATMAP_FORMATS)}")
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
