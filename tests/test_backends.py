@@ -350,6 +350,8 @@ def test_throughput_benchmark_quick_json(tmp_path, bundle_dir, no_record):
     assert r["peak_rss_mb_small"] > 0 and r["peak_rss_mb_large"] > 0
     assert r["machine"]["cpu"] and r["machine"]["torch_threads"] >= 1
     assert abs(sum(r["stage_share_of_slide_time"].values()) - 1.0) < 0.05
+    assert 0 < r["heatmaps_reports_share"] < r["outputs_share"] < 1 and r["outputs_cpu_ms_per_slide"] > 0
+    assert set(r["targets"]) == {"ratio", "speedup_vs_fp32_eager", "rss_large_over_small", "heatmaps_reports_share"}
 
 
 # --------------------------------------------------------------------------- streaming tile reader
@@ -430,9 +432,47 @@ def test_overlapping_the_slide_stages_changes_nothing(tmp_path, slides, bundle_d
     for sid, r in results[True].items():
         if sid != "broken":
             assert r["status"] in ("ok", "non_diagnostic") and r["n_tiles"] > 0
-            for name in ("tiles.geojson", "heatmap_pallor.png", "heatmap_attention.png"):
+            for name in ("tiles.geojson", "heatmap_pallor.jpg", "heatmap_attention.jpg"):
                 a = (tmp_path / "outTrue" / sid / name).read_bytes()
                 assert a == (tmp_path / "outFalse" / sid / name).read_bytes(), name
+
+
+def test_heatmap_files_jpeg_by_default_png_on_request(tmp_path, slides, bundle_dir, cache_dir, no_record, monkeypatch):
+    """The same rendered heatmaps as JPEG files (default, the bytes the report embeds) or lossless PNG files."""
+    import base64
+
+    import cv2
+
+    from pipeline.batch.process import process_slides
+    from pipeline.batch.runner import BatchOptions, build_context, check_inputs
+    from pipeline.batch.state import is_done
+
+    monkeypatch.setenv("NME_PIPELINE_CACHE", str(cache_dir))
+    src = tmp_path / "in"
+    src.mkdir()
+    slide = next(f for f in sorted((slides / "slides").glob("*.tiff")))
+    shutil.copy(slide, src / slide.name)
+    images = {}
+    for fmt, suffix in (("jpeg", ".jpg"), ("png", ".png")):
+        opts = BatchOptions(slides_dir=src, out_dir=tmp_path / fmt, model=bundle_dir, backend="onnx-fp32", quiet=True,
+                            heatmap_format=fmt)
+        jobs = check_inputs(opts)
+        (r,) = process_slides(jobs, build_context(opts, jobs))
+        assert r["status"] == "ok", r.get("error")
+        d = tmp_path / fmt / slide.stem
+        names = [f"heatmap_{m}{suffix}" for m in ("pallor", "necrolysis", "parakeratosis", "attention")]
+        assert [f for f in r["files"] if f.startswith("heatmap_")] == names
+        assert not list(d.glob("heatmap_*" + (".png" if fmt == "jpeg" else ".jpg")))
+        assert is_done(d)
+        images[fmt] = cv2.imread(str(d / names[0]))
+        report = (d / "report.html").read_text()
+        if fmt == "jpeg":  # the report shows the file's bytes
+            assert base64.b64encode((d / names[0]).read_bytes()).decode() in report
+        else:  # lossless file, compact JPEG in the report
+            assert base64.b64encode((d / names[0]).read_bytes()).decode() not in report
+        assert report.count("data:image/jpeg;base64,") >= 5
+    assert images["jpeg"].shape == images["png"].shape
+    assert cv2.PSNR(images["jpeg"], images["png"]) > 38  # quality 90, full-resolution colour
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet18"])
