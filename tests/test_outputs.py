@@ -624,3 +624,72 @@ def test_index_html_links_counts_and_escaping(tmp_path: Path) -> None:
     assert DEMO_MODEL_LABEL in text and "Decision support only" in text
     assert "<script>" in text and _external_refs(text.replace('href="slides/', 'href="#')) == []
     assert "<!DOCTYPE html>" in render_index([], {})
+
+
+# ---------------------------------------------------------------------------------------------
+# report file bytes (written as bytes with the images spliced in)
+# ---------------------------------------------------------------------------------------------
+
+def test_report_file_is_exactly_the_rendered_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections.abc import Mapping
+
+    import pipeline.outputs.report as report_mod
+
+    case = make_case()
+    overlays = render_overlays(case)
+    overlays["pallor"] = cv2.imencode(".jpg", case["thumb"])[1].tobytes()  # JPEG as the batch runner embeds
+    gallery = make_gallery(case)
+    gallery["pallor"].append({"png": gallery["necrolysis"][0]["png"], "score": 0.5, "x": 1, "y": 2})  # same bytes twice
+    gallery["pallor"].append({"png": b"", "score": 0.4, "x": 3, "y": 4})  # no image: skipped
+    ok = make_result(slide_id="S-ü <nme-report-image> µm·—")
+    ok["calibration_note"] = "<nme-report-image> in the text is escaped"
+    failed = make_result(slide_id="S-9", status="failed", prob=None, band=None)
+
+    class FreshTile(Mapping):  # hands out a new bytes object each time: short-lived images, ids reused
+        def __init__(self, tile: dict[str, Any]) -> None:
+            self.tile = tile
+
+        def __getitem__(self, key: str) -> Any:
+            return bytes(bytearray(self.tile[key])) if key == "png" else self.tile[key]
+
+        def __iter__(self) -> Any:
+            return iter(self.tile)
+
+        def __len__(self) -> int:
+            return len(self.tile)
+
+    fresh = {p: [FreshTile(t) for t in tiles] for p, tiles in make_gallery(case).items()}
+    cases = [(ok, encode_png(case["thumb"]), overlays, gallery), (ok, None, None, None), (ok, b"", {}, {}),
+             (failed, encode_png(case["thumb"]), overlays, gallery), ({}, None, None, None), (ok, None, {}, fresh)]
+    plain: list[int] = []  # calls of the plain rendering, the fallback
+    monkeypatch.setattr(report_mod, "render_report", lambda *a: plain.append(1) or render_report(*a))
+    for i, args in enumerate(cases):
+        want = render_report(*args).encode("utf-8")
+        assert write_report(tmp_path / f"r{i}.html", *args).read_bytes() == want, i
+    assert not plain, "the images are spliced in as bytes"
+    # the stand-in for the images also in the text itself (cannot come out of esc()): rendered plainly
+    monkeypatch.setattr(report_mod, "_IMAGE_MARK", "card")
+    args = cases[0]
+    assert write_report(tmp_path / "r.html", *args).read_bytes() == render_report(*args).encode("utf-8")
+    assert plain
+    assert no_tmp_left(tmp_path)
+    with pytest.raises(ValueError, match="not PNG"):
+        write_report(tmp_path / "bad.html", ok, b"not an image", None, None)
+    assert not (tmp_path / "bad.html").exists()
+
+
+def test_data_uri_types() -> None:
+    import base64
+
+    from pipeline.outputs._html import data_uri, data_uri_parts
+
+    samples = {"image/png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "image/jpeg": b"\xff\xd8\xff\xe0 jpeg",
+               "image/gif": b"GIF89a gif", "image/webp": b"RIFF\x10\x00\x00\x00WEBPVP8 "}
+    for mime, data in samples.items():
+        want = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+        assert data_uri(data) == want
+        head, body = data_uri_parts(data)
+        assert (head + body).decode("ascii") == want
+    assert data_uri(b"") is None and data_uri(None) is None and data_uri_parts(b"") is None
+    with pytest.raises(ValueError):
+        data_uri(b"BM bitmap")

@@ -76,6 +76,16 @@ def fmt_num(value: Any, fmt: str = ".2f") -> str:
 
 def data_uri(data: bytes | None) -> str | None:
     """``data:`` URI for PNG/JPEG/GIF/WebP bytes (type sniffed from the magic number); None if empty."""
+    parts = data_uri_parts(data)
+    return None if parts is None else (parts[0] + parts[1]).decode("ascii")
+
+
+def data_uri_parts(data: bytes | None) -> tuple[bytes, bytes] | None:
+    """:func:`data_uri` as ASCII bytes in two parts, ``data:<type>;base64,`` and the base64 text.
+
+    For writers that assemble a file's bytes: the (large) base64 text is joined in as it is, with
+    no str copy of it.
+    """
     if not data:
         return None
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -88,7 +98,7 @@ def data_uri(data: bytes | None) -> str | None:
         mime = "image/webp"
     else:
         raise ValueError("image bytes are not PNG, JPEG, GIF or WebP")
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return f"data:{mime};base64,".encode("ascii"), base64.b64encode(data)
 
 
 def plain_text(value: Any) -> str:

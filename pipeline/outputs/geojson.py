@@ -14,7 +14,8 @@ Conventions (QuPath >= 0.4, see ``shared/docs/anchors.md``):
 * tissue: ``properties = {"objectType": "annotation", "isLocked": false,
   "classification": {"name": "Tissue", "color": [r, g, b]}}`` — editable and re-importable.
 
-Files are written compactly (no indentation) and atomically via :mod:`pipeline.io`.
+Files are written compactly (no indentation) and atomically via :mod:`pipeline.io`; the writers
+assemble the JSON text directly, byte for byte what ``json.dumps`` makes of the feature dicts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,16 +61,35 @@ def class_colour(name: str) -> list[int]:
     return [64 + digest[0] % 160, 64 + digest[1] % 160, 64 + digest[2] % 160]
 
 
+_ID_NAMESPACE_BYTES = ID_NAMESPACE.bytes  # UUID.bytes is computed on each access
+#: First hex digit of the 9th byte of a UUID given the RFC 4122 variant (``0b10xx``), by the digest's digit.
+_VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
+def _uuid5_text(name: bytes) -> str:
+    """``str(uuid.uuid5(ID_NAMESPACE, name))`` for the UTF-8 ``name``, without the ``UUID`` object (4x faster)."""
+    hx = hashlib.sha1(_ID_NAMESPACE_BYTES + name).hexdigest()
+    # as uuid.UUID(bytes=digest[:16], version=5): version 5 in the 13th hex digit, the variant in the 17th
+    return f"{hx[:8]}-{hx[8:12]}-5{hx[13:16]}-{_VARIANT_DIGIT[hx[16]]}{hx[17:20]}-{hx[20:32]}"
+
+
 def feature_id(slide_id: str, kind: str, *key: object) -> str:
     """Deterministic UUID (string) for a feature of ``kind`` on ``slide_id`` at ``key``."""
     name = "|".join([slide_id, kind, *(str(k) for k in key)])
-    return str(uuid.uuid5(ID_NAMESPACE, name))
+    return _uuid5_text(name.encode("utf-8"))
 
 
 def _num(v: float) -> int | float:
     """Round a coordinate; integral values become ints (smaller files, exact)."""
     r = round(float(v), COORD_DECIMALS)
     return int(r) if r.is_integer() else r
+
+
+def _nums(values: np.ndarray) -> list[int | float]:
+    """:func:`_num` of each value of a 1-D float array; all at once when all are whole (the usual case)."""
+    if np.all(np.abs(values) < 2.0 ** 52) and np.all(values == np.floor(values)):
+        return values.astype(np.int64).tolist()
+    return [_num(v) for v in values.tolist()]
 
 
 def _classification(name: str | None, colour: Sequence[int] | None = None) -> dict[str, Any] | None:
@@ -88,6 +108,58 @@ def _check_coords(coords: np.ndarray) -> np.ndarray:
     if arr.size and not np.all(np.isfinite(arr)):
         raise ValueError("coords contain non-finite values")
     return arr
+
+
+class _TileParts(NamedTuple):
+    """What a tile FeatureCollection is made of, as its dict and its JSON text both need it."""
+
+    ids: list[str]
+    corners: tuple[list[int | float], ...]  # rounded x0, y0, x1, y1 of every tile (offset applied)
+    columns: list[tuple[str, list[float | None]]]  # measurement name -> rounded value per tile, None if left out
+    cls: dict[str, Any] | None
+    finite: bool  # False when a number is not finite (overflow, a NaN/inf offset): the JSON writer refuses it
+
+
+def _tile_parts(
+    coords: np.ndarray,
+    tile_size_l0: float,
+    measurements: Mapping[str, np.ndarray],
+    offset: tuple[int, int],
+    classification: str | None,
+    slide_id: str,
+) -> _TileParts:
+    arr = _check_coords(coords)
+    n = arr.shape[0]
+    size = float(tile_size_l0)
+    if not math.isfinite(size) or size <= 0:
+        raise ValueError(f"tile_size_l0 must be a positive number of level-0 pixels, got {tile_size_l0!r}")
+    ox, oy = (float(offset[0]), float(offset[1]))
+
+    finite_all = True
+    columns: list[tuple[str, list[float | None]]] = []
+    for name, values in measurements.items():
+        v = np.asarray(values, dtype=np.float64).reshape(-1) if np.ndim(values) else None
+        if v is None or v.shape[0] != n:
+            raise ValueError(f"measurement {name!r} must have shape ({n},), got {np.shape(values)}")
+        finite = np.isfinite(v)
+        rounded = np.round(v, MEASUREMENT_DECIMALS)
+        finite_all = finite_all and bool(np.isfinite(rounded[finite]).all())
+        kept = rounded.tolist()
+        if not finite.all():
+            log.debug("measurement %r: %d non-finite value(s) left out", name, int((~finite).sum()))
+            kept = [r if ok else None for r, ok in zip(kept, finite.tolist())]
+        columns.append((str(name), kept))
+
+    cls = _classification(classification)
+    # the same float64 arithmetic as on each (x, y) one by one: x - ox, then + size
+    xy = arr.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: refused when written (as json.dumps does)
+        x0, y0 = xy[:, 0] - ox, xy[:, 1] - oy
+        x1, y1 = x0 + size, y0 + size
+    finite_all = finite_all and bool(np.isfinite(x1).all() and np.isfinite(y1).all())
+    prefix = "|".join([slide_id, "tile", ""]).encode()  # what feature_id(slide_id, "tile", x, y) hashes, less x|y
+    ids = [_uuid5_text(prefix + f"{kx}|{ky}".encode()) for kx, ky in zip(_nums(xy[:, 0]), _nums(xy[:, 1]))]
+    return _TileParts(ids, (_nums(x0), _nums(y0), _nums(x1), _nums(y1)), columns, cls, finite_all)
 
 
 def tiles_feature_collection(
@@ -114,45 +186,57 @@ def tiles_feature_collection(
     Returns:
         A GeoJSON dict ``{"type": "FeatureCollection", "features": [...]}``, one feature per tile.
     """
-    arr = _check_coords(coords)
-    n = arr.shape[0]
-    size = float(tile_size_l0)
-    if not math.isfinite(size) or size <= 0:
-        raise ValueError(f"tile_size_l0 must be a positive number of level-0 pixels, got {tile_size_l0!r}")
-    ox, oy = (float(offset[0]), float(offset[1]))
-
-    columns: list[tuple[str, list[float | None]]] = []
-    for name, values in measurements.items():
-        v = np.asarray(values, dtype=np.float64).reshape(-1) if np.ndim(values) else None
-        if v is None or v.shape[0] != n:
-            raise ValueError(f"measurement {name!r} must have shape ({n},), got {np.shape(values)}")
-        finite = np.isfinite(v)
-        if not finite.all():
-            log.debug("measurement %r: %d non-finite value(s) left out", name, int((~finite).sum()))
-        rounded = np.round(v, MEASUREMENT_DECIMALS).tolist()
-        columns.append((str(name), [r if ok else None for r, ok in zip(rounded, finite.tolist())]))
-
-    cls = _classification(classification)
+    parts = _tile_parts(coords, tile_size_l0, measurements, offset, classification, slide_id)
     features: list[dict[str, Any]] = []
-    for i, (x, y) in enumerate(arr.tolist()):
-        x0, y0 = x - ox, y - oy
-        x1, y1 = x0 + size, y0 + size
-        a, b, c, d = _num(x0), _num(y0), _num(x1), _num(y1)
+    for i, (fid, a, b, c, d) in enumerate(zip(parts.ids, *parts.corners)):
         ring = [[a, b], [c, b], [c, d], [a, d], [a, b]]
-        meas = {name: col[i] for name, col in columns if col[i] is not None}
+        meas = {name: col[i] for name, col in parts.columns if col[i] is not None}
         props: dict[str, Any] = {"objectType": "tile", "isLocked": True}
-        if cls is not None:
-            props["classification"] = cls
+        if parts.cls is not None:
+            props["classification"] = parts.cls
         props["measurements"] = meas
         features.append(
             {
                 "type": "Feature",
-                "id": feature_id(slide_id, "tile", _num(x), _num(y)),
+                "id": fid,
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": props,
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+#: One tile feature as compact JSON: id, ring corners (a, b, c, d = x0, y0, x1, y1), classification, measurements.
+_TILE_JSON = ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[[%s,%s],[%s,%s],[%s,%s],'
+              '[%s,%s],[%s,%s]]]},"properties":{"objectType":"tile","isLocked":true%s,"measurements":{%s}}}')
+
+
+def _tiles_json(parts: _TileParts) -> str:
+    """``_dump`` of the tiles' FeatureCollection, written directly (no per-tile dicts).
+
+    The numbers are Python ints and floats, whose ``str`` is what :func:`json.dumps` writes.
+    """
+    if not parts.finite:
+        raise ValueError("Out of range float values are not JSON compliant")
+    cls = f',"classification":{_compact(parts.cls)}' if parts.cls is not None else ""
+    n = len(parts.ids)
+    cells = [[None if v is None else f"{key}:{v}" for v in col]
+             for key, col in ((_compact(name), col) for name, col in parts.columns)]
+    meas = [",".join([c for c in row if c is not None]) for row in zip(*cells)] if cells else [""] * n
+    feats = [_TILE_JSON % (fid, a, b, c, b, c, d, a, d, a, b, cls, m)
+             for fid, a, b, c, d, m in zip(parts.ids, *parts.corners, meas)]
+    return '{"type":"FeatureCollection","features":[' + ",".join(feats) + "]}\n"
+
+
+def _has_3_distinct(pts: np.ndarray) -> bool:
+    """True if the (K, 2) points hold at least 3 distinct (x, y) (``len(np.unique(pts, axis=0)) >= 3``, no sort)."""
+    if pts.shape[0] < 3:
+        return False
+    not_first = np.any(pts != pts[0], axis=1)
+    if not not_first.any():
+        return False
+    second = pts[int(not_first.argmax())]
+    return bool(np.any(not_first & np.any(pts != second, axis=1)))
 
 
 def _ring(points: np.ndarray, ox: float, oy: float, what: str) -> list[list[int | float]] | None:
@@ -164,7 +248,7 @@ def _ring(points: np.ndarray, ox: float, oy: float, what: str) -> list[list[int 
         raise ValueError(f"{what} contains non-finite coordinates")
     if pts.shape[0] >= 2 and np.array_equal(pts[0], pts[-1]):
         pts = pts[:-1]
-    if pts.shape[0] < 3 or len(np.unique(pts, axis=0)) < 3:
+    if not _has_3_distinct(pts):
         return None
     rel = pts - np.array([ox, oy])
     if np.all(np.abs(rel) < 2.0 ** 52) and np.all(rel == np.floor(rel)):
@@ -173,6 +257,40 @@ def _ring(points: np.ndarray, ox: float, oy: float, what: str) -> list[list[int 
         ring = [[_num(x), _num(y)] for x, y in rel.tolist()]
     ring.append(list(ring[0]))
     return ring
+
+
+def _tissue_parts(
+    polygons: Sequence[np.ndarray],
+    holes: Sequence[Sequence[np.ndarray]] | None,
+    offset: tuple[int, int],
+    slide_id: str,
+    class_name: str,
+    colour: Sequence[int] | None,
+) -> tuple[list[tuple[str, list[list[list[int | float]]], str]], dict[str, Any]]:
+    """Each kept contour as (feature id, rings, rings as compact JSON), and the classification.
+
+    The id hashes ``json.dumps(rings)`` (default separators); the compact JSON is that text without
+    the spaces (rings hold numbers only), so the rings are encoded once.
+    """
+    if holes is not None and len(holes) != len(polygons):
+        raise ValueError(f"holes must be parallel to polygons ({len(polygons)}), got {len(holes)} entries")
+    ox, oy = (float(offset[0]), float(offset[1]))
+    cls = _classification(class_name, colour)
+    kept: list[tuple[str, list[list[list[int | float]]], str]] = []
+    for i, poly in enumerate(polygons):
+        outer = _ring(poly, ox, oy, f"tissue polygon {i}")
+        if outer is None:
+            log.warning("tissue polygon %d skipped: fewer than 3 distinct points", i)
+            continue
+        rings = [outer]
+        for j, hole in enumerate((holes[i] if holes is not None else None) or []):
+            r = _ring(hole, ox, oy, f"hole {j} of tissue polygon {i}")
+            if r is not None:
+                rings.append(r)
+        text = json.dumps(rings)
+        fid = feature_id(slide_id, "tissue", hashlib.sha256(text.encode()).hexdigest()[:32])
+        kept.append((fid, rings, text.replace(", ", ",")))
+    return kept, cls
 
 
 def tissue_feature_collection(
@@ -198,34 +316,39 @@ def tissue_feature_collection(
         A GeoJSON ``FeatureCollection``; contours with fewer than 3 distinct points are skipped
         (logged), as are degenerate holes.
     """
-    if holes is not None and len(holes) != len(polygons):
-        raise ValueError(f"holes must be parallel to polygons ({len(polygons)}), got {len(holes)} entries")
-    ox, oy = (float(offset[0]), float(offset[1]))
-    cls = _classification(class_name, colour)
-    features: list[dict[str, Any]] = []
-    for i, poly in enumerate(polygons):
-        outer = _ring(poly, ox, oy, f"tissue polygon {i}")
-        if outer is None:
-            log.warning("tissue polygon %d skipped: fewer than 3 distinct points", i)
-            continue
-        rings = [outer]
-        for j, hole in enumerate((holes[i] if holes is not None else None) or []):
-            r = _ring(hole, ox, oy, f"hole {j} of tissue polygon {i}")
-            if r is not None:
-                rings.append(r)
-        features.append(
-            {
-                "type": "Feature",
-                "id": feature_id(slide_id, "tissue", hashlib.sha256(json.dumps(rings).encode()).hexdigest()[:32]),
-                "geometry": {"type": "Polygon", "coordinates": rings},
-                "properties": {"objectType": "annotation", "isLocked": False, "classification": cls},
-            }
-        )
+    kept, cls = _tissue_parts(polygons, holes, offset, slide_id, class_name, colour)
+    features = [
+        {
+            "type": "Feature",
+            "id": fid,
+            "geometry": {"type": "Polygon", "coordinates": rings},
+            "properties": {"objectType": "annotation", "isLocked": False, "classification": cls},
+        }
+        for fid, rings, _ in kept
+    ]
     return {"type": "FeatureCollection", "features": features}
 
 
+#: One tissue feature as compact JSON: id, rings (compact JSON), classification (compact JSON).
+_TISSUE_JSON = ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":%s},'
+                '"properties":{"objectType":"annotation","isLocked":false,"classification":%s}}')
+
+
+def _tissue_json(kept: list[tuple[str, list[list[list[int | float]]], str]], cls: dict[str, Any]) -> str:
+    """``_dump`` of the tissue FeatureCollection from the rings' JSON text (no second encoding)."""
+    if any("Infinity" in text or "NaN" in text for _, _, text in kept):  # rings hold numbers only
+        raise ValueError("Out of range float values are not JSON compliant")  # as json.dumps(allow_nan=False)
+    cls_text = _compact(cls)
+    feats = [_TISSUE_JSON % (fid, text, cls_text) for fid, _, text in kept]
+    return '{"type":"FeatureCollection","features":[' + ",".join(feats) + "]}\n"
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
 def _dump(fc: dict[str, Any]) -> str:
-    return json.dumps(fc, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n"
+    return _compact(fc) + "\n"
 
 
 def write_tiles_geojson(
@@ -237,11 +360,19 @@ def write_tiles_geojson(
     classification: str | None = None,
     slide_id: str = "",
 ) -> Path:
-    """Write :func:`tiles_feature_collection` to ``path`` (compact JSON, atomic); returns the path."""
-    fc = tiles_feature_collection(coords, tile_size_l0, measurements, offset=offset,
-                                  classification=classification, slide_id=slide_id)
-    out = atomic_write_text(path, _dump(fc))
-    log.info("wrote %d tile(s) to %s", len(fc["features"]), out)
+    """Write :func:`tiles_feature_collection` to ``path`` (compact JSON, atomic); returns the path.
+
+    The text is written directly from the tiles' parts, byte for byte what ``json.dumps`` makes of
+    the dict (tests/test_geojson_bytes.py checks it).
+    """
+    parts = _tile_parts(coords, tile_size_l0, measurements, offset, classification, slide_id)
+    if len({name for name, _ in parts.columns}) < len(parts.columns):  # names equal as text: the dict's rules
+        text = _dump(tiles_feature_collection(coords, tile_size_l0, measurements, offset=offset,
+                                              classification=classification, slide_id=slide_id))
+    else:
+        text = _tiles_json(parts)
+    out = atomic_write_text(path, text)
+    log.info("wrote %d tile(s) to %s", len(parts.ids), out)
     return out
 
 
@@ -254,9 +385,12 @@ def write_tissue_geojson(
     class_name: str = "Tissue",
     colour: Sequence[int] | None = None,
 ) -> Path:
-    """Write :func:`tissue_feature_collection` to ``path`` (compact JSON, atomic); returns the path."""
-    fc = tissue_feature_collection(polygons, holes=holes, offset=offset, slide_id=slide_id,
-                                   class_name=class_name, colour=colour)
-    out = atomic_write_text(path, _dump(fc))
-    log.info("wrote %d tissue annotation(s) to %s", len(fc["features"]), out)
+    """Write :func:`tissue_feature_collection` to ``path`` (compact JSON, atomic); returns the path.
+
+    The text is written directly, byte for byte what ``json.dumps`` makes of the dict
+    (tests/test_geojson_bytes.py checks it).
+    """
+    kept, cls = _tissue_parts(polygons, holes, offset, slide_id, class_name, colour)
+    out = atomic_write_text(path, _tissue_json(kept, cls))
+    log.info("wrote %d tissue annotation(s) to %s", len(kept), out)
     return out

@@ -33,12 +33,12 @@ as "—"; unexpected types are tolerated, never a crash):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_bytes
 from pipeline.outputs._html import (
     DASH,
     DECISION_SUPPORT_DISCLAIMER,
@@ -49,6 +49,7 @@ from pipeline.outputs._html import (
     as_list,
     band_class,
     data_uri,
+    data_uri_parts,
     esc,
     fmt_num,
     is_demo_label,
@@ -62,6 +63,11 @@ from pipeline.outputs._html import (
 log = logging.getLogger(__name__)
 
 PATTERN_ORDER = ("pallor", "necrolysis", "parakeratosis")
+
+#: An image's ``src`` from its bytes: :func:`data_uri`, or the stand-in of :func:`write_report`; None = no image.
+_ImageSrc = Callable[[Any], str | None]
+#: Stands for an image's data URI in the text :func:`write_report` renders ("<" never comes out of ``esc``).
+_IMAGE_MARK = "<nme-report-image>"
 
 _CSS = """
 .summary .prob{display:flex;align-items:center;gap:14px;flex-wrap:wrap}
@@ -216,12 +222,13 @@ def _summary(result: Mapping[str, Any]) -> str:
     )
 
 
-def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Mapping[str, bytes]) -> str:
+def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Mapping[str, bytes],
+            image_src: _ImageSrc = data_uri) -> str:
     ok = _is_ok(result)
     views: list[tuple[str, str, str]] = []  # (button label, data uri, caption)
     if ok:
         for name, png in (overlays or {}).items():
-            uri = data_uri(png)
+            uri = image_src(png)
             if uri is None:
                 continue
             caption = ("Attention of the slide aggregator, relative within this slide (1 = most attended tile)."
@@ -231,7 +238,7 @@ def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Ma
             views.append((_pretty(name), uri, caption))
     elif overlays:
         log.info("%s: status %s, overlays not shown", result.get("slide_id"), result.get("status"))
-    thumb = data_uri(thumbnail_png)
+    thumb = image_src(thumbnail_png)
     if thumb is not None:
         views.append(("Slide only", thumb, "Slide thumbnail without overlay."))
     if not views:
@@ -418,7 +425,8 @@ def _evidence(recs: Mapping[str, Any]) -> str:
     return f'<h3>Sources cited by the rules</h3><ul class="plain small">{items}</ul>'
 
 
-def _gallery(result: Mapping[str, Any], gallery: Mapping[str, list[Mapping[str, Any]]]) -> str:
+def _gallery(result: Mapping[str, Any], gallery: Mapping[str, list[Mapping[str, Any]]],
+             image_src: _ImageSrc = data_uri) -> str:
     if not _is_ok(result) or not gallery:
         return ""
     groups = []
@@ -426,7 +434,7 @@ def _gallery(result: Mapping[str, Any], gallery: Mapping[str, list[Mapping[str, 
         figs = []
         for t in as_list(tiles):
             t = as_dict(t)
-            uri = data_uri(t.get("png"))
+            uri = image_src(t.get("png"))
             if uri is None:
                 continue
             x, y = as_float(t.get("x")), as_float(t.get("y"))
@@ -510,6 +518,16 @@ def render_report(
     gallery: Mapping[str, list[Mapping[str, Any]]] | None = None,
 ) -> str:
     """The report's HTML text (see :func:`write_report`)."""
+    return _render(result, thumbnail_png, overlays, gallery, data_uri)
+
+
+def _render(
+    result: Mapping[str, Any],
+    thumbnail_png: bytes | None,
+    overlays: Mapping[str, bytes] | None,
+    gallery: Mapping[str, list[Mapping[str, Any]]] | None,
+    image_src: _ImageSrc,
+) -> str:
     result = as_dict(result)
     slide_id = result.get("slide_id")
     recs = as_dict(result.get("recommendations"))
@@ -522,18 +540,49 @@ def render_report(
         f'<span class="pill {status_class(result.get("status"))}" id="status">{esc(result.get("status"))}</span>'
         "</header>"
         f"<main>{_banners(result)}"
-        f'<div class="grid"><div>{_viewer(result, thumbnail_png, overlays or {})}</div>'
+        f'<div class="grid"><div>{_viewer(result, thumbnail_png, overlays or {}, image_src)}</div>'
         f"<div>{_summary(result)}{_patterns(result)}{_quality(result)}</div></div>"
         f"{_orders(recs)}"
         '<div class="grid" style="grid-template-columns:repeat(auto-fit,minmax(300px,1fr))">'
         f"<div>{_differential(recs)}</div>"
         f"<div>{_flags(recs)}{_list_section('notes', 'Notes', recs.get('notes'), 'No notes.')}"
         f"{_clinical_context(recs)}</div></div>"
-        f"{_gallery(result, gallery or {})}{_disclaimer(recs)}{_technical(result)}"
+        f"{_gallery(result, gallery or {}, image_src)}{_disclaimer(recs)}{_technical(result)}"
         f"<footer>{footer}</footer></main>"
     )
     title = f"NME report · {plain_text(slide_id) or 'unknown slide'}"
     return page(title, body, css=_CSS, script=_JS)
+
+
+def _report_bytes(
+    result: Mapping[str, Any],
+    thumbnail_png: bytes | None,
+    overlays: Mapping[str, bytes] | None,
+    gallery: Mapping[str, list[Mapping[str, Any]]] | None,
+) -> bytes:
+    """``render_report(...).encode("utf-8")``, made without the large str: the text is rendered with
+    :data:`_IMAGE_MARK` for each image, encoded (small), and the images' ASCII data URIs spliced in.
+    """
+    uris: list[tuple[bytes, bytes]] = []
+    # by id(): the gallery tile that tops several patterns is one bytes object (kept here, so its id stays its own)
+    encoded: dict[int, tuple[Any, tuple[bytes, bytes] | None]] = {}
+
+    def mark(data: Any) -> str | None:
+        if id(data) not in encoded:
+            encoded[id(data)] = (data, data_uri_parts(data))
+        uri = encoded[id(data)][1]
+        if uri is None:
+            return None
+        uris.append(uri)
+        return _IMAGE_MARK
+
+    pieces = _render(result, thumbnail_png, overlays, gallery, mark).encode("utf-8").split(_IMAGE_MARK.encode())
+    if len(pieces) != len(uris) + 1:  # the mark in the text itself (not from esc()): render it plainly
+        return render_report(result, thumbnail_png, overlays, gallery).encode("utf-8")
+    chunks = [pieces[0]]
+    for (head, base64_text), piece in zip(uris, pieces[1:]):
+        chunks += (head, base64_text, piece)
+    return b"".join(chunks)
 
 
 def write_report(
@@ -545,6 +594,8 @@ def write_report(
 ) -> Path:
     """Write the slide's self-contained HTML report atomically; returns ``path``.
 
+    The file holds exactly ``render_report(...)`` in UTF-8 (assembled as bytes, which is faster).
+
     Args:
         path: the ``.html`` file to write.
         result: the slide's result dict (keys: see the module docstring).
@@ -555,7 +606,7 @@ def write_report(
         gallery: pattern name -> top tiles ``[{"png": bytes, "score": float, "x": int, "y": int}]``
             with ``x, y`` the tile's level-0 top-left in pixels. Only for status ``ok``.
     """
-    html_text = render_report(result, thumbnail_png, overlays, gallery)
-    out = atomic_write_text(path, html_text)
-    log.info("wrote report %s (%.1f MB)", out, len(html_text) / 1e6)
+    data = _report_bytes(result, thumbnail_png, overlays, gallery)
+    out = atomic_write_bytes(path, data)
+    log.info("wrote report %s (%.1f MB)", out, len(data) / 1e6)
     return out
