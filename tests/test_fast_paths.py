@@ -242,6 +242,32 @@ def test_tile_coverage_gives_the_tile_mean_map_bit_for_bit():
         cov.mean(np.ones(n + 1))
 
 
+def test_tile_coverage_without_overlaps_gives_each_pixel_its_tile_value():
+    """A non-overlapping grid (the pipeline's): the per-tile labels give the accumulated means, exactly the values."""
+    from pipeline.outputs.heatmap import TileCoverage
+
+    rng = np.random.default_rng(12)
+    for trial in range(30):
+        size = float(rng.uniform(20, 300))
+        scale = float(rng.uniform(0.02, 0.5))
+        origin = (int(rng.integers(-300, 300)), int(rng.integers(-300, 300)))
+        nx, ny = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        grid = np.stack(np.meshgrid(np.arange(nx), np.arange(ny)), -1).reshape(-1, 2) * size + origin
+        coords = grid[rng.random(len(grid)) < 0.7]  # tissue: some grid cells only
+        h, w = max(1, int(ny * size * scale) + 3), max(1, int(nx * size * scale) + 3)
+        cov = TileCoverage((h, w), coords, size, scale, origin)
+        if not cov._single:  # sub-pixel tiles can share a pixel: the general path, tested above
+            continue
+        general = TileCoverage((h, w), coords, size, scale, origin)
+        general._single = False
+        vals = rng.random(len(coords))
+        vals[rng.random(len(coords)) < 0.2] = np.nan
+        got, want = cov.mean(vals), general.mean(vals)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, equal_nan=True)
+        assert np.isin(got[np.isfinite(got)], vals.astype(np.float32)).all()  # each pixel: one tile's value, exactly
+        assert np.array_equal(np.isfinite(got), np.isfinite(want))
+
+
 def test_overlay_is_the_documented_blend_pixel_for_pixel():
     import cv2
 

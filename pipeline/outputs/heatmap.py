@@ -176,6 +176,22 @@ class TileCoverage:
         covered, self._count = _coverage(self.shape, self._corners)
         #: (H, W) bool: pixels covered by at least one tile
         self.covered: np.ndarray = covered
+        # no pixel under two tiles (the usual non-overlapping grid): a pixel's mean is its tile's value
+        self._single = bool(self._count.size == 0 or self._count.max() <= 1.0)
+        self._label: np.ndarray | None = None  # index into self.tiles per covered pixel (see _labels)
+
+    def _labels(self) -> np.ndarray:
+        """Which tile (index into :attr:`tiles`) covers each covered pixel, in ``covered`` order; only
+        without overlaps. Made on first use from the same corner marks, weighted by tile number."""
+        if self._label is None:
+            h, w = self.shape
+            k = self._corners.shape[1]
+            num = np.arange(1, k + 1, dtype=np.float64)
+            acc = np.bincount(self._corners.ravel(), weights=np.concatenate([num, -num, -num, num]),
+                              minlength=(h + 1) * (w + 1))
+            s = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1][self.covered]
+            self._label = np.rint(s).astype(np.intp) - 1  # whole numbers 1..k: exact in float64
+        return self._label
 
     def mean(self, values: np.ndarray) -> np.ndarray:
         """Per-pixel mean of ``values`` (N,) over the covering tiles: :func:`tile_mean_map`'s result.
@@ -190,6 +206,11 @@ class TileCoverage:
             raise ValueError(f"coords ({self.n_tiles} tiles) and values ({v.shape[0]}) differ in length")
         h, w = self.shape
         v = v[self.tiles]
+        if self._single:  # each covered pixel takes its one tile's value (NaN: left out, as below)
+            out = np.full((h, w), np.nan, dtype=np.float32)
+            if v.size:
+                out[self.covered] = v.astype(np.float32)[self._labels()]
+            return out
         corners, covered, count = self._corners, self.covered, self._count
         finite = np.isfinite(v)
         if not finite.all():
