@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
                          "2 µm/px tissue thumbnail; finer costs time per slide)")
     ap.add_argument("--heatmap-format", choices=["jpeg", "png"], default="jpeg",
-                    help="heatmap image files: jpeg (default; quality 90, full colour resolution, the bytes the report "
-                         "embeds) or png (lossless, ~4x the encoding time and ~3x the size)")
+                    help="heatmap image files: jpeg (default; quality 90, the bytes the report embeds) or png "
+                         "(lossless, ~7x the encoding time and ~3.5x the size)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--backend", default="auto", help=BACKEND_HELP + "; the backend used is recorded in run.json")
     ap.add_argument("--force", action="store_true", help="redo slides that are already done")

@@ -472,7 +472,7 @@ def test_heatmap_files_jpeg_by_default_png_on_request(tmp_path, slides, bundle_d
             assert base64.b64encode((d / names[0]).read_bytes()).decode() not in report
         assert report.count("data:image/jpeg;base64,") >= 5
     assert images["jpeg"].shape == images["png"].shape
-    assert cv2.PSNR(images["jpeg"], images["png"]) > 38  # quality 90, full-resolution colour
+    assert cv2.PSNR(images["jpeg"], images["png"]) > 36  # quality 90
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet18"])

@@ -32,9 +32,7 @@ def test_formats_decode_to_the_rendered_image():
     np.testing.assert_array_equal(back_png, img)  # lossless
     assert back_jpg.shape == img.shape and cv2.PSNR(back_jpg, img) > 35
     assert jpg[:3] == b"\xff\xd8\xff" and jpg[-2:] == b"\xff\xd9"
-    # full-resolution colour: sharper colour edges than the report's 4:2:0 JPEG of the same quality
-    half = cv2.imdecode(np.frombuffer(encode_jpeg(img, 90), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-    assert cv2.PSNR(back_jpg, img) > cv2.PSNR(half, img)
+    assert jpg == encode_jpeg(img, 90)  # the report's JPEG settings: one encoding serves file and report
     assert set(HEATMAP_FORMATS) == {"jpeg", "png"}
 
 

@@ -44,7 +44,7 @@ HEATMAPS = ("pallor", "necrolysis", "parakeratosis", "attention")
 #: PNG-encoding the four heatmaps took ~0.5 s per 3 x 2 mm slide on the 2-core CPU.
 HEATMAP_MPP = 4.0
 #: Default file format of the heatmap images (:data:`pipeline.outputs.heatmap.HEATMAP_FORMATS`):
-#: JPEG, whose bytes the report embeds too; ``png`` for lossless files (~4x the encoding time).
+#: JPEG, whose bytes the report embeds too; ``png`` for lossless files (~7x the encoding time).
 HEATMAP_FORMAT = "jpeg"
 GALLERY_SIZE = 6
 CALIBRATION_NOTE = (
