@@ -427,6 +427,8 @@ def test_overlapping_the_slide_stages_changes_nothing(tmp_path, slides, bundle_d
         results[overlap] = {k: {f: v for f, v in r.items() if f not in ("timings", "created_at")} for k, r in got.items()}
         if overlap:
             assert any("tissue_tiling.wait" in r["timings"] for r in got.values())
+            assert ctx.stages._pools is not None  # the context's stage threads, kept for its next batch
+            ctx.stages.close()
     assert results[True] == results[False]
     assert results[True]["broken"]["status"] == "failed" and "broken" in results[True]["broken"]["error"]
     for sid, r in results[True].items():

@@ -56,3 +56,21 @@ def test_resume_check_rejects_truncated_jpeg(tmp_path: Path):
     other = tmp_path / "heatmap_other.jpg"
     other.write_bytes(b"\x89PNG\r\n\x1a\n" + data[8:])
     assert not _file_ok(other)
+
+
+def test_legend_band_drawn_once_gives_the_same_images():
+    """The legend is drawn once per width/caption/scale and pasted: images as drawn from a cold cache."""
+    from pipeline.outputs.heatmap import ATTENTION_LEGEND, PROBABILITY_LEGEND, _decorate, _legend_band
+
+    rng = np.random.default_rng(8)
+    bodies = [rng.integers(0, 255, (int(rng.integers(1, 400)), int(rng.integers(1, 1500)), 3), dtype=np.uint8)
+              for _ in range(6)]
+    cases = [(b, f"S-{i} - pallor", PROBABILITY_LEGEND if i % 2 else ATTENTION_LEGEND) for i, b in enumerate(bodies)]
+    warm = [_decorate(b, t, lab, 0.0, 1.0) for b, t, lab in cases]
+    for (b, t, lab), img in zip(cases, warm):
+        _legend_band.cache_clear()
+        np.testing.assert_array_equal(_decorate(b, t, lab, 0.0, 1.0), img)
+        band = _legend_band(max(b.shape[1], 560), lab, 0.0, 1.0)
+        np.testing.assert_array_equal(img[-band.shape[0]:], band)  # the band is the image's bottom
+        assert not band.flags.writeable  # shared: nobody draws into it
+

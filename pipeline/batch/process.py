@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,8 @@ from models.patch import PATTERN_CLASSES
 from pipeline.aggregation import SlidePredictor
 from pipeline.batch.discovery import SlideJob
 from pipeline.errors import PipelineError
-from pipeline.features import (PatchRunner, TopTiles, cache_path, extract_features, load_features, read_tiles_at, runs_on_cpu,
+from pipeline.features import (PatchRunner, TopTiles, cache_path, extract_features, load_features, lower_thread_priority,
+                               read_tiles_at, runs_on_cpu,
                                save_features)
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.quality import QualityConfig, QualityInputs, assess_quality
@@ -54,6 +56,43 @@ CALIBRATION_NOTE = (
 )
 
 
+class StageThreads:
+    """The two background threads of overlapped slide stages (:func:`process_slides`): one
+    prepares the next slide, one writes the previous slide's outputs. Kept for the life of the
+    context, so what a thread pays once (OpenCV's first text call in a thread: ~22 ms of CPU)
+    is paid once per process, not once per batch. At the lowest CPU priority when the model
+    runs on the CPU (they fill the gaps the model leaves instead of pre-empting it).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._low_priority = False
+
+    def pools(self, low_priority: bool) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        """(prepare, outputs) single-thread executors, made on first use."""
+        with self._lock:
+            if self._pools is not None and self._low_priority != low_priority:
+                self._shutdown()
+            if self._pools is None:
+                init = lower_thread_priority if low_priority else None
+                self._pools = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-prepare", initializer=init),
+                               ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-outputs", initializer=init))
+                self._low_priority = low_priority
+            return self._pools
+
+    def close(self) -> None:
+        """Stop the threads (after their current task); they are made again if needed."""
+        with self._lock:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pools is not None:
+            for pool in self._pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._pools = None
+
+
 @dataclass
 class InferenceContext:
     """What every slide needs: model, aggregator, rules, options. Built once per process/actor."""
@@ -73,6 +112,7 @@ class InferenceContext:
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of heatmaps and report thumbnail (never finer than the tissue thumbnail)
     heatmap_format: str = HEATMAP_FORMAT  # jpeg | png (files heatmap_<name>.jpg | .png)
     heap: HeapReserve = field(default_factory=HeapReserve)  # when freed memory goes back to the OS
+    stages: StageThreads = field(default_factory=StageThreads, repr=False, compare=False)  # overlapped stages' threads
 
     @property
     def tiling(self) -> TilingConfig:
@@ -188,7 +228,8 @@ def process_slides(jobs: list[SlideJob], ctx: InferenceContext, overlap: bool = 
     With ``overlap`` (default) the slides go through three stages at once: while slide *i* is
     in the patch model, slide *i + 1* is opened, its tissue detected and its grid laid out
     (:func:`prepare_slide`) in one background thread, and slide *i - 1*'s heatmaps, GeoJSON,
-    report, FHIR and ``result.json`` are written in another. Tissue detection and the outputs
+    report, FHIR and ``result.json`` are written in another (both kept in ``ctx.stages`` for
+    the next batch). Tissue detection and the outputs
     use one core each; on their own they leave the other core idle, overlapped they fill the
     gaps the model and the tile readers leave (on the model's CPU both threads run at the
     lowest priority, so they never pre-empt it). Measured on the 2-core CPU (4 synthetic slides,
@@ -200,16 +241,11 @@ def process_slides(jobs: list[SlideJob], ctx: InferenceContext, overlap: bool = 
         for job in jobs:
             yield process_slide(job, ctx)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.features import lower_thread_priority
-
-    initializer = lower_thread_priority if runs_on_cpu(ctx.runner) else None
-    prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-prepare", initializer=initializer)
-    out_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-outputs", initializer=initializer)
+    prep_pool, out_pool = ctx.stages.pools(low_priority=runs_on_cpu(ctx.runner))
+    upcoming: Future | None = None
+    writing: Future | None = None
     try:
         upcoming = prep_pool.submit(prepare_slide, jobs[0], ctx)
-        writing: Future | None = None
         for i, job in enumerate(jobs):
             current = upcoming
             if i + 1 < len(jobs):
@@ -220,9 +256,9 @@ def process_slides(jobs: list[SlideJob], ctx: InferenceContext, overlap: bool = 
             writing = out_pool.submit(output_stage, modelled, ctx)
         if writing is not None:
             yield writing.result()
-    finally:
-        prep_pool.shutdown(wait=True, cancel_futures=True)
-        out_pool.shutdown(wait=True, cancel_futures=True)
+    finally:  # stopped early (consumer gone, an error): nothing of this batch left running in the threads
+        left = [f for f in (upcoming, writing) if f is not None and not f.cancel()]
+        wait(left)
 
 
 @dataclass

@@ -22,6 +22,7 @@ other non-ASCII characters as ``?``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import struct
@@ -289,48 +290,69 @@ def _fit_text(text: str, max_w: int, fs: float, thick: int) -> tuple[str, float]
     return text, fs
 
 
-def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax: float) -> np.ndarray:
-    """Add a title band above and a colour-scale legend below ``body`` (RGB)."""
-    h, w = body.shape[:2]
-    cw = max(w, _MIN_CANVAS_W)
+def _text_scale(cw: int) -> tuple[float, int, int]:
+    """(font scale, stroke thickness, padding px) of the bands of a canvas ``cw`` px wide."""
     fs = float(np.clip(cw / 1100.0, 0.5, 2.5))
-    thick = max(1, int(round(fs * 1.5)))
-    pad = int(round(12 * fs))
+    return fs, max(1, int(round(fs * 1.5))), int(round(12 * fs))
+
+
+_INK = (33, 37, 41)
+
+
+@functools.lru_cache(maxsize=16)
+def _legend_band(cw: int, legend_label: str, vmin: float, vmax: float) -> np.ndarray:
+    """The colour-scale band drawn under a heatmap ``cw`` px wide (RGB, read-only).
+
+    The same for every map with the same width, caption and scale (the slide's probability maps),
+    so it is drawn once: drawing calls are many small OpenCV calls, slow beside the model's threads.
+    """
+    fs, thick, pad = _text_scale(cw)
     font = cv2.FONT_HERSHEY_SIMPLEX
-    ink = (33, 37, 41)
-
-    title_txt, title_fs = _fit_text(_ascii(title), cw - 2 * pad, fs * 1.1, thick + 1)
-    (_, th), tb = cv2.getTextSize(title_txt or "Ag", font, title_fs, thick + 1)
-    title_h = th + tb + 2 * pad
-
     cap_txt, cap_fs = _fit_text("Colour scale: " + _ascii(legend_label), cw - 2 * pad, fs * 0.8, thick)
     (_, ch), cb = cv2.getTextSize(cap_txt or "Ag", font, cap_fs, thick)
     bar_h = int(round(20 * fs))
     (_, tkh), tkb = cv2.getTextSize("0.5", font, fs * 0.75, thick)
-    legend_h = pad + ch + cb + pad // 2 + bar_h + int(round(6 * fs)) + tkh + tkb + pad
+    band = np.full((pad + ch + cb + pad // 2 + bar_h + int(round(6 * fs)) + tkh + tkb + pad, cw, 3), 255, np.uint8)
 
-    canvas = np.full((title_h + h + legend_h, cw, 3), 255, dtype=np.uint8)
-    x_off = (cw - w) // 2
-    canvas[title_h:title_h + h, x_off:x_off + w] = body
-    cv2.putText(canvas, title_txt, (pad, pad + th), font, title_fs, ink, thick + 1, cv2.LINE_AA)
-    cv2.line(canvas, (0, title_h - 1), (cw - 1, title_h - 1), (210, 214, 220), max(1, thick // 2))
-
-    y = title_h + h + pad + ch
-    cv2.putText(canvas, cap_txt, (pad, y), font, cap_fs, ink, thick, cv2.LINE_AA)
-    bar_w = int(min(cw - 2 * pad, round(720 * fs)))
-    bar_w = max(bar_w, 16)
+    y = pad + ch
+    cv2.putText(band, cap_txt, (pad, y), font, cap_fs, _INK, thick, cv2.LINE_AA)
+    bar_w = max(int(min(cw - 2 * pad, round(720 * fs))), 16)
     y_bar = y + cb + pad // 2
     ramp = values_to_rgb(np.linspace(vmin, vmax, bar_w), vmin, vmax)
-    canvas[y_bar:y_bar + bar_h, pad:pad + bar_w] = ramp[None, :, :]
-    cv2.rectangle(canvas, (pad, y_bar), (pad + bar_w - 1, y_bar + bar_h - 1), ink, 1)
+    band[y_bar:y_bar + bar_h, pad:pad + bar_w] = ramp[None, :, :]
+    cv2.rectangle(band, (pad, y_bar), (pad + bar_w - 1, y_bar + bar_h - 1), _INK, 1)
     tick_len = int(round(6 * fs))
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         xt = pad + int(round(t * (bar_w - 1)))
-        cv2.line(canvas, (xt, y_bar + bar_h), (xt, y_bar + bar_h + tick_len), ink, 1)
+        cv2.line(band, (xt, y_bar + bar_h), (xt, y_bar + bar_h + tick_len), _INK, 1)
         label = _fmt_tick(vmin + t * (vmax - vmin))
         lw = cv2.getTextSize(label, font, fs * 0.75, thick)[0][0]
         lx = int(np.clip(xt - lw // 2, 0, cw - lw))
-        cv2.putText(canvas, label, (lx, y_bar + bar_h + tick_len + tkh), font, fs * 0.75, ink, thick, cv2.LINE_AA)
+        cv2.putText(band, label, (lx, y_bar + bar_h + tick_len + tkh), font, fs * 0.75, _INK, thick, cv2.LINE_AA)
+    band.flags.writeable = False
+    return band
+
+
+def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax: float) -> np.ndarray:
+    """Add a title band above and a colour-scale legend below ``body`` (RGB)."""
+    h, w = body.shape[:2]
+    cw = max(w, _MIN_CANVAS_W)
+    fs, thick, pad = _text_scale(cw)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    title_txt, title_fs = _fit_text(_ascii(title), cw - 2 * pad, fs * 1.1, thick + 1)
+    (_, th), tb = cv2.getTextSize(title_txt or "Ag", font, title_fs, thick + 1)
+    title_h = th + tb + 2 * pad
+    legend = _legend_band(cw, str(legend_label), float(vmin), float(vmax))
+
+    canvas = np.empty((title_h + h + legend.shape[0], cw, 3), dtype=np.uint8)  # each pixel written once
+    canvas[:title_h] = 255
+    x_off = (cw - w) // 2
+    canvas[title_h:title_h + h, :x_off] = 255  # margins of a body narrower than the canvas
+    canvas[title_h:title_h + h, x_off + w:] = 255
+    canvas[title_h:title_h + h, x_off:x_off + w] = body
+    cv2.putText(canvas, title_txt, (pad, pad + th), font, title_fs, _INK, thick + 1, cv2.LINE_AA)
+    cv2.line(canvas, (0, title_h - 1), (cw - 1, title_h - 1), (210, 214, 220), max(1, thick // 2))
+    canvas[title_h + h:] = legend
     return canvas
 
 
