@@ -354,6 +354,32 @@ def test_throughput_benchmark_quick_json(tmp_path, bundle_dir, no_record):
     assert set(r["targets"]) == {"ratio", "speedup_vs_fp32_eager", "rss_large_over_small", "heatmaps_reports_share"}
 
 
+def test_speed_bundle_runs_the_pipeline_with_another_backbone(tmp_path, slides, monkeypatch):
+    """benchmarks/speed_bundle.py: an untrained ResNet18 bundle, labelled as such, that infer.py runs."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from speed_bundle import LABEL, make_speed_bundle
+
+    from models.bundle import load_bundle
+    from pipeline.batch.process import process_slides
+    from pipeline.batch.runner import BatchOptions, build_context, check_inputs
+
+    monkeypatch.setenv("NME_PIPELINE_CACHE", str(tmp_path / "cache"))
+    make_speed_bundle("resnet18", tmp_path / "r18")
+    b = load_bundle(tmp_path / "r18")
+    demo = load_bundle(DEMO_BUNDLE)
+    assert b.contract.architecture.backbone == "resnet18" and b.contract.label == LABEL
+    assert b.contract.input == demo.contract.input and set(b.extra) == set(demo.extra)  # same contract, aggregator
+    src = tmp_path / "in"
+    src.mkdir()
+    slide = sorted((slides / "slides").glob("*.tiff"))[0]
+    shutil.copy(slide, src / slide.name)
+    opts = BatchOptions(slides_dir=src, out_dir=tmp_path / "out", model=tmp_path / "r18", backend="torch-fp32", quiet=True)
+    jobs = check_inputs(opts)
+    (r,) = process_slides(jobs, build_context(opts, jobs))
+    assert r["status"] in ("ok", "non_diagnostic"), r.get("error")
+    assert r["n_tiles"] > 0 and r["model"]["label"] == LABEL and r["model"]["backbone"] == "resnet18"
+
+
 # --------------------------------------------------------------------------- streaming tile reader
 
 
