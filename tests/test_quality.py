@@ -214,6 +214,18 @@ def test_sharpness_on_synthetic_texture():
         tile_sharpness(tex.astype(np.float32))
 
 
+def test_sharpness_is_the_variance_of_the_float_laplacian():
+    """The int16 Laplacian and OpenCV's variance give the documented definition (float64 Laplacian, numpy var)."""
+    rng = np.random.default_rng(4)
+    checker = (np.indices((224, 224)).sum(axis=0) % 2 * 255).astype(np.uint8)  # the largest |Laplacian|: 4 * 255
+    tiles = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), np.repeat(checker[:, :, None], 3, axis=2),
+             rng.integers(100, 110, (57, 91, 3), dtype=np.uint8), np.zeros((3, 3, 3), np.uint8)]
+    for t in tiles:
+        grey = cv2.cvtColor(t, cv2.COLOR_RGB2GRAY)
+        want = float(cv2.Laplacian(grey, cv2.CV_64F, ksize=1).var())
+        assert tile_sharpness(t) == pytest.approx(want, rel=1e-12, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------- real slides
 @pytest.fixture(scope="module")
 def cmu_tiles(shared_slides):
