@@ -520,7 +520,7 @@ def _write_outputs(job: SlideJob, ctx: InferenceContext, result: dict[str, Any],
             file = f"heatmap_{name}{HEATMAP_FORMATS[ctx.heatmap_format]}"
             atomic_write_bytes(slide_dir / file, data)
             # the report embeds the file's JPEG bytes, or a compact JPEG beside a lossless PNG
-            overlays[name] = data if ctx.heatmap_format == "jpeg" else encode_jpeg(img)
+            overlays[name] = data if ctx.heatmap_format == "jpeg" else encode_heatmap(img, "jpeg")
             files.append(file)
             del img, data
         del coverage
