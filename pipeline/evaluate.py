@@ -25,6 +25,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+#: tiles per model call when evaluating (any backend; ``torch-bf16-compile`` compiles for it)
+EVAL_BATCH_SIZE = 64
+
 
 def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tuple[float, float] | None,
              real: list[Path], n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
@@ -45,7 +48,7 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
         generate_dataset(data_root, n=n, seed=seed, mpp=0.5, size_um=size_um, overwrite=True)
     bundle = load_bundle(bundle_dir)
     predictor = SlidePredictor.from_bundle(bundle.contract, bundle.extra)
-    runner, backend = make_runner(bundle, resolve_device("auto"), backend=backend)
+    runner, backend = make_runner(bundle, resolve_device("auto"), backend=backend, batch_size=EVAL_BATCH_SIZE)
     inp = bundle.contract.input
     tiling = TilingConfig(target_mpp=inp.mpp, mpp_tolerance=inp.mpp_tolerance, tile_px=inp.tile_size_px)
     classes = list(bundle.contract.architecture.classes)
@@ -94,7 +97,7 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
             "per_diagnosis": table, "real_slides": real_out}
 
 
-def _slide_features(path: Path, mpp: float | None, tiling, runner, classes: list[str], batch_size: int = 64):
+def _slide_features(path: Path, mpp: float | None, tiling, runner, classes: list[str], batch_size: int = EVAL_BATCH_SIZE):
     """(grid, tissue mask, patch-model features, level-0 dimensions, slide µm/px) of one slide.
 
     Also used by :mod:`pipeline.backends.agreement` (with a runner that feeds several backends).

@@ -255,8 +255,12 @@ class PatchRunner:
         """uint8 (B, H, W, 3) → (probs (B, C) float32, embeddings (B, D) float32)."""
         x = to_tensor_batch(self._stage(tiles), self.mean, self.std, channels_last=self.channels_last, device=self.device)
         with autocast_context(self.device, self.precision):
-            logits, emb = self.model.forward_with_embedding(x)
+            logits, emb = self._forward(x)
         return torch.sigmoid(logits.float()).cpu().numpy(), emb.float().cpu().numpy()
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (B, C), embedding (B, D))`` of the normalised batch ``x`` (B, 3, H, W)."""
+        return self.model.forward_with_embedding(x)
 
 
 class TopTiles:

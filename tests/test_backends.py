@@ -167,6 +167,47 @@ def test_missing_onnxruntime_and_missing_bf16_are_one_line_errors(bundle, monkey
     assert "\n" not in str(exc.value)
 
 
+def test_compiled_backend_agrees_with_fp32_and_runs_other_batch_sizes_eagerly(bundle, tiles):
+    """torch-bf16-compile: compiled once at construction for its batch size; full batches go
+    through the compiled graph, others (a slide's last batch) through the same model eagerly."""
+    from pipeline.backends import make_runner
+    from pipeline.backends.torch_runner import bf16_available, compile_unavailable_reason
+
+    if not bf16_available(CPU) or compile_unavailable_reason(CPU):
+        pytest.skip(compile_unavailable_reason(CPU) or "this CPU has no native bf16")
+    ref_p, ref_e = _reference(bundle, tiles[:8])
+    runner, name = make_runner(bundle, CPU, backend="torch-bf16-compile", batch_size=8)
+    assert name == "torch-bf16-compile" and runner.batch_size == 8 and runner.compile_seconds > 0
+    compiled_calls: list[int] = []
+    compiled = runner._compiled
+    runner._compiled = lambda x: (compiled_calls.append(x.shape[0]), compiled(x))[1]
+    p, e = runner(tiles[:8])
+    p3, _ = runner(tiles[:3])
+    assert compiled_calls == [8]  # the full batch only
+    max_tol, mean_tol, emb_tol = TOLERANCE["torch-bf16"]
+    d = np.abs(p - ref_p)
+    assert d.max() <= max_tol and d.mean() <= mean_tol, (d.max(), d.mean())
+    assert np.abs(e - ref_e).max() <= emb_tol * max(float(np.abs(ref_e).max()), 1.0)
+    assert np.abs(p3 - ref_p[:3]).max() <= max_tol
+    # the bundle's own model is untouched (the runner compiled a private, batch-norm-folded copy)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bundle.model.modules())
+
+
+def test_compiled_backend_without_a_compiler_is_a_one_line_error(bundle, monkeypatch):
+    from pipeline.backends import make_runner, unavailable_reason
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    _fake_bf16(monkeypatch, True)
+    with pytest.raises(ConfigError, match="torch-bf16-compile needs a C\\+\\+ compiler") as exc:
+        make_runner(bundle, CPU, backend="torch-bf16-compile")
+    assert "\n" not in str(exc.value) and "--backend torch-bf16" in str(exc.value)
+    assert unavailable_reason("torch-bf16-compile", CPU) == str(exc.value)
+    _fake_bf16(monkeypatch, False)
+    assert "no native bf16" in unavailable_reason("torch-bf16-compile", CPU)
+
+
 def _fake_bf16(monkeypatch, supported: bool) -> None:
     from pipeline import runtime
     from pipeline.backends import torch_runner
@@ -222,6 +263,9 @@ def test_auto_picks_the_fastest_passing_backend(bundle, bundle_dir, no_record, m
     # measured on this machine: the faster one wins (onnx-fp32 has the higher tiles/s in _record)
     write_record(bundle_dir, _record(bundle, {"torch-bf16": True, "onnx-fp32": True}, machine_id=machine_id(CPU)))
     assert resolve_backend(bundle, CPU, "auto").backend == "onnx-fp32"
+    # the compiled backend is never auto's choice, even when it passed and was measured fastest
+    write_record(bundle_dir, _record(bundle, {"torch-bf16": True, "torch-bf16-compile": True}, machine_id=machine_id(CPU)))
+    assert resolve_backend(bundle, CPU, "auto").backend == "torch-bf16"
     # no bf16 here: the bf16 entry cannot be used
     _fake_bf16(monkeypatch, False)
     write_record(bundle_dir, _record(bundle, {"torch-bf16": True, "onnx-int8": False}))

@@ -3,6 +3,8 @@
 * ``torch-fp32``: eager fp32, contiguous memory: the reference every other backend is checked against.
 * ``torch-bf16``: channels_last + bf16 autocast (CPUs with native bf16, CUDA; fp16 on CUDA GPUs
   without bf16).
+* ``torch-bf16-compile``: that model compiled by ``torch.compile`` (TorchInductor, frozen weights)
+  once per process; never chosen by ``auto`` (seconds to compile, needs a C++ compiler or Triton).
 * ``onnx-fp32``: the model exported to ONNX, run by ONNX Runtime (CPU, or CUDA when onnxruntime has it).
 * ``onnx-int8``: that export statically quantised to int8 (QDQ, per-channel), calibrated on tiles.
 * ``auto``: the fastest backend allowed for this bundle on this hardware (:func:`resolve_backend`).
@@ -30,11 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFERENCE = "torch-fp32"
-CONCRETE_BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+CONCRETE_BACKENDS = ("torch-fp32", "torch-bf16", "torch-bf16-compile", "onnx-fp32", "onnx-int8")
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
 BACKEND_HELP = ("auto (fastest backend that passed the agreement check for this bundle; without a record "
                 "torch-bf16 on bf16 hardware, else torch-fp32) | torch-fp32 (reference) | torch-bf16 "
-                "(channels_last + bf16 autocast) | onnx-fp32 (ONNX Runtime) | onnx-int8 (ONNX Runtime, static int8)")
+                "(channels_last + bf16 autocast) | torch-bf16-compile (torch-bf16 compiled by torch.compile at start-up, "
+                "for long runs; never chosen by auto) | onnx-fp32 (ONNX Runtime) | onnx-int8 (ONNX Runtime, static int8)")
 
 #: ``auto`` tries these in order (fastest first) and takes the first the agreement record allows.
 PREFERENCE = {"cpu": ("onnx-int8", "torch-bf16", "onnx-fp32"), "cuda": ("torch-bf16", "onnx-fp32")}
@@ -65,10 +68,12 @@ def check_backend_name(backend: str) -> None:
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run here (one line), or None when it can."""
     from pipeline.backends.onnx_runner import onnxruntime_available
-    from pipeline.backends.torch_runner import BF16_UNAVAILABLE, bf16_available
+    from pipeline.backends.torch_runner import BF16_UNAVAILABLE, COMPILED, bf16_available, compile_unavailable_reason
 
     if backend == "torch-bf16" and not bf16_available(device):
         return BF16_UNAVAILABLE
+    if backend == COMPILED:
+        return compile_unavailable_reason(device)
     if backend.startswith("onnx") and not onnxruntime_available():
         return (f"backend {backend} needs onnxruntime and onnx: pip install -e '.[onnx]' "
                 "(or choose --backend torch-fp32 / torch-bf16)")
@@ -141,7 +146,7 @@ def measured_speeds(record: dict | None, device: torch.device) -> dict[str, floa
 
 
 def make_runner(bundle, device: torch.device, precision: str = "auto", backend: str = "auto",
-                cache_dir: str | Path | None = None) -> tuple[Runner, str]:
+                cache_dir: str | Path | None = None, batch_size: int | None = None) -> tuple[Runner, str]:
     """A runner for ``bundle``'s patch model; returns (runner, resolved backend name).
 
     Args:
@@ -151,15 +156,21 @@ def make_runner(bundle, device: torch.device, precision: str = "auto", backend: 
         backend: a name of :data:`BACKENDS`.
         cache_dir: where ONNX exports and int8 models are cached (default
             :func:`pipeline.backends.cache.default_cache_dir`).
+        batch_size: tiles per call the caller will use (``torch-bf16-compile`` compiles for it;
+            default: :func:`pipeline.batch.runner.default_batch_size` of ``device``).
     Raises:
         ConfigError: unknown backend, onnxruntime missing, bf16 requested on a CPU without bf16.
     """
     res = resolve_backend(bundle, device, backend, precision)
     name = res.backend
-    if name in ("torch-fp32", "torch-bf16"):
+    if name in ("torch-fp32", "torch-bf16", "torch-bf16-compile"):
         from pipeline.backends.torch_runner import make_torch_runner
 
-        runner: Runner = make_torch_runner(bundle, device, name, precision)
+        if batch_size is None:
+            from pipeline.batch.runner import default_batch_size
+
+            batch_size = default_batch_size(device)
+        runner: Runner = make_torch_runner(bundle, device, name, precision, batch_size)
     elif name == "onnx-fp32":
         from pipeline.backends.onnx_runner import OnnxRunner, ensure_fp32_onnx
 

@@ -167,7 +167,7 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
     tiling = TilingConfig(target_mpp=inp.mpp, mpp_tolerance=inp.mpp_tolerance, tile_px=inp.tile_size_px)
     runners: dict[str, Runner] = {REFERENCE: make_runner(bundle, dev, backend=REFERENCE, cache_dir=cache_dir)[0]}
     for b in backends:
-        runners[b] = make_runner(bundle, dev, backend=b, cache_dir=cache_dir)[0]
+        runners[b] = make_runner(bundle, dev, backend=b, cache_dir=cache_dir, batch_size=batch_size)[0]
     fan = FanOutRunner(runners, REFERENCE)
     records = load_slide_table(DataConfig(root=slides_root), slides_root, require_annotations=False)
     tallies = {b: _Tally(classes) for b in backends}

@@ -1,16 +1,26 @@
-"""PyTorch backends: ``torch-fp32`` (eager fp32, the reference) and ``torch-bf16`` (channels_last + autocast).
+"""PyTorch backends: ``torch-fp32`` (eager fp32, the reference), ``torch-bf16`` (channels_last +
+autocast) and ``torch-bf16-compile`` (the same model compiled by ``torch.compile``).
 
 ``torch-bf16`` runs bf16 autocast on CPUs with native bf16 (AVX-512 BF16 / AMX) and on CUDA
 GPUs that support bf16 (fp16 autocast on older GPUs), with every batch norm folded into the
 convolution before it (inference only: the running statistics are constants). On CUDA the uint8
 batch goes through a pinned staging buffer and is normalised on the GPU
 (:class:`pipeline.features.PatchRunner`).
+
+``torch-bf16-compile`` compiles that model with TorchInductor (weights frozen into the graph as
+constants) for one batch shape, once per process: 6 s with a warm Inductor cache, ~40 s cold on the
+2-core CPU, and it needs a C++ compiler (CPU) or Triton (CUDA). So ``auto`` never picks it; it
+pays off on long runs (see README, "Inference backends").
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
+import os
+import shutil
+import time
 
 import torch
 
@@ -22,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BF16_UNAVAILABLE = ("backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); "
                     "use --backend torch-fp32 or onnx-fp32")
+COMPILED = "torch-bf16-compile"
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -46,28 +57,87 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         return module
 
 
-def make_torch_runner(bundle, device: torch.device, backend: str, precision: str = "auto") -> PatchRunner:
-    """A :class:`PatchRunner` over a private copy of ``bundle.model`` for ``torch-fp32`` or ``torch-bf16``.
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why ``torch-bf16-compile`` cannot run on ``device`` (one line), or None.
+
+    TorchInductor generates C++ (CPU, built with ``$CXX`` or ``g++``/``c++``/``clang++``) or Triton
+    (CUDA) kernels; without the tool it fails at the first batch, so this is checked up front.
+    """
+    if not bf16_available(device):
+        return BF16_UNAVAILABLE.replace("torch-bf16", COMPILED, 1)
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return f"backend {COMPILED} on CUDA needs the triton package; use --backend torch-bf16"
+        return None
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if not any(shutil.which(c) for c in compilers):
+        return f"backend {COMPILED} needs a C++ compiler (g++ or clang++ on PATH, or $CXX); use --backend torch-bf16"
+    return None
+
+
+class CompiledPatchRunner(PatchRunner):
+    """:class:`PatchRunner` whose full batches run a ``torch.compile``-d forward pass.
+
+    The graph is compiled for one batch shape ``(batch_size, 3, tile_px, tile_px)`` with static
+    shapes and frozen weights (Inductor ``freezing``: weights become constants, convolutions get
+    pre-packed weights), at construction, by a warm-up call on a zero batch, so that a compile
+    failure is a one-line error before any slide and its seconds are not a slide's. Batches of
+    another size (each slide's last) run the same folded model eagerly: recompiling for every
+    remainder size would cost seconds each.
+    """
+
+    def __init__(self, model: torch.nn.Module, mean, std, device: torch.device, precision: str,
+                 batch_size: int, tile_px: int) -> None:
+        super().__init__(model, mean, std, device, precision, channels_last=True)
+        import numpy as np
+
+        self.batch_size = int(batch_size)
+        self._compiled = torch.compile(self.model.forward_with_embedding, dynamic=False, options={"freezing": True})
+        t0 = time.perf_counter()
+        try:
+            self(np.zeros((self.batch_size, tile_px, tile_px, 3), dtype=np.uint8))
+        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes one line
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"backend {COMPILED}: torch.compile failed ({type(exc).__name__}: {first}); "
+                              "use --backend torch-bf16") from exc
+        self.compile_seconds = time.perf_counter() - t0
+        log.info("%s: compiled for batches of %d in %.1f s", COMPILED, self.batch_size, self.compile_seconds)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == self.batch_size:
+            return self._compiled(x)
+        return self.model.forward_with_embedding(x)
+
+
+def make_torch_runner(bundle, device: torch.device, backend: str, precision: str = "auto",
+                      batch_size: int = 32) -> PatchRunner:
+    """A :class:`PatchRunner` over a private copy of ``bundle.model`` for a torch backend.
 
     Args:
         bundle: a :class:`models.bundle.LoadedBundle`; its model is copied, never modified.
         device: where to run.
-        backend: ``torch-fp32`` or ``torch-bf16``.
+        backend: ``torch-fp32``, ``torch-bf16`` or ``torch-bf16-compile``.
         precision: ``auto`` (bf16 where supported, fp16 on CUDA without bf16) or an explicit
-            ``bf16``/``fp16`` for ``torch-bf16``; ignored for ``torch-fp32``.
+            ``bf16``/``fp16`` for the bf16 backends; ignored for ``torch-fp32``.
+        batch_size: tiles per model call; ``torch-bf16-compile`` compiles for this batch size.
     Raises:
-        ConfigError: ``torch-bf16`` on a CPU without native bf16.
+        ConfigError: a bf16 backend on a CPU without native bf16; ``torch-bf16-compile`` without
+            its compiler, or when compiling fails.
     """
     norm = bundle.contract.input.normalisation
+    if backend not in ("torch-fp32", "torch-bf16", COMPILED):
+        raise ConfigError(f"not a torch backend: {backend!r}")
     model = copy.deepcopy(bundle.model)
     if backend == "torch-fp32":
         return PatchRunner(model, norm.mean, norm.std, device, "fp32", channels_last=False)
-    if backend != "torch-bf16":
-        raise ConfigError(f"not a torch backend: {backend!r}")
-    if not bf16_available(device):
-        raise ConfigError(BF16_UNAVAILABLE)
+    why = compile_unavailable_reason(device) if backend == COMPILED else (None if bf16_available(device) else BF16_UNAVAILABLE)
+    if why:
+        raise ConfigError(why)
     prec = resolve_precision(device, precision)
     if prec == "fp32":
         prec = "bf16"
     model.backbone = fold_batchnorm(model.backbone)
+    if backend == COMPILED:
+        return CompiledPatchRunner(model, norm.mean, norm.std, device, prec, batch_size,
+                                   bundle.contract.input.tile_size_px)
     return PatchRunner(model, norm.mean, norm.std, device, prec, channels_last=True)
