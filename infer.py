@@ -29,6 +29,7 @@ from pipeline.cli import run_cli, setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.backends import BACKEND_HELP
+    from pipeline.outputs.heatmap import DEFAULT_HEATMAP_FORMAT, HEATMAP_FORMATS
     from pipeline.paths import DEMO_BUNDLE, DEMO_OUTPUT, DEMO_SLIDES
 
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap-mpp", type=float, default=4.0,
                     help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
                          "2 µm/px tissue thumbnail; finer costs time per slide)")
-    ap.add_argument("--heatmap-format", choices=["jpeg", "png"], default="jpeg",
+    ap.add_argument("--heatmap-format", choices=list(HEATMAP_FORMATS), default=DEFAULT_HEATMAP_FORMAT,
                     help="heatmap image files: jpeg (default; quality 90, the bytes the report embeds) or png "
                          "(lossless, ~7x the encoding time and ~3.5x the size)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -32,6 +32,7 @@ from pipeline.features import (PatchRunner, TopTiles, cache_path, extract_featur
                                read_tiles_at, runs_on_cpu,
                                save_features)
 from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.outputs.heatmap import DEFAULT_HEATMAP_FORMAT
 from pipeline.quality import QualityConfig, QualityInputs, assess_quality
 from pipeline.runtime import HeapReserve
 from pipeline.slide import open_slide
@@ -47,7 +48,7 @@ HEATMAPS = ("pallor", "necrolysis", "parakeratosis", "attention")
 HEATMAP_MPP = 4.0
 #: Default file format of the heatmap images (:data:`pipeline.outputs.heatmap.HEATMAP_FORMATS`):
 #: JPEG, whose bytes the report embeds too; ``png`` for lossless files (~7x the encoding time).
-HEATMAP_FORMAT = "jpeg"
+HEATMAP_FORMAT = DEFAULT_HEATMAP_FORMAT
 GALLERY_SIZE = 6
 CALIBRATION_NOTE = (
     "Calibrated on out-of-fold validation slides of the model's training data: among slides given about 0.8, "

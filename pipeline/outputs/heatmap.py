@@ -553,6 +553,8 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
 #: gave 42 dB for 1.6 ms, no difference to see at 4x zoom), the same bytes embedded in the report.
 #: ``png``: lossless, 6.4 ms and 227 KB, plus a JPEG for the report.
 HEATMAP_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+#: Default of :data:`HEATMAP_FORMATS` (``infer.py --heatmap-format``, :class:`pipeline.batch.runner.BatchOptions`).
+DEFAULT_HEATMAP_FORMAT = "jpeg"
 #: JPEG quality of heatmap files and of the report's heatmap images.
 HEATMAP_JPEG_QUALITY = 90
 
