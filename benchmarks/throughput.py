@@ -440,8 +440,10 @@ def _print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.backends import BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="auto", help="auto | torch-fp32 | torch-bf16 | torch-bf16-compile | onnx-fp32 | onnx-int8")
+    ap.add_argument("--backend", default="auto", help=" | ".join(BACKENDS))
     ap.add_argument("--model", type=Path, default=REPO / "models" / "demo_bundle")
     ap.add_argument("--batch-size", type=int, default=None, help="default: infer.py's for the device (CPU 32, GPU 64)")
     ap.add_argument("--reader-threads", type=int, default=2)
