@@ -99,6 +99,17 @@ def _albumentations() -> Check:
     return c
 
 
+def _compiler() -> Check:
+    """Soft check: what ``--backend torch-bf16-compile`` needs on the CPU (a C++ compiler for TorchInductor)."""
+    from pipeline.backends.torch_runner import cxx_compiler
+
+    found = cxx_compiler()
+    if found:
+        return Check("c++ compiler", True, f"{found} (for --backend torch-bf16-compile)", hard=False)
+    return Check("c++ compiler", False, "none on PATH: --backend torch-bf16-compile cannot run (the other backends can)",
+                 "install g++ (e.g. apt-get install g++) or set $CXX", hard=False)
+
+
 def _demo_model() -> Check:
     from pipeline.paths import DEMO_BUNDLE
 
@@ -121,6 +132,7 @@ def run_checks() -> list[Check]:
         checks.append(_module(name, fix))
     checks.append(_module("onnxruntime", "pip install -e '.[onnx]' (needed only for --backend onnx-fp32 / onnx-int8)",
                           hard=False))
+    checks.append(_compiler())
     checks.append(_demo_model())
     return checks
 

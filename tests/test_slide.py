@@ -147,4 +147,4 @@ def test_fingerprint_changes_with_content(tmp_path):
 def test_doctor_green():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "doctor"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "torchvision" in proc.stdout and "openslide" in proc.stdout
+    assert "torchvision" in proc.stdout and "openslide" in proc.stdout and "c++ compiler" in proc.stdout

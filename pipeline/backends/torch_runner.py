@@ -57,6 +57,15 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         return module
 
 
+def cxx_compiler() -> str | None:
+    """Path of a C++ compiler for TorchInductor's CPU kernels (``$CXX``, ``g++``, ``c++`` or ``clang++``), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why ``torch-bf16-compile`` cannot run on ``device`` (one line), or None.
 
@@ -69,8 +78,7 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return f"backend {COMPILED} on CUDA needs the triton package; use --backend torch-bf16"
         return None
-    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
-    if not any(shutil.which(c) for c in compilers):
+    if cxx_compiler() is None:
         return f"backend {COMPILED} needs a C++ compiler (g++ or clang++ on PATH, or $CXX); use --backend torch-bf16"
     return None
 
