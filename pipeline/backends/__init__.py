@@ -159,7 +159,8 @@ def make_runner(bundle, device: torch.device, precision: str = "auto", backend: 
         batch_size: tiles per call the caller will use (``torch-bf16-compile`` compiles for it;
             default: :func:`pipeline.batch.runner.default_batch_size` of ``device``).
     Raises:
-        ConfigError: unknown backend, onnxruntime missing, bf16 requested on a CPU without bf16.
+        ConfigError: unknown backend, onnxruntime missing, bf16 requested on a CPU without bf16,
+            ``torch-bf16-compile`` without its compiler or failing to compile.
     """
     res = resolve_backend(bundle, device, backend, precision)
     name = res.backend

@@ -8,8 +8,8 @@ batch goes through a pinned staging buffer and is normalised on the GPU
 (:class:`pipeline.features.PatchRunner`).
 
 ``torch-bf16-compile`` compiles that model with TorchInductor (weights frozen into the graph as
-constants) for one batch shape, once per process: 6 s with a warm Inductor cache, ~40 s cold on the
-2-core CPU, and it needs a C++ compiler (CPU) or Triton (CUDA). So ``auto`` never picks it; it
+constants) for one batch shape, once per process: 4-6 s with a warm Inductor cache, 30-40 s cold on
+the 2-core CPU, and it needs a C++ compiler (CPU) or Triton (CUDA). So ``auto`` never picks it; it
 pays off on long runs (see README, "Inference backends").
 """
 
