@@ -138,9 +138,9 @@ def make_torch_runner(bundle, device: torch.device, backend: str, precision: str
     model = copy.deepcopy(bundle.model)
     if backend == "torch-fp32":
         return PatchRunner(model, norm.mean, norm.std, device, "fp32", channels_last=False)
-    why = compile_unavailable_reason(device) if backend == COMPILED else (None if bf16_available(device) else BF16_UNAVAILABLE)
-    if why:
-        raise ConfigError(why)
+    why = compile_unavailable_reason(device) if backend == COMPILED else None
+    if why or not bf16_available(device):
+        raise ConfigError(why or BF16_UNAVAILABLE)
     prec = resolve_precision(device, precision)
     if prec == "fp32":
         prec = "bf16"
