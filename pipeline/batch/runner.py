@@ -176,8 +176,7 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob]) -> InferenceContext:
     clinical = None
     if opts.clinical is not None:
         clinical = load_clinical(opts.clinical, slide_ids={j.slide_id for j in jobs})
-    runner, backend = make_runner(bundle, device, opts.precision, opts.backend,
-                                  batch_size=opts.batch_size or default_batch_size(device))
+    runner, backend = make_runner(bundle, device, opts.precision, opts.backend, batch_size=opts.batch_size)
     return InferenceContext(bundle=bundle, predictor=predictor, runner=runner, ruleset=ruleset, clinical=clinical,
                             out_dir=opts.out_dir, cache_dir=opts.out_dir / ".cache",
                             batch_size=opts.batch_size or default_batch_size(runner.device),
