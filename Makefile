@@ -1,7 +1,8 @@
 # Two commands for a fresh machine:  make demo   (the main job on the embedded demo)
-#                                     make test   (the test suite)
+#                                     make test   (lint, then the test suite)
 # Everything else here is what those two need: a virtual environment with the project's
 # dependencies from the package registry, and headless Chromium for the report tests.
+# `make lint` alone (ruff check, ruff format --check, mypy; configured in pyproject.toml) is for local use.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.install-stamp
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install doctor browser clean-demo
+.PHONY: demo test lint install doctor browser clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,14 @@ doctor: $(STAMP)
 demo: $(STAMP)
 	$(PY) infer.py
 
-test: $(STAMP) browser
+LINT_PATHS := pipeline models tests infer.py train.py benchmarks
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
+
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q
 
 clean-demo:

@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401 - sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported
-from pipeline.cli import run_cli, setup_logging
+from pipeline.core.cli import run_cli, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.backends import BACKEND_HELP
+    from pipeline.core.paths import DEMO_BUNDLE, DEMO_OUTPUT, DEMO_SLIDES
     from pipeline.outputs.heatmap import DEFAULT_HEATMAP_FORMAT, HEATMAP_FORMATS
-    from pipeline.paths import DEMO_BUNDLE, DEMO_OUTPUT, DEMO_SLIDES
+    from pipeline.patch.backends import BACKEND_HELP
 
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("slides_dir", nargs="?", type=Path, help="folder of slides (searched recursively); omit for the demo")

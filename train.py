@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import pipeline  # noqa: F401 - sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported
-from pipeline.cli import run_cli, setup_logging
+from pipeline.core.cli import run_cli, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="warnings and errors only")
     args = ap.parse_args(argv)
     setup_logging(quiet=args.quiet)
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.training.config import RunConfig
 
     cfg = load_config(RunConfig, args.config, args.overrides)  # config errors surface before heavy imports

@@ -62,6 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_cli
+    from pipeline.core.cli import run_cli
 
     run_cli(main)

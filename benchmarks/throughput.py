@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import pipeline  # noqa: E402,F401 - sets NO_ALBUMENTATIONS_UPDATE
-from pipeline.backends.speed import cpu_seconds  # noqa: E402
+from pipeline.patch.backends.speed import cpu_seconds  # noqa: E402
 
 log = logging.getLogger("throughput")
 
@@ -114,7 +114,7 @@ def machine() -> dict[str, Any]:
     """CPU model, cores, torch threads, GPU, versions, bf16 support."""
     import torch
 
-    from pipeline.runtime import cpu_bf16_supported, cpu_description
+    from pipeline.core.runtime import cpu_bf16_supported, cpu_description
 
     try:
         import onnxruntime
@@ -151,7 +151,7 @@ class TimedRunner:
 def setup(args: argparse.Namespace, slides: Path, backend: str, scratch: Path):
     """(options, slide jobs, inference context) as infer.py builds them from ``args`` (model, batch
     size, reader threads, heatmap µm/px) for ``backend``; model loading happens here."""
-    from pipeline.batch.process import HEATMAP_MPP
+    from pipeline.batch.options import HEATMAP_MPP
     from pipeline.batch.runner import BatchOptions, build_context, check_inputs
 
     heatmap_mpp = HEATMAP_MPP if args.heatmap_mpp is None else args.heatmap_mpp
@@ -169,7 +169,7 @@ STAGES = ("open_tissue_tiling", "read_decode_wait", "model", "features_other", "
 
 def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]:
     """Process every slide into the fresh folder ``out`` as infer.py's local engine does; timings."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     from pipeline.batch.process import process_slides
     from pipeline.batch.runner import write_summary
@@ -177,16 +177,17 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     timed = TimedRunner(ctx.runner)
-    run_ctx = dataclasses.replace(ctx, out_dir=out, cache_dir=out / ".cache", runner=timed)
+    run_ctx = dataclasses.replace(ctx, out_dir=out, analyser=dataclasses.replace(ctx.analyser, runner=timed, cache_dir=out / ".cache"))
     run_opts = dataclasses.replace(opts, out_dir=out)
     stages = dict.fromkeys(STAGES, 0.0)
     slide_total, tiles, failed, reader_busy, outputs_cpu, view_cpu = 0.0, 0, [], 0.0, 0.0, 0.0
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     results = []
-    for job, r in zip(jobs, process_slides(jobs, run_ctx, overlap=overlap)):
-        results.append(r)
+    for job, res in zip(jobs, process_slides(jobs, run_ctx, overlap=overlap)):
+        results.append(res)
+        r = res.to_json_dict()
         if r["status"] == "failed":
             failed.append(f"{job.slide_id}: {r.get('error')}")
         tm = r["timings"]
@@ -218,7 +219,7 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
 
 def model_only_once(runner, batch_size: int, tile_px: int, n_batches: int, seed: int = 0) -> tuple[float, float]:
     """(tiles/s, CPU ms per tile) of ``runner`` alone on random uint8 batches (one warm-up batch not counted)."""
-    from pipeline.backends.speed import random_tiles, time_runner
+    from pipeline.patch.backends.speed import random_tiles, time_runner
 
     return time_runner(runner, random_tiles(batch_size, tile_px, seed), n_batches, warmup=1)
 
@@ -291,7 +292,7 @@ def _median_dict(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.backends.cache import resolve_cache_dir
+    from pipeline.patch.backends.cache import resolve_cache_dir
 
     spec = QUICK if args.quick else FULL
     cache = resolve_cache_dir(args.cache_dir)
@@ -440,7 +441,7 @@ def _print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.backends import BACKENDS
+    from pipeline.patch.backends import BACKENDS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="auto", help=" | ".join(BACKENDS))
@@ -476,6 +477,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_cli
+    from pipeline.core.cli import run_cli
 
     run_cli(main)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torchvision.models as tvm
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,14 +41,19 @@ from models.errors import BundleError
 from models.patch import PatchClassifier
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from models.state_io import state_dict_mismatches
-from pipeline.config import StrictModel, validate
-from pipeline.errors import ConfigError, MPPError
-from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.core.config import StrictModel, validate
+from pipeline.core.errors import ConfigError, MPPError
+from pipeline.core.io import atomic_write_bytes, atomic_write_json
+from pipeline.tiles.tiling import TilingConfig
+from pipeline.tiles.tissue import TissueConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Bundle format version written by this code and the only one it reads."""
+FORMAT_VERSION = 2
+"""Bundle format version written by this code. Version 2 added the tile grid and tissue settings to
+``input`` (:class:`InputSpec`); version 1 bundles still load, with today's defaults for those
+settings and a logged note."""
+READABLE_FORMAT_VERSIONS = (1, 2)
 CONTRACT_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 PATCH_SECTION = "patch"
@@ -97,6 +102,41 @@ class InputSpec(StrictModel):
     tile_size_px: int = Field(224, gt=0, description="tile edge in pixels at `mpp`")
     normalisation: NormalisationSpec = Field(default_factory=NormalisationSpec)
     channel_order: Literal["RGB"] = "RGB"
+    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fractional overlap of neighbouring tiles (0 = abutting)")
+    min_tissue: float = Field(0.1, ge=0.0, le=1.0, description="minimum tissue fraction of a tile")
+    tissue: TissueConfig = Field(default_factory=TissueConfig,
+                                 description="tissue detector settings the model was trained with")
+
+    def tiling(self) -> TilingConfig:
+        """The tile grid inference must lay out to see a slide as training did."""
+        return TilingConfig(target_mpp=self.mpp, mpp_tolerance=self.mpp_tolerance, tile_px=self.tile_size_px,
+                            overlap=self.overlap, min_tissue=self.min_tissue, tissue=self.tissue)
+
+    def check_mpp(self, effective_mpp: float | None, source: str = "slide", model: str = "the model") -> None:
+        """Refuse tiles read at the wrong scale instead of silently resizing.
+
+        Args:
+            effective_mpp: µm/px of the pixels that will be tiled (level mpp x any downsample).
+            source: what is being checked (slide path), for the message.
+            model: the model's name, for the message.
+        Raises:
+            MPPError: ``effective_mpp`` is missing, not positive, or deviates from ``mpp`` by
+                more than ``mpp_tolerance`` (relative).
+        """
+        want, tol = self.mpp, self.mpp_tolerance
+        if effective_mpp is None or not math.isfinite(effective_mpp) or effective_mpp <= 0:
+            raise MPPError(f"{source}: resolution unknown or invalid ({effective_mpp!r} µm/px); "
+                           f"model {model} needs {want} µm/px")
+        deviation = effective_mpp / want - 1.0
+        if abs(deviation) > tol + 1e-9:
+            raise MPPError(f"{source}: read at {effective_mpp:.4g} µm/px but model {model} expects "
+                           f"{want:g} µm/px ± {tol:.0%} ({deviation:+.0%}); refusing to resize silently")
+
+    @classmethod
+    def from_tiling(cls, tiling: TilingConfig, **kwargs: Any) -> InputSpec:
+        """The input spec of a model trained on tiles laid out by ``tiling``."""
+        return cls(mpp=tiling.target_mpp, mpp_tolerance=tiling.mpp_tolerance, tile_size_px=tiling.tile_px,
+                   overlap=tiling.overlap, min_tissue=tiling.min_tissue, tissue=tiling.tissue, **kwargs)
 
 
 class TrainingSpec(StrictModel):
@@ -105,7 +145,7 @@ class TrainingSpec(StrictModel):
     config: dict[str, Any] = Field(description="the resolved training config")
     config_sha256: str = Field(description="sha256 hex of the canonical JSON of `config`")
     code_version: str = Field(description="package version and/or git commit that trained the model")
-    created: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc),
+    created: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC),
                                    description="ISO 8601 time the bundle was created (with time zone)")
     metrics: dict[str, FiniteFloat] | None = Field(None, description="validation metrics, name -> value")
 
@@ -115,7 +155,7 @@ class TrainingSpec(StrictModel):
         """Record a resolved config (pydantic model or plain dict) and its hash.
 
         ``config_sha256`` hashes ``json.dumps(config, sort_keys=True)``, the same canonical form
-        as :func:`pipeline.config.config_hash`, whose 16-digit value is its prefix.
+        as :func:`pipeline.core.config.config_hash`, whose 16-digit value is its prefix.
         """
         data = config.model_dump(mode="json") if isinstance(config, BaseModel) else json.loads(json.dumps(dict(config)))
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -150,8 +190,8 @@ class BundleContract(StrictModel):
     @field_validator("format_version")
     @classmethod
     def _supported(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
-            raise ValueError(f"format_version {v} not supported (this code reads {FORMAT_VERSION})")
+        if v not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"format_version {v} not supported (this code reads {READABLE_FORMAT_VERSIONS})")
         return v
 
     @model_validator(mode="after")
@@ -164,23 +204,8 @@ class BundleContract(StrictModel):
         return self
 
     def check_mpp(self, effective_mpp: float | None, source: str = "slide") -> None:
-        """Refuse tiles read at the wrong scale instead of silently resizing.
-
-        Args:
-            effective_mpp: µm/px of the pixels that will be tiled (level mpp x any downsample).
-            source: what is being checked (slide path), for the message.
-        Raises:
-            MPPError: ``effective_mpp`` is missing, not positive, or deviates from
-                ``input.mpp`` by more than ``input.mpp_tolerance`` (relative).
-        """
-        want, tol = self.input.mpp, self.input.mpp_tolerance
-        if effective_mpp is None or not math.isfinite(effective_mpp) or effective_mpp <= 0:
-            raise MPPError(f"{source}: resolution unknown or invalid ({effective_mpp!r} µm/px); "
-                           f"model {self.name} needs {want} µm/px")
-        deviation = effective_mpp / want - 1.0
-        if abs(deviation) > tol + 1e-9:
-            raise MPPError(f"{source}: read at {effective_mpp:.4g} µm/px but model {self.name} expects "
-                           f"{want:g} µm/px ± {tol:.0%} ({deviation:+.0%}); refusing to resize silently")
+        """:meth:`InputSpec.check_mpp` with this model's name in the message."""
+        self.input.check_mpp(effective_mpp, source=source, model=self.name)
 
 
 @dataclass(frozen=True)
@@ -273,7 +298,7 @@ def save_bundle(directory: str | Path, model: PatchClassifier, contract: BundleC
                           f"but extra_tensors has {sorted(sections)}")
     blob = st_save(_flatten(model, extra_tensors, d),
                    metadata={"format": "pt", "bundle_format_version": str(FORMAT_VERSION)})
-    final = contract.model_copy(update={"weights_sha256": hashlib.sha256(blob).hexdigest()})
+    final = contract.model_copy(update={"weights_sha256": hashlib.sha256(blob).hexdigest(), "format_version": FORMAT_VERSION})
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(d / WEIGHTS_FILE, blob)
     atomic_write_json(d / CONTRACT_FILE, final.model_dump(mode="json"))
@@ -307,9 +332,12 @@ def _read_contract(d: Path) -> tuple[BundleContract, bytes]:
         raise BundleError(f"{path}:{where} invalid JSON") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: top level must be an object, got {type(data).__name__}")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise BundleError(f"{path}: format_version {data.get('format_version')!r} not supported "
-                          f"(this code reads {FORMAT_VERSION})")
+                          f"(this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
+    if data["format_version"] == 1:
+        log.info("%s: bundle format 1 records no tile grid or tissue settings; using today's defaults "
+                 "(re-save the bundle to record them)", path)
     try:
         return validate(BundleContract, data, str(path)), raw
     except ConfigError as exc:

@@ -1,12 +1,12 @@
 """Errors raised by ``models/`` for files the user points us at (weights, bundles).
 
-Both subclass :class:`pipeline.errors.ConfigError` (the path comes from a config or the
+Both subclass :class:`pipeline.core.errors.ConfigError` (the path comes from a config or the
 command line), so command-line layers print them as one-line ``error: ...`` messages.
 """
 
 from __future__ import annotations
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 class WeightsError(ConfigError):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from models.patch import PATTERN_CLASSES
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class BagAggregator(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # buffers registered in __init__, declared for the type checker (nn.Module.__getattr__ returns Tensor | Module)
+    input_mean: Tensor
+    input_std: Tensor
 
     def __init__(self, embedding_dim: int, tile_prob_dim: int = len(PATTERN_CLASSES) + 1, hidden_dim: int = 256,
                  dropout: float = 0.25, n_patterns: int = len(PATTERN_CLASSES)) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from models.backbones import BACKBONES, backbone_spec
 from models.errors import WeightsError
 from models.state_io import read_state_dict, state_dict_mismatches
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from models.patch import DEFAULT_CLASSES, PATTERN_CLASSES
-from pipeline.errors import ConfigError, DataError
+from pipeline.core.errors import ConfigError, DataError
 
 
 def _as_numpy(x: np.ndarray | Tensor, name: str) -> np.ndarray:

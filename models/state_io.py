@@ -59,7 +59,7 @@ def read_state_dict(path: str | Path, error: Callable[[str], Exception]) -> Stat
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise error(f"{p}: not a state dict: entry {bad[0]!r} is not a tensor")
-    sd: StateDict = dict(obj)  # type: ignore[arg-type]
+    sd: StateDict = dict(obj)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd

@@ -56,7 +56,7 @@ def _torch() -> list[Check]:
         out.append(Check("gpu", True, f"CUDA {torch.version.cuda}: {name}; bf16 {'yes' if bf16 else 'no'}", hard=False))
     else:
         out.append(Check("gpu", True, "none (CPU inference)", hard=False))
-    from pipeline.runtime import cpu_bf16_supported, cpu_description
+    from pipeline.core.runtime import cpu_bf16_supported, cpu_description
 
     out.append(Check("cpu", True, f"{cpu_description()}; torch threads {torch.get_num_threads()}", hard=False))
     bf16 = cpu_bf16_supported()
@@ -101,7 +101,7 @@ def _albumentations() -> Check:
 
 def _compiler() -> Check:
     """Soft check: what ``--backend torch-bf16-compile`` needs on the CPU (a C++ compiler for TorchInductor)."""
-    from pipeline.backends.torch_runner import cxx_compiler
+    from pipeline.patch.backends.torch_runner import cxx_compiler
 
     found = cxx_compiler()
     if found:
@@ -111,7 +111,7 @@ def _compiler() -> Check:
 
 
 def _demo_model() -> Check:
-    from pipeline.paths import DEMO_BUNDLE
+    from pipeline.core.paths import DEMO_BUNDLE
 
     if (DEMO_BUNDLE / "bundle.json").is_file():
         return Check("demo model", True, f"{DEMO_BUNDLE} (trained on synthetic slides only, not for clinical use)", hard=False)

@@ -69,3 +69,27 @@ def skin_like_image(width: int, height: int, seed: int = 0) -> np.ndarray:
 def tiny_slide(tmp_path: Path) -> Path:
     """A 1600x1200 px pyramidal TIFF at 0.5 µm/px with a skin-like band."""
     return write_pyramid_tiff(tmp_path / "tiny.tiff", skin_like_image(1600, 1200), mpp=0.5)
+
+
+def assert_results_match_schema(out_dir: Path) -> dict[str, dict]:
+    """Every ``*/result.json`` under ``out_dir`` validates against the JSON Schema that
+    ``python -m pipeline schema result`` prints (with the jsonschema library) and reads back as a
+    :class:`pipeline.result.SlideResult`; returns {slide_id: result dict}."""
+    import json
+
+    import jsonschema
+
+    from pipeline.result import parse_result, result_json_schema
+
+    schema = result_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    out = {}
+    for path in sorted(Path(out_dir).glob("*/result.json")):
+        data = json.loads(path.read_text())
+        errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
+        assert not errors, f"{path}: " + "; ".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
+        assert parse_result(data).to_json_dict() == data
+        out[data["slide_id"]] = data
+    assert out, f"no result.json under {out_dir}"
+    return out

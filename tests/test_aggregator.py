@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from models.patch import DEFAULT_CLASSES
-from pipeline.aggregation import SlidePredictor
-from pipeline.errors import DataError
-from pipeline.features import SlideFeatures, load_features, save_features
+from pipeline.core.errors import DataError
+from pipeline.patch.cache import load_features, save_features
+from pipeline.patch.features import SlideFeatures
+from pipeline.slide_model.aggregation import SlidePredictor
 from pipeline.training.aggregator_trainer import SlideExample, train_aggregator
 from pipeline.training.config import AggregatorConfig
 

@@ -1,4 +1,4 @@
-"""The process allocator settings batch inference runs with (pipeline.runtime.keep_freed_memory).
+"""The process allocator settings batch inference runs with (pipeline.core.runtime.keep_freed_memory).
 
 Run in a fresh interpreter each: the settings are process-wide and would leak into other tests.
 """
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 _CHILD = r"""
 import json, resource, sys
 import numpy as np
-from pipeline import runtime
+from pipeline.core import runtime
 
 keep = sys.argv[1] == "keep"
 if keep and not runtime.keep_freed_memory():
@@ -63,7 +63,7 @@ def test_freed_blocks_are_reused_without_page_faults_and_given_back_on_request()
 
 
 def test_heap_reserve_grows_to_the_model_working_memory_within_bounds(monkeypatch):
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     free = {"bytes": 50 << 20}
     monkeypatch.setattr(runtime, "heap_free_bytes", lambda: free["bytes"])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 
-import pipeline  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE before albumentations)
-
 import albumentations as A
 import numpy as np
 import pytest
 
-from pipeline.augment import (
+import pipeline  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE before albumentations)
+from pipeline.core.config import validate
+from pipeline.core.errors import ConfigError
+from pipeline.training.augment import (
     AugmentConfig,
     HEDJitter,
     build_eval_transform,
@@ -19,8 +20,6 @@ from pipeline.augment import (
     rgb_to_hed,
     seed_transforms,
 )
-from pipeline.config import validate
-from pipeline.errors import ConfigError
 
 
 def _he_tile(size: int = 224, seed: int = 0) -> np.ndarray:
@@ -60,7 +59,7 @@ def test_hed_jitter_acts_in_stain_space() -> None:
     pure_h = hed_to_rgb(np.array([0.6, 0.0, 0.0]))      # a pixel with haematoxylin only
     pure_e = hed_to_rgb(np.array([0.0, 0.3, 0.0]))      # a pixel with eosin only
     img = np.stack([np.full((8, 8, 3), pure_h), np.full((8, 8, 3), pure_e)]).reshape(16, 8, 3)
-    from pipeline.augment import hed_jitter
+    from pipeline.training.augment import hed_jitter
 
     out = hed_jitter(img, alpha=np.array([1.0, 1.5, 1.0]), beta=np.zeros(3)).astype(int)
     assert np.abs(out[:8] - img[:8].astype(int)).max() <= 1        # no eosin -> unchanged
@@ -118,7 +117,7 @@ def test_train_augmentation_keeps_shape_dtype_and_is_reproducible() -> None:
     assert not np.array_equal(_apply(c, img), outs_a[0])
     # pipeline is serialisable (logged with the run) and contains the stain jitter
     names = [t["__class_fullname__"] for t in A.to_dict(a)["transform"]["transforms"]]
-    assert "pipeline.augment.HEDJitter" in names
+    assert "pipeline.training.augment.HEDJitter" in names
 
 
 def test_seeded_transforms_draw_independently() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 
 DEMO_BUNDLE = REPO / "models" / "demo_bundle"
@@ -26,7 +25,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_calibration():
     """A one-slide calibration set so int8 quantisation takes seconds in tests."""
-    from pipeline.backends import int8
+    from pipeline.patch.backends import int8
 
     spec = int8.CalibrationSet(n_slides=1, classes=("nme",), size_um=(1200.0, 1000.0), n_tiles=24)
     old = int8.DEFAULT_CALIBRATION
@@ -64,8 +63,8 @@ def slides(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiles(slides, bundle) -> np.ndarray:
     """Up to 24 real tissue tiles, uint8 (N, 224, 224, 3)."""
-    from pipeline.backends.int8 import calibration_tiles
-    from pipeline.tiling import TilingConfig
+    from pipeline.patch.backends.int8 import calibration_tiles
+    from pipeline.tiles.tiling import TilingConfig
 
     return calibration_tiles(sorted((slides / "slides").glob("*.tiff")), TilingConfig(), n_tiles=24, seed=1)
 
@@ -78,7 +77,7 @@ def no_record(bundle_dir):
 
 
 def _reference(bundle, tiles):
-    from pipeline.backends import make_runner
+    from pipeline.patch.backends import make_runner
 
     runner, name = make_runner(bundle, CPU, backend="torch-fp32")
     assert name == "torch-fp32"
@@ -91,8 +90,8 @@ TOLERANCE = {"onnx-fp32": (1e-4, 1e-5, 1e-4), "torch-bf16": (0.05, 0.01, 0.05), 
 
 @pytest.mark.parametrize("backend", ["onnx-fp32", "torch-bf16", "onnx-int8"])
 def test_backend_agrees_with_fp32(backend, bundle, tiles, cache_dir, small_calibration):
-    from pipeline.backends import make_runner
-    from pipeline.backends.torch_runner import bf16_available
+    from pipeline.patch.backends import make_runner
+    from pipeline.patch.backends.torch_runner import bf16_available
 
     if backend == "torch-bf16" and not bf16_available(CPU):
         pytest.skip("this CPU has no native bf16")
@@ -114,8 +113,8 @@ def test_backend_agrees_with_fp32(backend, bundle, tiles, cache_dir, small_calib
 
 
 def test_exports_are_cached_and_the_bundle_model_is_untouched(bundle, cache_dir, small_calibration):
-    from pipeline.backends.int8 import ensure_int8_onnx
-    from pipeline.backends.onnx_runner import ensure_fp32_onnx
+    from pipeline.patch.backends.int8 import ensure_int8_onnx
+    from pipeline.patch.backends.onnx_runner import ensure_fp32_onnx
 
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     was_training = bundle.model.training
@@ -130,9 +129,9 @@ def test_exports_are_cached_and_the_bundle_model_is_untouched(bundle, cache_dir,
 
 
 def test_int8_calibration_is_deterministic(bundle, slides, cache_dir, tmp_path):
-    from pipeline.backends.int8 import calibration_tiles, quantise_int8
-    from pipeline.backends.onnx_runner import ensure_fp32_onnx
-    from pipeline.tiling import TilingConfig
+    from pipeline.patch.backends.int8 import calibration_tiles, quantise_int8
+    from pipeline.patch.backends.onnx_runner import ensure_fp32_onnx
+    from pipeline.tiles.tiling import TilingConfig
 
     paths = sorted((slides / "slides").glob("*.tiff"))
     t1 = calibration_tiles(paths, TilingConfig(), n_tiles=16, seed=5)
@@ -145,8 +144,8 @@ def test_int8_calibration_is_deterministic(bundle, slides, cache_dir, tmp_path):
 
 
 def test_unknown_backend_is_a_one_line_error(bundle):
-    from pipeline.backends import make_runner
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
+    from pipeline.patch.backends import make_runner
 
     with pytest.raises(ConfigError) as exc:
         make_runner(bundle, CPU, backend="tensorrt")
@@ -155,8 +154,8 @@ def test_unknown_backend_is_a_one_line_error(bundle):
 
 
 def test_missing_onnxruntime_and_missing_bf16_are_one_line_errors(bundle, monkeypatch):
-    from pipeline.backends import make_runner, onnx_runner, torch_runner
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
+    from pipeline.patch.backends import make_runner, onnx_runner, torch_runner
 
     monkeypatch.setattr(onnx_runner, "onnxruntime_available", lambda: False)
     with pytest.raises(ConfigError, match=r"onnx-fp32 needs onnxruntime.*pip install"):
@@ -170,8 +169,8 @@ def test_missing_onnxruntime_and_missing_bf16_are_one_line_errors(bundle, monkey
 def test_compiled_backend_agrees_with_fp32_and_runs_other_batch_sizes_eagerly(bundle, tiles):
     """torch-bf16-compile: compiled once at construction for its batch size; full batches go
     through the compiled graph, others (a slide's last batch) through the same model eagerly."""
-    from pipeline.backends import make_runner
-    from pipeline.backends.torch_runner import bf16_available, compile_unavailable_reason
+    from pipeline.patch.backends import make_runner
+    from pipeline.patch.backends.torch_runner import bf16_available, compile_unavailable_reason
 
     if not bf16_available(CPU) or compile_unavailable_reason(CPU):
         pytest.skip(compile_unavailable_reason(CPU) or "this CPU has no native bf16")
@@ -194,8 +193,8 @@ def test_compiled_backend_agrees_with_fp32_and_runs_other_batch_sizes_eagerly(bu
 
 
 def test_compiled_backend_without_a_compiler_is_a_one_line_error(bundle, monkeypatch):
-    from pipeline.backends import make_runner, unavailable_reason
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
+    from pipeline.patch.backends import make_runner, unavailable_reason
 
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("CXX", raising=False)
@@ -209,8 +208,8 @@ def test_compiled_backend_without_a_compiler_is_a_one_line_error(bundle, monkeyp
 
 
 def _fake_bf16(monkeypatch, supported: bool) -> None:
-    from pipeline import runtime
-    from pipeline.backends import torch_runner
+    from pipeline.core import runtime
+    from pipeline.patch.backends import torch_runner
 
     monkeypatch.setattr(torch_runner, "cpu_bf16_supported", lambda: supported)
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: supported)
@@ -218,7 +217,7 @@ def _fake_bf16(monkeypatch, supported: bool) -> None:
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_auto_without_record_follows_the_hardware(bundle, no_record, monkeypatch, caplog, bf16):
-    from pipeline.backends import resolve_backend
+    from pipeline.patch.backends import resolve_backend
 
     _fake_bf16(monkeypatch, bf16)
     with caplog.at_level("WARNING"):
@@ -229,7 +228,7 @@ def test_auto_without_record_follows_the_hardware(bundle, no_record, monkeypatch
 
 
 def _record(bundle, entries: dict[str, bool], weights: str | None = None, machine_id: str = "elsewhere") -> dict:
-    from pipeline.backends.record import RECORD_FORMAT, runtime_of
+    from pipeline.patch.backends.record import RECORD_FORMAT, runtime_of
 
     return {"format": RECORD_FORMAT, "bundle": {"weights_sha256": weights or bundle.contract.weights_sha256},
             "backends": {name: {"passed": ok, "reasons": [] if ok else ["band agreement 0.9 < 0.99"], "device_type": "cpu",
@@ -239,8 +238,8 @@ def _record(bundle, entries: dict[str, bool], weights: str | None = None, machin
 
 
 def test_auto_with_failing_record_falls_back_to_fp32(bundle, bundle_dir, no_record, monkeypatch, caplog):
-    from pipeline.backends import make_runner, resolve_backend
-    from pipeline.backends.record import write_record
+    from pipeline.patch.backends import make_runner, resolve_backend
+    from pipeline.patch.backends.record import write_record
 
     _fake_bf16(monkeypatch, True)
     write_record(bundle_dir, _record(bundle, {"torch-bf16": False, "onnx-fp32": False, "onnx-int8": False}))
@@ -254,8 +253,8 @@ def test_auto_with_failing_record_falls_back_to_fp32(bundle, bundle_dir, no_reco
 
 
 def test_auto_picks_the_fastest_passing_backend(bundle, bundle_dir, no_record, monkeypatch):
-    from pipeline.backends import resolve_backend
-    from pipeline.backends.record import machine_id, write_record
+    from pipeline.patch.backends import resolve_backend
+    from pipeline.patch.backends.record import machine_id, write_record
 
     _fake_bf16(monkeypatch, True)
     write_record(bundle_dir, _record(bundle, {"torch-bf16": True, "onnx-fp32": True, "onnx-int8": False}))
@@ -273,8 +272,8 @@ def test_auto_picks_the_fastest_passing_backend(bundle, bundle_dir, no_record, m
 
 
 def test_record_for_other_weights_or_runtime_is_ignored(bundle, bundle_dir, no_record, monkeypatch):
-    from pipeline.backends import resolve_backend
-    from pipeline.backends.record import write_record
+    from pipeline.patch.backends import resolve_backend
+    from pipeline.patch.backends.record import write_record
 
     _fake_bf16(monkeypatch, False)
     write_record(bundle_dir, _record(bundle, {"onnx-fp32": True}, weights="0" * 64))
@@ -287,9 +286,9 @@ def test_record_for_other_weights_or_runtime_is_ignored(bundle, bundle_dir, no_r
 
 def test_agreement_cli_writes_a_valid_record(bundle, bundle_dir, slides, cache_dir, small_calibration, no_record,
                                              capsys, monkeypatch):
-    from pipeline.backends import resolve_backend
-    from pipeline.backends.agreement import main
-    from pipeline.backends.record import AGREEMENT_FILE, read_record
+    from pipeline.evaluation.agreement import main
+    from pipeline.patch.backends import resolve_backend
+    from pipeline.patch.backends.record import AGREEMENT_FILE, read_record
 
     assert main(["--bundle", str(bundle_dir), "--slides", str(slides), "--backends", "onnx-fp32,onnx-int8",
                  "--write", "--cache-dir", str(cache_dir), "--quiet"]) == 0
@@ -302,7 +301,7 @@ def test_agreement_cli_writes_a_valid_record(bundle, bundle_dir, slides, cache_d
     assert rec["bundle"]["weights_sha256"] == bundle.contract.weights_sha256
     assert rec["data"]["n_slides"] == 3 and rec["data"]["n_positive"] >= 1 and rec["data"]["n_tiles"] > 0
     classes = set(bundle.contract.architecture.classes)
-    for name, e in rec["backends"].items():
+    for _name, e in rec["backends"].items():
         assert set(e["tile_prob_abs_diff"]) == classes
         assert all(0 <= v["mean"] <= v["max"] <= 1 for v in e["tile_prob_abs_diff"].values())
         assert 0 <= e["slide_prob_abs_diff"]["mean"] <= e["slide_prob_abs_diff"]["max"] <= 1
@@ -321,7 +320,7 @@ def test_agreement_cli_writes_a_valid_record(bundle, bundle_dir, slides, cache_d
 
 
 def _cli_error(main, argv, capsys) -> str:
-    from pipeline.cli import run_cli
+    from pipeline.core.cli import run_cli
 
     with pytest.raises(SystemExit) as exc:
         run_cli(main, argv)
@@ -332,7 +331,7 @@ def _cli_error(main, argv, capsys) -> str:
 
 
 def test_agreement_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
-    from pipeline.backends.agreement import main
+    from pipeline.evaluation.agreement import main
 
     err = _cli_error(main, ["--bundle", str(bundle_dir), "--slides", str(tmp_path), "--backends", "onnx-fp32"], capsys)
     assert "labels.csv" in err and "pipeline.synthetic" in err
@@ -419,7 +418,7 @@ def test_speed_bundle_runs_the_pipeline_with_another_backbone(tmp_path, slides, 
     shutil.copy(slide, src / slide.name)
     opts = BatchOptions(slides_dir=src, out_dir=tmp_path / "out", model=tmp_path / "r18", backend="torch-fp32", quiet=True)
     jobs = check_inputs(opts)
-    (r,) = process_slides(jobs, build_context(opts, jobs))
+    (r,) = (x.to_json_dict() for x in process_slides(jobs, build_context(opts, jobs)))
     assert r["status"] in ("ok", "non_diagnostic"), r.get("error")
     assert r["n_tiles"] > 0 and r["model"]["label"] == LABEL and r["model"]["backbone"] == "resnet18"
 
@@ -430,9 +429,10 @@ def test_speed_bundle_runs_the_pipeline_with_another_backbone(tmp_path, slides, 
 @pytest.mark.parametrize("slide_mpp", [0.5, 0.3])  # 0.3 µm/px: tiles are resized, read one by one
 def test_tile_reader_strips_give_the_same_tiles(tmp_path, slide_mpp):
     from conftest import skin_like_image, write_pyramid_tiff
-    from pipeline.features import TileReader
-    from pipeline.slide import open_slide
-    from pipeline.tiling import TilingConfig, tile_slide
+
+    from pipeline.patch.reader import TileReader
+    from pipeline.reading.slide import open_slide
+    from pipeline.tiles.tiling import TilingConfig, tile_slide
 
     path = write_pyramid_tiff(tmp_path / "s.tiff", skin_like_image(2400, 1800, seed=3), mpp=slide_mpp)
     with open_slide(path) as slide:
@@ -454,7 +454,7 @@ def test_tile_reader_strips_give_the_same_tiles(tmp_path, slide_mpp):
 
 
 def test_stain_accumulator_matches_a_plain_numpy_reference():
-    from pipeline.quality import StainAccumulator
+    from pipeline.tiles.measurements import StainAccumulator
 
     rng = np.random.default_rng(4)
     tiles = rng.integers(0, 256, (9, 40, 56, 3), dtype=np.uint8)
@@ -492,9 +492,10 @@ def test_overlapping_the_slide_stages_changes_nothing(tmp_path, slides, bundle_d
                             quiet=True)
         jobs = check_inputs(opts)
         ctx = build_context(opts, jobs)
-        got = {j.slide_id: r for j, r in zip(jobs, process_slides(jobs, ctx, overlap=overlap))}
+        got = {j.slide_id: r.to_json_dict() for j, r in zip(jobs, process_slides(jobs, ctx, overlap=overlap))}
         assert set(got) == {j.slide_id for j in jobs} and len(got) == 3
-        results[overlap] = {k: {f: v for f, v in r.items() if f not in ("timings", "created_at")} for k, r in got.items()}
+        results[overlap] = {k: {f: v for f, v in r.items() if f not in ("timings", "created_at", "produced_by")}
+                            for k, r in got.items()}
         if overlap:
             assert any("tissue_tiling.wait" in r["timings"] for r in got.values())
             assert ctx.stages._pools is not None  # the context's stage threads, kept for its next batch
@@ -529,7 +530,7 @@ def test_heatmap_files_jpeg_by_default_png_on_request(tmp_path, slides, bundle_d
         opts = BatchOptions(slides_dir=src, out_dir=tmp_path / fmt, model=bundle_dir, backend="onnx-fp32", quiet=True,
                             heatmap_format=fmt)
         jobs = check_inputs(opts)
-        (r,) = process_slides(jobs, build_context(opts, jobs))
+        (r,) = (x.to_json_dict() for x in process_slides(jobs, build_context(opts, jobs)))
         assert r["status"] == "ok", r.get("error")
         d = tmp_path / fmt / slide.stem
         names = [f"heatmap_{m}{suffix}" for m in ("pallor", "necrolysis", "parakeratosis", "attention")]
@@ -552,7 +553,7 @@ def test_batchnorm_folding_keeps_the_function(backbone):
     import torch
 
     from models.patch import PatchClassifier
-    from pipeline.backends.torch_runner import fold_batchnorm
+    from pipeline.patch.backends.torch_runner import fold_batchnorm
 
     torch.manual_seed(0)
     model = PatchClassifier(backbone).eval()

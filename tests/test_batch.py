@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import pytest
-
 from conftest import REPO
 
 DEMO_BUNDLE = REPO / "models" / "demo_bundle"

@@ -17,13 +17,13 @@ from tests.conftest import skin_like_image, write_pyramid_tiff
 
 # ------------------------------------------------------------------------------------ reading
 def _public_read(reader, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-    from pipeline.slide import _rgba_over_white
+    from pipeline.reading.slide import _rgba_over_white
 
     return _rgba_over_white(np.asarray(reader._h.read_region((x, y), level, (w, h)), dtype=np.uint8))
 
 
 def _check_reads_equal(path: Path) -> None:
-    from pipeline.slide import OpenSlideReader
+    from pipeline.reading.slide import OpenSlideReader
 
     reader = OpenSlideReader(path, str(path))
     try:
@@ -51,7 +51,7 @@ def test_direct_openslide_read_equals_the_public_api_on_real_slides(shared_slide
 
 
 def test_premultiplied_alpha_is_composited_over_white():
-    from pipeline.slide import _premultiplied_bgra_over_white, _rgba_over_white
+    from pipeline.reading.slide import _premultiplied_bgra_over_white, _rgba_over_white
 
     rng = np.random.default_rng(0)
     straight = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)  # straight RGBA
@@ -70,8 +70,8 @@ def test_premultiplied_alpha_is_composited_over_white():
 
 
 def test_a_corrupt_tile_still_fails_the_read_with_a_one_line_error(shared_slides):
-    from pipeline.errors import SlideError
-    from pipeline.slide import OpenSlideReader
+    from pipeline.core.errors import SlideError
+    from pipeline.reading.slide import OpenSlideReader
 
     reader = OpenSlideReader(shared_slides / "synthetic_openslide_fixtures" / "unreadable.svs", "unreadable.svs")
     with pytest.raises(SlideError, match="unreadable.svs: corrupt image data") as exc:
@@ -82,7 +82,7 @@ def test_a_corrupt_tile_still_fails_the_read_with_a_one_line_error(shared_slides
 
 # ------------------------------------------------------------------------------------ tissue
 def test_od_planes_are_the_optical_density_values():
-    from pipeline.tissue import _od_planes, optical_density
+    from pipeline.tiles.tissue import _od_planes, optical_density
 
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (63, 81, 3), dtype=np.uint8)
@@ -95,7 +95,7 @@ def test_od_planes_are_the_optical_density_values():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_background_estimate_is_the_median_of_the_brightest_tenth(seed):
-    from pipeline.tissue import estimate_background
+    from pipeline.tiles.tissue import estimate_background
 
     rng = np.random.default_rng(seed)
     h, w = rng.integers(5, 120, size=2)
@@ -110,7 +110,8 @@ def test_background_estimate_is_the_median_of_the_brightest_tenth(seed):
 
 # ------------------------------------------------------------------------------------ stain statistics
 def test_stain_statistics_on_a_pixel_sample():
-    from pipeline.quality import InvalidInputError, StainAccumulator
+    from pipeline.slide_model.quality import InvalidInputError
+    from pipeline.tiles.measurements import StainAccumulator
 
     tiles = np.stack([skin_like_image(224, 224, seed=s) for s in range(6)])
     full = StainAccumulator().update(tiles).result()
@@ -145,7 +146,7 @@ def test_heatmap_base_is_coarser_never_finer():
 
 def test_heatmap_mpp_option_is_checked(tmp_path):
     from pipeline.batch.runner import BatchOptions, check_options
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--heatmap-mpp must be a positive") as exc:
         check_options(BatchOptions(slides_dir=tmp_path, out_dir=tmp_path / "o", model=tmp_path, heatmap_mpp=0.0))
@@ -156,7 +157,7 @@ def test_batch_size_option_is_checked_and_defaults_by_device(tmp_path):
     import torch
 
     from pipeline.batch.runner import BatchOptions, check_options, default_batch_size
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--batch-size must be at least 1") as exc:
         check_options(BatchOptions(slides_dir=tmp_path, out_dir=tmp_path / "o", model=tmp_path, batch_size=0))
@@ -247,7 +248,7 @@ def test_tile_coverage_without_overlaps_gives_each_pixel_its_tile_value():
     from pipeline.outputs.heatmap import TileCoverage
 
     rng = np.random.default_rng(12)
-    for trial in range(30):
+    for _trial in range(30):
         size = float(rng.uniform(20, 300))
         scale = float(rng.uniform(0.02, 0.5))
         origin = (int(rng.integers(-300, 300)), int(rng.integers(-300, 300)))
@@ -305,7 +306,7 @@ def test_overlay_is_the_documented_blend_pixel_for_pixel():
 
 
 def test_top_tiles_keep_the_pixels_of_the_best_tiles_per_class():
-    from pipeline.features import TopTiles
+    from pipeline.outputs.gallery import TopTiles
 
     rng = np.random.default_rng(7)
     n, k = 300, 6
@@ -326,7 +327,7 @@ def test_top_tiles_keep_the_pixels_of_the_best_tiles_per_class():
 
 
 def test_direct_tile_decoding_is_used_only_where_it_matches_openslide(tmp_path, shared_slides):
-    from pipeline.slide import OpenSlideReader
+    from pipeline.reading.slide import OpenSlideReader
 
     path = write_pyramid_tiff(tmp_path / "s.tiff", skin_like_image(900, 700, seed=5), mpp=0.5)
     reader = OpenSlideReader(path, path.name)
@@ -346,8 +347,8 @@ def test_direct_tile_decoding_is_used_only_where_it_matches_openslide(tmp_path, 
 def test_the_direct_decoding_check_is_made_once_per_file_version(tmp_path, monkeypatch):
     import os
 
-    from pipeline import tiff_tiles
-    from pipeline.slide import OpenSlideReader
+    from pipeline.reading import tiff_tiles
+    from pipeline.reading.slide import OpenSlideReader
 
     path = write_pyramid_tiff(tmp_path / "v.tiff", skin_like_image(600, 400, seed=8), mpp=0.5, levels=1)
     calls = []
@@ -377,8 +378,8 @@ def test_the_direct_decoding_check_is_made_once_per_file_version(tmp_path, monke
 def test_a_corrupt_tile_in_a_direct_read_is_a_one_line_slide_error(tmp_path):
     import tifffile
 
-    from pipeline.errors import SlideError
-    from pipeline.slide import OpenSlideReader
+    from pipeline.core.errors import SlideError
+    from pipeline.reading.slide import OpenSlideReader
 
     path = write_pyramid_tiff(tmp_path / "c.tiff", skin_like_image(1024, 768, seed=6), mpp=0.5, levels=1)
     with tifffile.TiffFile(path) as tf:
@@ -397,7 +398,7 @@ def test_a_corrupt_tile_in_a_direct_read_is_a_one_line_slide_error(tmp_path):
 
 
 def test_heap_trimming_waits_for_enough_free_memory():
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     if runtime._malloc_trim() is None or runtime.heap_free_bytes() is None:
         pytest.skip("not glibc: malloc_trim/mallinfo2 unavailable")
@@ -411,7 +412,7 @@ def test_helper_threads_yield_the_cpu_to_the_model():
     import sys
     import threading
 
-    from pipeline.features import lower_thread_priority
+    from pipeline.patch.reader import lower_thread_priority
 
     if not sys.platform.startswith("linux"):
         pytest.skip("per-thread priorities are Linux-only")
@@ -449,7 +450,7 @@ def test_geojson_rings_round_coordinates_as_the_per_value_rule():
 def test_small_objects_and_holes_match_the_component_statistics_definition():
     import cv2
 
-    from pipeline.tissue import _fill_small_holes, _remove_small
+    from pipeline.tiles.tissue import _fill_small_holes, _remove_small
 
     def remove_ref(mask, min_px):  # the definition: OpenCV's component statistics
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)

@@ -17,9 +17,9 @@ from fhirclient.models.bundle import Bundle
 from fhirclient.models.fhirabstractbase import FHIRValidationError
 
 from pipeline import DEMO_MODEL_LABEL
-from pipeline.errors import DataError
-from pipeline.fhir import build_bundle
-from pipeline.rules import load_ruleset, parse_context, recommend
+from pipeline.clinical.fhir import build_bundle
+from pipeline.clinical.rules import load_ruleset, parse_context, recommend
+from pipeline.core.errors import DataError
 
 RS = load_ruleset()
 AI_MADE = {"DiagnosticReport", "Observation", "ServiceRequest"}
@@ -75,7 +75,7 @@ def _bundle(res: dict, clinical: dict | None = None, **fields: Any) -> tuple[dic
 
 
 VIGNETTES = {
-    "high_glucagon_negative_ct": (_result(0.9, patient_id="P-9", finished_at="2024-05-01T10:00:00+02:00"),
+    "high_glucagon_negative_ct": (_result(0.9, patient_id="P-9", created_at="2024-05-01T10:00:00+02:00"),
                                   {"site": "perineal", "diabetes": True, "weight_loss": True, "glucagon_pg_ml": 1400,
                                    "prior_imaging": "negative"}),
     "high_no_labs": (_result(0.75), {}),
@@ -109,7 +109,7 @@ def binding_problems(bundle: dict) -> list[str]:
     probs = []
     if bundle.get("type") not in BINDINGS[("Bundle", "type")]:
         probs.append(f"Bundle.type {bundle.get('type')!r}")
-    for url, r in _resources(bundle).items():
+    for _url, r in _resources(bundle).items():
         rt = r["resourceType"]
         for (t, el), allowed in BINDINGS.items():
             if t == rt and el in r and r[el] not in allowed:
@@ -128,7 +128,7 @@ def reference_problems(bundle: dict) -> list[str]:
     """Literal references that do not resolve in the bundle or point at a disallowed type."""
     res = _resources(bundle)
     probs = []
-    for url, r in res.items():
+    for _url, r in res.items():
         rt = r["resourceType"]
         for path, ref in _refs({k: v for k, v in r.items() if k != "resourceType"}):
             if (rt, path) in NOT_DEVICE:
@@ -245,7 +245,7 @@ def test_timestamps_come_from_the_result_and_bundle_is_deterministic() -> None:
     assert {x.get("issued") or x.get("authoredOn") or x.get("recorded") for x in r.values()
             if x["resourceType"] != "Device"} == {"2024-05-01T08:00:00Z"}
     # without a timestamp in the result only the timestamps may differ
-    res2 = {k: v for k, v in res.items() if k != "finished_at"}
+    res2 = {k: v for k, v in res.items() if k != "created_at"}
     strip = re.compile(r'"(timestamp|issued|authoredOn|recorded)": "[^"]+"')
     a, _ = _bundle(copy.deepcopy(res2), clinical)
     b, _ = _bundle(copy.deepcopy(res2), clinical)
@@ -294,5 +294,5 @@ def test_bad_inputs_to_build_bundle() -> None:
         build_bundle(dict(res, slide_id="other"), rec)
     with pytest.raises(DataError, match="model"):
         build_bundle({k: v for k, v in res.items() if k != "model"}, rec)
-    with pytest.raises(DataError, match="finished_at.*yesterday"):
-        build_bundle(dict(res, finished_at="yesterday"), rec)
+    with pytest.raises(DataError, match="created_at.*yesterday"):
+        build_bundle(dict(res, created_at="yesterday"), rec)

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.batch.runner import BatchOptions, check_options
 from pipeline.batch.state import _file_ok
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.outputs.heatmap import HEATMAP_FORMATS, encode_heatmap, encode_jpeg, render_heatmap
 
 

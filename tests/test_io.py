@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.core.io import atomic_write_bytes, atomic_write_json
 
 
 def test_atomic_write_bytes_replaces_whole_files_with_normal_permissions(tmp_path):

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from pipeline.calibration import Bands
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     RANKING_METRICS,
     auroc,
     average_precision,
@@ -23,6 +22,7 @@ from pipeline.metrics import (
     sensitivity_at_specificity,
     write_table_csv,
 )
+from pipeline.slide_model.calibration import Bands
 
 ALL_METRICS = (*RANKING_METRICS, "ece", "brier")
 

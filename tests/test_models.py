@@ -39,8 +39,10 @@ from models import (
     to_tensor_batch,
 )
 from pipeline import DEMO_MODEL_LABEL
-from pipeline.config import StrictModel, config_hash
-from pipeline.errors import ConfigError, DataError, MPPError
+from pipeline.core.config import StrictModel, config_hash
+from pipeline.core.errors import ConfigError, DataError, MPPError
+from pipeline.tiles.tiling import TilingConfig
+from pipeline.tiles.tissue import TissueConfig
 
 SMALL = 64  # tile edge for tests: every backbone accepts 64 px
 
@@ -194,7 +196,7 @@ def _contract(model: PatchClassifier, **overrides: object) -> BundleContract:
     data: dict[str, object] = dict(
         name="nme-demo", version="0.1.0", label=DEMO_MODEL_LABEL,
         architecture=ArchitectureSpec.of(model),
-        thresholds={c: 0.5 for c in model.classes},
+        thresholds=dict.fromkeys(model.classes, 0.5),
         training=TrainingSpec.from_config(cfg, code_version="0.1.0+test", metrics={"val_auc": 0.9}),
         aggregator=AggregatorSpec(type="gated_attention", params={"embedding_dim": 4}, weights="aggregator"),
     )
@@ -238,8 +240,11 @@ def test_bundle_round_trip_gives_identical_outputs(bundle_dir: Path, trained_mod
     raw = json.loads((bundle_dir / "bundle.json").read_text())
     assert {"format_version", "name", "version", "label", "architecture", "input", "thresholds", "training",
             "aggregator", "calibration", "bands", "weights_sha256"} == set(raw)
+    tissue = raw["input"].pop("tissue")
     assert raw["input"] == {"mpp": 0.5, "mpp_tolerance": 0.1, "tile_size_px": 224, "channel_order": "RGB",
-                            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+                            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                            "overlap": 0.0, "min_tissue": 0.1}
+    assert tissue == TissueConfig().model_dump(mode="json") and raw["format_version"] == 2
     assert read_contract(bundle_dir) == c
 
 
@@ -284,10 +289,10 @@ def test_pickle_payload_as_bundle_weights_is_refused_not_executed(bundle_dir: Pa
 def test_bundle_missing_files_and_wrong_version(bundle_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not found"):
         load_bundle(tmp_path / "nowhere")
-    _rewrite_contract(bundle_dir, format_version=2)
-    with pytest.raises(BundleError, match=r"bundle\.json: format_version 2 not supported"):
+    _rewrite_contract(bundle_dir, format_version=3)
+    with pytest.raises(BundleError, match=r"bundle\.json: format_version 3 not supported"):
         load_bundle(bundle_dir)
-    _rewrite_contract(bundle_dir, format_version=1, thresholds={"pallor": 0.5})
+    _rewrite_contract(bundle_dir, format_version=2, thresholds={"pallor": 0.5})
     with pytest.raises(BundleError, match=r"bundle\.json.*thresholds must name exactly the classes"):
         load_bundle(bundle_dir)
     (bundle_dir / "model.safetensors").unlink()
@@ -515,3 +520,18 @@ def test_pattern_stats_classifier_fits_and_round_trips_json() -> None:
         PatternStatsClassifier(stats.feature_names).fit(X[:5], np.zeros(5))
     with pytest.raises(ConfigError, match="invalid"):
         PatternStatsClassifier.from_json({**clf.to_json(), "coef": [1.0]})
+
+
+def test_format_1_bundle_loads_with_todays_tiling(bundle_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bundle written before the tile grid and tissue settings were recorded still loads (with a note)."""
+    data = json.loads((bundle_dir / "bundle.json").read_text())
+    for key in ("overlap", "min_tissue", "tissue"):
+        data["input"].pop(key, None)
+    data["format_version"] = 1
+    (bundle_dir / "bundle.json").write_text(json.dumps(data))
+    with caplog.at_level("INFO", logger="models.bundle"):
+        b = load_bundle(bundle_dir)
+    assert b.contract.format_version == 1 and "records no tile grid or tissue settings" in caplog.text
+    assert b.contract.input.tiling() == TilingConfig(target_mpp=b.contract.input.mpp,
+                                                     mpp_tolerance=b.contract.input.mpp_tolerance,
+                                                     tile_px=b.contract.input.tile_size_px)

@@ -125,7 +125,7 @@ def make_result(slide_id: str = "S-001", status: str = "ok", prob: float | None 
         "tissue": {"fraction": 0.312, "area_mm2": 18.4, "flags": ["pale_tissue"]},
         "reader": "openslide", "dimensions_level0": [38400, 26880], "fingerprint": "9f" * 32,
         "quality": {"flags": ["pale_tissue"], "reasons": ["tissue is pale; mask checked with optical density"]},
-        # the shape pipeline.rules.recommend() returns
+        # the shape pipeline.clinical.rules.recommend() returns
         "recommendations": {
             "status": status,
             "ruleset_version": "1.0.0",
@@ -149,7 +149,7 @@ def make_result(slide_id: str = "S-001", status: str = "ok", prob: float | None 
                           "display": "Skin re-biopsy"},
                  "code_verified": False,
                  "additional_codes": [{"system": "http://loinc.org", "code": "1558-6", "display": "Fasting glucose"}],
-                 "rules": ["R9"], "rationale": "Pale tissue: confirm on a fresh biopsy.", "evidence": [], "note": ""},
+                 "rules": ["R9"], "rationale": ["Pale tissue: confirm on a fresh biopsy."], "evidence": [], "note": ""},
             ],
             "differential": [
                 {"id": "zinc_deficiency", "name": "Zinc deficiency / acrodermatitis enteropathica",
@@ -557,7 +557,7 @@ def test_report_failed_and_sparse_results_render() -> None:
 
 
 def test_report_renders_the_rule_layers_real_output() -> None:
-    rules = pytest.importorskip("pipeline.rules", reason="the rule layer (pipeline.rules) is not in this checkout")
+    rules = pytest.importorskip("pipeline.clinical.rules", reason="the rule layer (pipeline.clinical.rules) is not in this checkout")
     result = make_result()
     rec = rules.recommend(result, None, rules.load_ruleset())
     assert any(o["id"] == "glucagon" for o in rec["orders"]), "a HIGH slide gets a glucagon proposal"

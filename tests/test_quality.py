@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.quality import (
-    DARK_FIELD_REASON,
-    HARD_FLAGS,
-    QualityConfig,
-    QualityInputs,
-    StainAccumulator,
-    assess_quality,
-    stain_statistics,
-    tile_sharpness,
-    tile_sharpness_many,
-)
+from pipeline.slide_model.quality import DARK_FIELD_REASON, HARD_FLAGS, QualityConfig, QualityInputs, assess_quality
+from pipeline.tiles.measurements import StainAccumulator, stain_statistics, tile_sharpness, tile_sharpness_many
 
 N = 200
 GOOD_STAIN = {"he_like_fraction": 0.93, "dab_like_fraction": 0.01, "dark_pixel_fraction": 0.006}
@@ -114,7 +105,7 @@ def test_non_he_stain():
 
 
 def test_he_fraction_alias_from_per_tile_features():
-    # pipeline.features stores the per-tile mean as "he_fraction"; it is read like he_like_fraction
+    # pipeline.patch.features stores the per-tile mean as "he_fraction"; it is read like he_like_fraction
     r = assess_quality(good_inputs(stain_stats={"he_fraction": 0.3, "mean_od": [0.2, 0.4, 0.2]}))
     assert "only 30% of stained pixels" in check_report(r, "non_diagnostic", "non_he_stain")
     assert assess_quality(good_inputs(stain_stats={"he_fraction": 0.9})).status == "ok"
@@ -229,8 +220,8 @@ def test_sharpness_is_the_variance_of_the_float_laplacian():
 # ---------------------------------------------------------------------------- real slides
 @pytest.fixture(scope="module")
 def cmu_tiles(shared_slides):
-    from pipeline.slide import open_slide
-    from pipeline.tiling import tile_slide
+    from pipeline.reading.slide import open_slide
+    from pipeline.tiles.tiling import tile_slide
 
     with open_slide(shared_slides / "CMU-1-Small-Region.svs") as s:
         grid, mask, _, _ = tile_slide(s)
@@ -262,8 +253,8 @@ def test_real_skin_tiles_are_sharp_and_blurred_copies_are_not(cmu_tiles):
 
 @pytest.mark.shared
 def test_real_he_is_he_like_and_dark_field_is_not(cmu_tiles, shared_slides):
-    from pipeline.slide import open_slide
-    from pipeline.tiling import tile_slide
+    from pipeline.reading.slide import open_slide
+    from pipeline.tiles.tiling import tile_slide
 
     tiles, _, _ = cmu_tiles
     cfg = QualityConfig()

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO
+from conftest import REPO, assert_results_match_schema
 
 DEMO_BUNDLE = REPO / "models" / "demo_bundle"
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
@@ -38,7 +37,7 @@ aggregator: {{epochs: 2, bootstrap: 0}}
 """
 
 #: result.json fields that legitimately differ between two runs (clock, where it ran).
-VOLATILE = {"timings", "created_at", "slide_path"}
+VOLATILE = {"timings", "created_at", "slide_path", "produced_by"}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +48,7 @@ def bundle(tmp_path_factory) -> Path:
         return Path(given)
     if (DEMO_BUNDLE / "bundle.json").is_file():
         return DEMO_BUNDLE
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.training.config import RunConfig
     from pipeline.training.run import run_training
 
@@ -136,6 +135,9 @@ def test_ray_cli_matches_local_engine_bitwise(tmp_path, slides, bundle):
 
     local, remote = _results(local_out), _results(ray_out)
     assert set(local) == set(remote) and len(local) == 3
+    assert assert_results_match_schema(local_out) == local and assert_results_match_schema(ray_out) == remote
+    assert {r["produced_by"]["engine"] for r in remote.values()} == {"ray"}
+    assert {r["produced_by"]["engine"] for r in local.values()} == {"local"}
     for sid in local:
         a, b = _numbers(local[sid]), _numbers(remote[sid])
         assert a == b, (sid, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)})
@@ -198,6 +200,7 @@ def test_worker_death_is_retried_on_a_fresh_actor_or_marked_failed(tmp_path, sli
 
     res = _results(out)
     assert set(res) == set(ids)  # the batch went on
+    assert assert_results_match_schema(out) == res  # failed ones too, from the worker or the driver
     assert res[once]["status"] in ("ok", "non_diagnostic") and res[fine]["status"] in ("ok", "non_diagnostic")
     assert res[always]["status"] == "failed"
     assert res[always]["error"].startswith("worker died: gave up after 2 attempts") and "\n" not in res[always]["error"]
@@ -245,7 +248,7 @@ def test_unreachable_address_fails_fast(tmp_path, slides):
         run_batch(_opts(slides, out, tmp_path / "bundle", engine="ray", address=f"127.0.0.1:{_closed_port()}"))
     assert time.perf_counter() - t < 15
     assert not out.exists()
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="expected auto, HOST:PORT"):
         run_batch(_opts(slides, out, tmp_path / "bundle", engine="ray", address="head-node-without-port"))
@@ -253,7 +256,7 @@ def test_unreachable_address_fails_fast(tmp_path, slides):
 
 def test_option_errors_are_one_line(tmp_path, slides):
     from pipeline.batch.runner import run_batch
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="local engine processes one slide at a time.*--reader-threads"):
@@ -273,7 +276,7 @@ def test_option_errors_are_one_line(tmp_path, slides):
 def test_worker_without_the_bundle_stops_before_any_slide(tmp_path, slides, ray_instance):
     from pipeline.batch.ray_engine import ClusterError
     from pipeline.batch.runner import run_batch
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     out = tmp_path / "out"
     with pytest.raises(ClusterError, match=r"^Ray worker on .* \(pid \d+\) cannot see the model bundle .*no-such-bundle"):

@@ -17,9 +17,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ConfigError, DataError
-from pipeline.paths import REPO_ROOT, RULES_YAML
-from pipeline.rules import ClinicalContext, load_clinical, load_ruleset, parse_context, recommend
+from pipeline.clinical.rules import ClinicalContext, load_clinical, load_ruleset, parse_context, recommend
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.paths import REPO_ROOT, RULES_YAML
 
 RS = load_ruleset()
 IMAGING = {"ct_or_mri_pancreas", "sstr_pet", "eus"}
@@ -539,13 +539,13 @@ def test_shipped_ruleset_covers_the_rule_table_and_vocabulary() -> None:
 
 # -- command line ---------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.rules", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.clinical.rules", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
 
 
 def test_cli_prints_recommendation_and_writes_fhir(tmp_path: Path) -> None:
     r = tmp_path / "result.json"
-    r.write_text(json.dumps(make_result(p=0.9, slide_id="SL-1", finished_at="2024-05-01T10:00:00Z")))
+    r.write_text(json.dumps(make_result(p=0.9, slide_id="SL-1", created_at="2024-05-01T10:00:00Z")))
     c = tmp_path / "clinical.csv"
     c.write_text("slide_id,site,diabetes,weight_loss,glucagon_pg_ml\nSL-1,perineal,yes,yes,1400\n")
     out = tmp_path / "bundle.json"

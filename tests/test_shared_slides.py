@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.errors import MPPError, SlideError
-from pipeline.slide import open_slide
-from pipeline.tiling import tile_slide
+from pipeline.core.errors import MPPError, SlideError
+from pipeline.reading.slide import open_slide
+from pipeline.tiles.tiling import tile_slide
 
 pytestmark = pytest.mark.shared
 
@@ -114,7 +114,7 @@ def test_cmu_epidermis_and_keratin_in_ink_out(shared_slides):
 
 def test_tiling_cli_on_real_slide(shared_slides, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.tiling", str(shared_slides / "hamamatsu_test3-DAPI-2-387.ndpi"), "--out", str(tmp_path), "--quiet"],
+        [sys.executable, "-m", "pipeline.tiles.tiling", str(shared_slides / "hamamatsu_test3-DAPI-2-387.ndpi"), "--out", str(tmp_path), "--quiet"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

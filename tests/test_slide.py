@@ -8,11 +8,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
 from conftest import skin_like_image, write_pyramid_tiff
-from pipeline import slide as slide_mod
-from pipeline.errors import MPPError, SlideError
-from pipeline.slide import open_slide, slide_id_for
+
+from pipeline.core.errors import MPPError, SlideError
+from pipeline.reading import slide as slide_mod
+from pipeline.reading.slide import open_slide, slide_id_for
 
 
 def test_pyramid_tiff_mpp_from_resolution_tags(tiny_slide):

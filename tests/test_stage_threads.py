@@ -1,4 +1,4 @@
-"""The background threads of overlapped slide stages (pipeline.batch.process.StageThreads)."""
+"""The background threads of overlapped slide stages (pipeline.batch.context.StageThreads)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def test_stage_threads_are_kept_between_batches():
     import os
     import threading
 
-    from pipeline.batch.process import StageThreads
+    from pipeline.batch.context import StageThreads
 
     def me():
         return threading.get_ident(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

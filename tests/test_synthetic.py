@@ -18,8 +18,8 @@ import numpy as np
 import openslide
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.slide import open_slide
+from pipeline.core.errors import ConfigError
+from pipeline.reading.slide import open_slide
 from pipeline.synthetic import DIAGNOSES, LABEL_COLUMNS, PATTERNS, generate_dataset, layout_for, plan_dataset
 from pipeline.synthetic.__main__ import main as cli_main
 from pipeline.synthetic.profiles import DU, R

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import skin_like_image, write_pyramid_tiff
-from pipeline.slide import open_slide
-from pipeline.tiling import TilingConfig, make_grid, read_tiles, tile_slide
-from pipeline.tissue import detect_tissue
+
+from pipeline.reading.slide import open_slide
+from pipeline.tiles.tiling import TilingConfig, make_grid, read_tiles, tile_slide
+from pipeline.tiles.tissue import detect_tissue
 
 
 def test_grid_in_level0_over_tissue(tiny_slide):
@@ -50,7 +50,7 @@ def test_same_physical_tiles_at_two_resolutions(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.tiling", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pipeline.tiles.tiling", *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_writes_coords_provenance_preview(tiny_slide, tmp_path):

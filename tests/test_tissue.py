@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tissue import TissueDetector
+from pipeline.tiles.tissue import TissueDetector
 
 BG = (244, 243, 241)
 
@@ -72,8 +72,8 @@ def test_dark_field_gives_no_tissue_and_a_flag():
 
 
 def test_contours_in_level0(tiny_slide):
-    from pipeline.slide import open_slide
-    from pipeline.tissue import detect_tissue
+    from pipeline.reading.slide import open_slide
+    from pipeline.tiles.tissue import detect_tissue
 
     with open_slide(tiny_slide) as s:
         m, thumb = detect_tissue(s)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
-from pipeline.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError
+
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.tiles.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
 from pipeline.training.config import RunConfig
 
 CLASSES = ["pallor", "necrolysis", "parakeratosis", "epidermis"]

@@ -7,8 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import DataError, SlideError
-from pipeline.slide import MPP_RANGE, SLIDE_SUFFIXES, slide_id_for
+from pipeline.core.errors import DataError, SlideError
+from pipeline.reading.slide import MPP_RANGE, SLIDE_SUFFIXES, slide_id_for
 
 log = logging.getLogger(__name__)
 

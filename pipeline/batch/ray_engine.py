@@ -35,19 +35,22 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.batch.context import InferenceContext, build_context
 from pipeline.batch.discovery import SlideJob
-from pipeline.batch.runner import BatchOptions, RunFacts, check_inputs, write_summary
-from pipeline.batch.state import OutputLock, is_done, read_result
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.io import atomic_write_json
+from pipeline.batch.options import BatchOptions, RunFacts, check_inputs, write_summary
+from pipeline.batch.process import failed_result, process_slide
+from pipeline.batch.state import OutputLock, is_done
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.result import ProducedBy, ResultMPP, SlideResult, parse_result, read_result_or_none
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ def _local_instance_env() -> Iterator[None]:
       shared machine makes ``--engine ray`` yield the CPU to everything else and run slower than
       the local engine at the same priority.
     """
-    from pipeline.paths import REPO_ROOT
+    from pipeline.core.paths import REPO_ROOT
 
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_worker_niceness")}
     parts = [p for p in (saved["PYTHONPATH"] or "").split(os.pathsep) if p]
@@ -320,21 +323,17 @@ def crash_requested(hook: str | None, slide_id: str, attempt: int) -> bool:
 
 def write_failed_result(job: SlideJob, ctx, error: str) -> dict[str, Any]:
     """Leave for ``job`` what :func:`process_slide` leaves for a failed slide: report.html + result.json (status failed)."""
-    from pipeline.batch.process import failed_result
-
-    return failed_result(job, ctx, error)
+    return failed_result(job, ctx, error).to_json_dict()
 
 
 def _driver_failed_result(job: SlideJob, out_dir: Path, error: str) -> None:
     """Minimal failed result.json when no worker is left to write the full one."""
     slide_dir = out_dir / job.slide_id
     slide_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(slide_dir / "result.json", {
-        "slide_id": job.slide_id, "slide_path": str(job.path), "patient_id": job.patient_id, "status": "failed",
-        "error": " ".join(error.split()), "nme_probability": None, "band": None, "patterns": None, "n_tiles": 0,
-        "mpp": {"slide": job.mpp}, "quality": {"flags": [], "reasons": [], "metrics": {}}, "recommendations": None,
-        "timings": {}, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": [],
-    })
+    SlideResult(slide_id=job.slide_id, slide_path=str(job.path), patient_id=job.patient_id, status="failed",
+                error=" ".join(error.split()), mpp=ResultMPP(slide=job.mpp),
+                produced_by=ProducedBy(engine="ray", host=socket.gethostname(), pid=os.getpid()),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds")).write(slide_dir)
 
 
 class SlideWorker:
@@ -345,7 +344,7 @@ class SlideWorker:
 
         torch.set_num_threads(max(1, threads))
         self.opts, self.jobs, self.crash_hook = opts, jobs, crash_hook
-        self.ctx = None
+        self.ctx: InferenceContext | None = None
 
     def identity(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid()}
@@ -380,21 +379,17 @@ class SlideWorker:
 
     def load(self) -> RunFacts:
         """Build the InferenceContext (loads the bundle once per actor)."""
-        from pipeline.batch.runner import build_context
-
-        self.ctx = build_context(self.opts, self.jobs)
+        self.ctx = build_context(self.opts, self.jobs, engine="ray")
         return RunFacts.of(self.ctx)
 
     def process(self, job: SlideJob, attempt: int) -> dict[str, Any]:
-        """``process_slide`` on this worker (never raises for a bad slide)."""
-        from pipeline.batch.process import process_slide
-
+        """``process_slide`` on this worker (never raises for a bad slide); the result's JSON form."""
         if self.ctx is None:
             raise RuntimeError("worker asked to process a slide before load()")
         if crash_requested(self.crash_hook, job.slide_id, attempt):
             log.warning("%s: test hook %s: this worker exits now (attempt %d)", job.slide_id, CRASH_HOOK_ENV, attempt)
             os._exit(1)
-        return process_slide(job, self.ctx)
+        return process_slide(job, self.ctx).to_json_dict()
 
     def record_failure(self, job: SlideJob, error: str) -> dict[str, Any]:
         if self.ctx is None:
@@ -510,7 +505,10 @@ def _absolute(opts: BatchOptions) -> BatchOptions:
     def a(p: Path | None) -> Path | None:
         return None if p is None else Path(p).expanduser().resolve()
 
-    return dataclasses.replace(opts, slides_dir=a(opts.slides_dir), out_dir=a(opts.out_dir), model=a(opts.model),
+    def req(p: Path) -> Path:
+        return Path(p).expanduser().resolve()
+
+    return dataclasses.replace(opts, slides_dir=a(opts.slides_dir), out_dir=req(opts.out_dir), model=req(opts.model),
                                clinical=a(opts.clinical), slides_table=a(opts.slides_table))
 
 
@@ -545,7 +543,7 @@ def _run(ray, conn: Connection, opts: BatchOptions, wopts: BatchOptions, jobs: l
     out = wopts.out_dir
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     token = secrets.token_hex(8)
     token_file = out / f"{PROBE_PREFIX}{token}"
@@ -570,7 +568,7 @@ def _run(ray, conn: Connection, opts: BatchOptions, wopts: BatchOptions, jobs: l
                  setup_s, plan.cpus, plan.gpus)
         retries, n_tiles, lost = _schedule(ray, pool, todo, wopts)
         elapsed = time.perf_counter() - t0
-        results = [r for r in (read_result(out / j.slide_id) for j in jobs) if r is not None]
+        results = [r for r in (read_result_or_none(out / j.slide_id) for j in jobs) if r is not None]
         engine = {
             "name": "ray", "address": conn.label, "ray_version": getattr(ray, "__version__", None),
             "workers": n_actors, "workers_planned": plan.workers, "cpus_per_worker": plan.cpus,
@@ -633,7 +631,7 @@ def _schedule(ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions) -
             ref = done[0]
             i, job, attempt = pending.pop(ref)
             try:
-                result = ray.get(ref)
+                result = parse_result(ray.get(ref), source=f"{job.slide_id}: worker result")
             except ray.exceptions.RayError as exc:
                 slot = pool.slots[i]
                 who = f"pid {slot.identity['pid']} on {slot.identity['host']}" if slot is not None else "unknown worker"
@@ -651,16 +649,14 @@ def _schedule(ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions) -
                 if attempt < MAX_ATTEMPTS:
                     queue.appendleft((job, attempt + 1))  # no fresh actor here: any remaining worker takes it
                 else:
-                    give_up(i if replaced else (pool.alive() or [None])[0], job,
+                    give_up(i if replaced else next(iter(pool.alive()), None), job,
                             f"{what}: gave up after {MAX_ATTEMPTS} attempts ({who}): {_one_line(exc, 200)}")
                     bar.update(1)
                 if replaced:
                     idle.append(i)
                 continue
-            n_tiles += int(result.get("n_tiles") or 0)
-            log.info("%s: %s%s", job.slide_id, result["status"],
-                     f" p={result['nme_probability']:.3f} {result['band']}" if result.get("nme_probability") is not None else
-                     f" ({result.get('error') or '; '.join(result['quality']['reasons'])})")
+            n_tiles += result.n_tiles
+            log.info("%s: %s", job.slide_id, result.describe())
             bar.set_postfix_str(job.slide_id[:30])
             bar.update(1)
             idle.append(i)

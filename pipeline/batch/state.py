@@ -1,6 +1,6 @@
 """Run state on disk: the output lock and the "is this slide done?" check.
 
-A slide is done only when its ``result.json`` parses, has status ``ok`` or ``non_diagnostic``,
+A slide is done only when its ``result.json`` reads as a :class:`~pipeline.result.SlideResult`, has status ``ok`` or ``non_diagnostic``,
 and every file it lists exists and parses. Failed slides are retried on the next run.
 """
 
@@ -12,9 +12,9 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.result import RESULT_FILE, ResultFormatError, read_result
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class OutputLock:
                     continue
                 if host not in (None, socket.gethostname()):
                     raise LockError(f"{self.path}: output folder locked by a run on host {host} (pid {pid}); "
-                                    "if that run is dead, delete the lock file")
-                raise LockError(f"{self.path}: another run (pid {pid}) is writing this output folder")
+                                    "if that run is dead, delete the lock file") from None
+                raise LockError(f"{self.path}: another run (pid {pid}) is writing this output folder") from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             self.held = True
@@ -110,18 +110,17 @@ def _file_ok(path: Path) -> bool:
         return False
 
 
-def read_result(slide_dir: Path) -> dict[str, Any] | None:
-    """The slide's result.json, or None if absent/unparseable."""
-    p = slide_dir / "result.json"
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def is_done(slide_dir: Path) -> bool:
-    """True when the slide's outputs are complete and need not be recomputed."""
-    result = read_result(slide_dir)
-    if result is None or result.get("status") not in ("ok", "non_diagnostic"):
+    """True when the slide's result is finished (``ok``/``non_diagnostic``) and every file it lists is complete.
+
+    A ``result.json`` this version cannot read (damaged, or from another version) is not done:
+    the slide is redone, and the reason is logged in one line.
+    """
+    if not (slide_dir / RESULT_FILE).exists():
         return False
-    return all(_file_ok(slide_dir / name) for name in result.get("files", []))
+    try:
+        result = read_result(slide_dir)
+    except ResultFormatError as exc:
+        log.warning("%s", exc)
+        return False
+    return result.done and all(_file_ok(slide_dir / name) for name in result.files)

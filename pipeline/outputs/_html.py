@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 #: Shown on every page, whatever the rule set says.
 DECISION_SUPPORT_DISCLAIMER = (
     "Decision support only, not a diagnosis. These results come from a machine-learning model "
@@ -42,7 +44,10 @@ def esc(value: Any) -> str:
 
 
 def as_dict(value: Any) -> dict[str, Any]:
-    """``value`` if it is a mapping, else an empty dict (tolerates missing/None sections)."""
+    """``value`` as a dict: a mapping as is, a pydantic model (e.g. a :class:`~pipeline.result.SlideResult`)
+    in its JSON form, anything else an empty dict (tolerates missing/None sections)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     return dict(value) if isinstance(value, Mapping) else {}
 
 

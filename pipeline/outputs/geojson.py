@@ -14,7 +14,7 @@ Conventions (QuPath >= 0.4, see ``shared/docs/anchors.md``):
 * tissue: ``properties = {"objectType": "annotation", "isLocked": false,
   "classification": {"name": "Tissue", "color": [r, g, b]}}`` — editable and re-importable.
 
-Files are written compactly (no indentation) and atomically via :mod:`pipeline.io`; the writers
+Files are written compactly (no indentation) and atomically via :mod:`pipeline.core.io`; the writers
 assemble the JSON text directly, byte for byte what ``json.dumps`` makes of the feature dicts.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.io import atomic_write_text
+from pipeline.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ def _tissue_parts(
         raise ValueError(f"holes must be parallel to polygons ({len(polygons)}), got {len(holes)} entries")
     ox, oy = (float(offset[0]), float(offset[1]))
     cls = _classification(class_name, colour)
+    assert cls is not None  # class_name is a str
     kept: list[tuple[str, list[list[list[int | float]]], str]] = []
     for i, poly in enumerate(polygons):
         outer = _ring(poly, ox, oy, f"tissue polygon {i}")

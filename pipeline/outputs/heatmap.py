@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.io import atomic_write_bytes
+from pipeline.core.io import atomic_write_bytes
 
 try:  # libdeflate (PNG data): at level 1 about twice as fast as zlib, and smaller
     import imagecodecs
@@ -496,8 +496,10 @@ def _to_bgr(img: np.ndarray) -> np.ndarray:
 def _zlib_stream(data: np.ndarray, level: int) -> bytes:
     """zlib stream (RFC 1950) of a contiguous array's bytes: libdeflate where available, else Python's zlib."""
     if _LIBDEFLATE:
-        return bytes(imagecodecs.deflate_encode(data, level=level, raw=False))
-    return zlib.compress(data, level)
+        # type: ignore: imagecodecs takes any buffer (its stubs say bytes); numpy declares
+        # ndarray.__buffer__ for Python >= 3.12 only, so on 3.11 an array is no typing Buffer
+        return bytes(imagecodecs.deflate_encode(data, level=level, raw=False))  # type: ignore[arg-type]
+    return zlib.compress(data, level)  # type: ignore[arg-type]
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:

@@ -18,7 +18,7 @@ as "—"; unexpected types are tolerated, never a crash):
 * ``tissue`` (optional): ``{area_mm2, fraction, flags: [str]}`` — tissue flags join the quality flags
 * ``reader``, ``dimensions_level0`` ([w, h] level-0 px), ``fingerprint`` (optional): slide details
 * ``quality``: ``{flags: [str], reasons: [str]}``
-* ``recommendations`` (the output of :func:`pipeline.rules.recommend`, or None): ``{orders: [{id,
+* ``recommendations`` (the output of :func:`pipeline.clinical.rules.recommend`, or None): ``{orders: [{id,
   display, category, priority, code: {system, code, display}|None, code_verified: bool,
   additional_codes: [code], rules: [str], rationale: str|[str], note}], differential: [{entity
   or name, why: str|[str], rules}], flags: [str | {id, message, rules}], notes: [str],
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.io import atomic_write_bytes
+from pipeline.core.io import atomic_write_bytes
 from pipeline.outputs._html import (
     DASH,
     DECISION_SUPPORT_DISCLAIMER,
@@ -59,6 +59,7 @@ from pipeline.outputs._html import (
     rich_text,
     status_class,
 )
+from pipeline.result import SlideResult
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ def _orders(recs: Mapping[str, Any]) -> str:
     else:
         ranked = sorted(enumerate(orders),
                         key=lambda io: (PRIORITY_RANK.get(str(as_dict(io[1]).get("priority", "")).lower(), 9), io[0]))
-        rows, seen = [], set()
+        rows: list[str] = []
+        seen: set[str] = set()
         for _, o in ranked:
             if not isinstance(o, Mapping):
                 rows.append(f'<tr><td colspan="6">{esc(o)}</td></tr>')
@@ -512,17 +514,17 @@ def _disclaimer(recs: Mapping[str, Any]) -> str:
 
 
 def render_report(
-    result: Mapping[str, Any],
+    result: SlideResult | Mapping[str, Any],
     thumbnail_png: bytes | None,
     overlays: Mapping[str, bytes] | None = None,
     gallery: Mapping[str, list[Mapping[str, Any]]] | None = None,
 ) -> str:
     """The report's HTML text (see :func:`write_report`)."""
-    return _render(result, thumbnail_png, overlays, gallery, data_uri)
+    return _render(as_dict(result), thumbnail_png, overlays, gallery, data_uri)
 
 
 def _render(
-    result: Mapping[str, Any],
+    result: SlideResult | Mapping[str, Any],
     thumbnail_png: bytes | None,
     overlays: Mapping[str, bytes] | None,
     gallery: Mapping[str, list[Mapping[str, Any]]] | None,
@@ -555,7 +557,7 @@ def _render(
 
 
 def _report_bytes(
-    result: Mapping[str, Any],
+    result: SlideResult | Mapping[str, Any],
     thumbnail_png: bytes | None,
     overlays: Mapping[str, bytes] | None,
     gallery: Mapping[str, list[Mapping[str, Any]]] | None,
@@ -587,7 +589,7 @@ def _report_bytes(
 
 def write_report(
     path: str | Path,
-    result: Mapping[str, Any],
+    result: SlideResult | Mapping[str, Any],
     thumbnail_png: bytes | None,
     overlays: Mapping[str, bytes] | None = None,
     gallery: Mapping[str, list[Mapping[str, Any]]] | None = None,
@@ -598,7 +600,7 @@ def write_report(
 
     Args:
         path: the ``.html`` file to write.
-        result: the slide's result dict (keys: see the module docstring).
+        result: the slide's :class:`~pipeline.result.SlideResult` (or its JSON form).
         thumbnail_png: PNG (or JPEG) bytes of the slide thumbnail; ``None``/empty for none.
         overlays: view name (``"pallor"``, ``"necrolysis"``, ``"parakeratosis"``, ``"attention"``)
             -> heatmap PNG/JPEG bytes (from :func:`pipeline.outputs.heatmap.render_heatmap`);
@@ -606,7 +608,7 @@ def write_report(
         gallery: pattern name -> top tiles ``[{"png": bytes, "score": float, "x": int, "y": int}]``
             with ``x, y`` the tile's level-0 top-left in pixels. Only for status ``ok``.
     """
-    data = _report_bytes(result, thumbnail_png, overlays, gallery)
+    data = _report_bytes(as_dict(result), thumbnail_png, overlays, gallery)
     out = atomic_write_bytes(path, data)
     log.info("wrote report %s (%.1f MB)", out, len(data) / 1e6)
     return out

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pipeline import __version__
-from pipeline.io import atomic_write_text
+from pipeline.core.io import atomic_write_text
 from pipeline.outputs._html import (
     DASH,
     DECISION_SUPPORT_DISCLAIMER,
@@ -39,6 +39,7 @@ from pipeline.outputs._html import (
     priority_class,
     status_class,
 )
+from pipeline.result import SlideResult
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _guard(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def summary_row(result: Mapping[str, Any]) -> dict[str, str]:
+def summary_row(result: SlideResult | Mapping[str, Any]) -> dict[str, str]:
     """One ``summary.csv`` row (all cells as text) for a result dict."""
     r = as_dict(result)
     ok = _is_ok(r)
@@ -95,7 +96,7 @@ def summary_row(result: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def write_summary_csv(path: str | Path, results: Sequence[Mapping[str, Any]]) -> Path:
+def write_summary_csv(path: str | Path, results: Sequence[SlideResult | Mapping[str, Any]]) -> Path:
     """Write ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`, one row per slide) atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\r\n")
@@ -165,12 +166,12 @@ def _href(rel: str) -> str:
     return esc(quote(str(rel).replace("\\", "/"), safe="/"))
 
 
-def render_index(results: Sequence[Mapping[str, Any]], report_relpaths: Mapping[str, str]) -> str:
+def render_index(results: Sequence[SlideResult | Mapping[str, Any]], report_relpaths: Mapping[str, str]) -> str:
     """The index page's HTML text (see :func:`write_index_html`)."""
-    results = [as_dict(r) for r in results]
-    statuses = Counter(str(r.get("status") or "unknown").strip().lower() for r in results)
-    bands = Counter(str(r.get("band") or "").upper() for r in results if _is_ok(r))
-    cards = [("Slides", len(results), "")]
+    items = [as_dict(r) for r in results]
+    statuses = Counter(str(r.get("status") or "unknown").strip().lower() for r in items)
+    bands = Counter(str(r.get("band") or "").upper() for r in items if _is_ok(r))
+    cards = [("Slides", len(items), "")]
     cards += [(s.replace("_", "-"), statuses.get(s, 0), s) for s in STATUSES]
     cards += [(f"{s} (other)", n, "") for s, n in statuses.items() if s not in STATUSES]
     cards += [(f"band {b}", bands.get(b, 0), "") for b in BANDS]
@@ -180,7 +181,7 @@ def render_index(results: Sequence[Mapping[str, Any]], report_relpaths: Mapping[
         for label, n, key in cards
     )
 
-    labels = sorted({str(as_dict(r.get("model")).get("label")).strip() for r in results
+    labels = sorted({str(as_dict(r.get("model")).get("label")).strip() for r in items
                      if as_dict(r.get("model")).get("label") and str(as_dict(r.get("model")).get("label")).strip()})
     banners = "".join(
         f'<div class="banner {"banner-demo" if is_demo_label(lab) else "banner-warn"}" role="alert" '
@@ -188,10 +189,10 @@ def render_index(results: Sequence[Mapping[str, Any]], report_relpaths: Mapping[
         f'<strong>Model:</strong>{esc(lab)}</div>' for lab in labels
     )
     rule_disclaimers = sorted({plain_text(as_dict(r.get("recommendations")).get("disclaimer")).strip()
-                               for r in results} - {""})
+                               for r in items} - {""})
 
     rows = []
-    for r in results:
+    for r in items:
         sid = plain_text(r.get("slide_id"))
         rel = report_relpaths.get(sid) if sid else None
         name = f'<a href="{_href(rel)}">{esc(sid)}</a>' if rel else esc(sid)
@@ -231,7 +232,7 @@ def render_index(results: Sequence[Mapping[str, Any]], report_relpaths: Mapping[
     disc = "".join(f"<p>{esc(d)}</p>" for d in rule_disclaimers)
     body = (
         '<header class="top"><div class="brand">NME pattern analysis · batch index</div>'
-        f"<h1>{len(results)} slide{'s' if len(results) != 1 else ''}</h1></header><main>"
+        f"<h1>{len(items)} slide{'s' if len(items) != 1 else ''}</h1></header><main>"
         f"{banners}"
         f'<div class="banner banner-info">{esc(DECISION_SUPPORT_DISCLAIMER)}</div>'
         f'<div class="counts" id="counts">{counts}</div>'
@@ -249,7 +250,7 @@ def render_index(results: Sequence[Mapping[str, Any]], report_relpaths: Mapping[
 
 
 def write_index_html(
-    path: str | Path, results: Sequence[Mapping[str, Any]], report_relpaths: Mapping[str, str]
+    path: str | Path, results: Sequence[SlideResult | Mapping[str, Any]], report_relpaths: Mapping[str, str]
 ) -> Path:
     """Write ``index.html``: every slide in a table sortable by probability, linking to its report.
 

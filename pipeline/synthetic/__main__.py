@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.synthetic.catalog import DIAGNOSES
 from pipeline.synthetic.dataset import DEFAULT_SIZE_UM, generate_dataset
 

@@ -188,7 +188,7 @@ def sample_dust(rng: np.random.Generator, pattern_boxes, width: float, height: f
 
 def sample_blur(rng: np.random.Generator, tissue_boxes) -> list[BlurPatch]:
     """Zero to two soft out-of-focus patches over the tissue."""
-    out = []
+    out: list[BlurPatch] = []
     if rng.random() > 0.3:
         return out
     for _ in range(int(rng.integers(1, 3))):
@@ -217,7 +217,7 @@ def draw_pen(extra: np.ndarray, pens: list[PenMark], mpp: float, ox: int, oy: in
         hi = pts.max(0) / mpp + half - np.array([ox, oy])
         if hi[0] < 0 or hi[1] < 0 or lo[0] > w or lo[1] > h:
             continue
-        mask = np.zeros((h, w), np.uint8)
+        mask: np.ndarray = np.zeros((h, w), np.uint8)
         cv2.polylines(mask, [_to_px(pts, mpp, ox, oy)], False, 255, thickness=max(1, int(round(pen.width / mpp))),
                       lineType=cv2.LINE_AA, shift=4)
         if not mask.any():

@@ -74,7 +74,7 @@ class DiagnosisSpec:
 
 
 _NME_SITES = {"intertriginous": 0.30, "perineal": 0.18, "perioral": 0.14, "extremity": 0.20, "acral": 0.10, "other": 0.08}
-_ANY_SITE = {s: 1.0 for s in SITES}
+_ANY_SITE = dict.fromkeys(SITES, 1.0)
 
 DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
     "normal": DiagnosisSpec(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.synthetic import artefacts as art
 from pipeline.synthetic.catalog import DIAGNOSIS_SPECS, DiagnosisSpec
 from pipeline.synthetic.cells import build_cells

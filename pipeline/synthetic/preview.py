@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.synthetic.annotations import section_polygons
 from pipeline.synthetic.catalog import CLASS_COLORS
 from pipeline.synthetic.dataset import layout_for, plan_dataset

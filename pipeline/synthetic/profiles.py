@@ -116,7 +116,7 @@ def _intervals(rng: np.random.Generator, length: float, plan: PatternPlan, margi
 
 def _sub_intervals(rng: np.random.Generator, parents: list[tuple[float, float]], prob: float) -> list[tuple[float, float]]:
     """Patches nested inside ``parents`` (necrolysis inside pallor): 30-80 % of each, centred randomly."""
-    out = []
+    out: list[tuple[float, float]] = []
     for a, b in parents:
         if rng.random() > prob and out:
             continue
@@ -279,10 +279,7 @@ def _add_patterns(rng: np.random.Generator, prof: Profiles, spec: DiagnosisSpec,
     para = _intervals(rng, L, present["parakeratosis"]) if "parakeratosis" in present else []
     pallor = _intervals(rng, L, present["pallor"]) if "pallor" in present else []
     if "necrolysis" in present:
-        if pallor:
-            nec = _sub_intervals(rng, pallor, 0.75)
-        else:
-            nec = _intervals(rng, L, present["necrolysis"])
+        nec = _sub_intervals(rng, pallor, 0.75) if pallor else _intervals(rng, L, present["necrolysis"])
     else:
         nec = []
 

@@ -343,11 +343,11 @@ class SlideRenderer:
             extra = self._ink(g, amounts, extra, ox + sx0 + self.tex_off_px[0], oy + sy0 + self.tex_off_px[1])
         return extra
 
-    def _tu(self, v: "_View") -> np.ndarray:
+    def _tu(self, v: _View) -> np.ndarray:
         sec_off = 1000.0 * self.layout.sections.index(v.sec)
         return (v.u + F32(self.tex_off_um[0] + sec_off)) * F32(1.0 / self.mpp)
 
-    def _dermis(self, v: "_View", vor: dict | None, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    def _dermis(self, v: _View, vor: dict | None, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
         """Papillary and reticular collagen, ragged cut edges, fat. Returns (E, H) over the view."""
         mpp, tex = self.mpp, self.tex
         t = v.sec.prof.table
@@ -392,8 +392,9 @@ class SlideRenderer:
             h_der = np.where(fat, e_fat * F32(0.12), h_der)
         return e_der, h_der
 
-    def _living(self, v: "_View", vor: dict, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    def _living(self, v: _View, vor: dict | None, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
         """Keratinocyte cytoplasm from the Voronoi cells, membranes, spongiosis, keratohyalin, clefts."""
+        assert vor is not None  # _section skips the living layer without a Voronoi map
         t = v.sec.prof.table
         hh, ww = v.shape
         fine = self._xy("fine", v.gx, v.gy, ww, hh)
@@ -428,7 +429,7 @@ class SlideRenderer:
         e_l *= F32(1.0) + F32(0.06) * self._xy("blotch", v.gx, v.gy, ww, hh)
         return e_l, h_l
 
-    def _corneum(self, v: "_View", vor: dict | None, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    def _corneum(self, v: _View, vor: dict | None, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
         """Basket-weave or compact orthokeratin; compact parakeratotic keratin in para patches."""
         mpp, tex = self.mpp, self.tex
         t = v.sec.prof.table

@@ -27,6 +27,12 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def _vec3(v) -> tuple[float, float, float]:
+    """A length-3 vector as a tuple of three Python floats."""
+    x, y, z = (float(a) for a in v)
+    return x, y, z
+
+
 @dataclass(frozen=True)
 class Stain:
     """Per-slide staining and scanning parameters.
@@ -80,12 +86,12 @@ def sample_stain(rng: np.random.Generator, batch: dict[str, float | np.ndarray])
     rbc = _unit(np.abs(RBC_REF + rng.normal(0, 0.03, 3)))
     tint = rng.uniform(0.015, 0.05) + rng.normal(0, 0.008, 3)
     return Stain(
-        h_vec=tuple(float(v) for v in h_vec),
-        e_vec=tuple(float(v) for v in e_vec),
-        rbc_vec=tuple(float(v) for v in rbc),
+        h_vec=_vec3(h_vec),
+        e_vec=_vec3(e_vec),
+        rbc_vec=_vec3(rbc),
         h_scale=float(batch["h_scale"]) * float(np.exp(rng.normal(0, 0.05))),
         e_scale=float(batch["e_scale"]) * float(np.exp(rng.normal(0, 0.05))),
-        glass_od=tuple(float(max(v, 0.003)) for v in tint),
+        glass_od=_vec3(max(v, 0.003) for v in tint),
         blur_um=float(rng.uniform(0.12, 0.45)),
         noise_std=float(rng.uniform(0.8, 2.5)),
         jpeg_quality=int(rng.integers(72, 96)),
@@ -103,7 +109,7 @@ def od_to_rgb(amounts: np.ndarray, stain: Stain, extra_od: np.ndarray | None) ->
     Returns:
         float32 (h, w, 3) RGB intensities, 0-255.
     """
-    od = cv2.transform(amounts, stain.matrix().T.copy())
+    od: np.ndarray = cv2.transform(amounts, stain.matrix().T.copy())
     od += np.asarray(stain.glass_od, dtype=np.float32)
     if extra_od is not None:
         od += extra_od

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -61,7 +62,7 @@ def write_pyramid(
     """Render and write a pyramidal tiled TIFF.
 
     Args:
-        path: output file (write to a temporary path and rename; see :mod:`pipeline.io`).
+        path: output file (write to a temporary path and rename; see :mod:`pipeline.core.io`).
         render: ``render(x0, y0, w, h) -> uint8 (h, w, 3)`` for level-0 pixel rectangles.
         width, height: level-0 size, px.
         mpp: level-0 resolution, µm/px (written as XResolution/YResolution in px/cm).
@@ -94,7 +95,7 @@ def write_pyramid(
             log.debug("strip %d/%d written", sy // strip + 1, math.ceil(height / strip))
 
     dims = [(width, height)]
-    common = {
+    common: dict[str, Any] = {
         "tile": (TILE, TILE),
         "compression": "jpeg",
         "compressionargs": {"level": int(quality)},

@@ -22,12 +22,14 @@ from torch import nn
 from models.mil import build_aggregator
 from models.patch import PATTERN_CLASSES
 from models.pattern_stats import PatternStatistics, PatternStatsClassifier
-from pipeline.aggregation import SlidePredictor
-from pipeline.calibration import Bands, bands_for_target_sensitivity, expected_calibration_error, make_calibrator, write_reliability_diagram
-from pipeline.errors import DataError
-from pipeline.features import SlideFeatures
-from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.metrics import evaluate_slides, per_group_table, write_table_csv
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.evaluation.metrics import evaluate_slides, per_group_table, write_table_csv
+from pipeline.evaluation.reliability import expected_calibration_error
+from pipeline.outputs.reliability_diagram import write_reliability_diagram
+from pipeline.patch.features import SlideFeatures
+from pipeline.slide_model.aggregation import SlidePredictor
+from pipeline.slide_model.calibration import Bands, bands_for_target_sensitivity, make_calibrator
 from pipeline.training.config import AggregatorConfig
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,13 @@ def fit_predictor(cfg: AggregatorConfig, examples: list[SlideExample], classes: 
     emb_dim = examples[0].feats.embeddings.shape[1]
     pred = _new_predictor(cfg, classes, emb_dim, thresholds)
     if pred.kind == "pattern_stats":
+        assert pred.stats is not None and pred.stats_clf is not None
         X = np.stack([pred.stats(e.feats.probs, e.feats.coords, e.feats.tile_size_l0) for e in examples])
         pred.stats_clf.fit(X, ys)
         return pred
     torch.manual_seed(seed)
     mil = pred.mil
+    assert mil is not None  # every kind but pattern_stats has a MIL model
     mil.train()
     opt = torch.optim.AdamW(mil.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bags = [pred.bag(e.feats) for e in examples]

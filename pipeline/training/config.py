@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.augment import AugmentConfig
-from pipeline.config import StrictModel
-from pipeline.tiling import TilingConfig
+from pipeline.core.config import StrictModel
+from pipeline.tiles.tiling import TilingConfig
+from pipeline.training.augment import AugmentConfig
 
 
 class SyntheticData(StrictModel):

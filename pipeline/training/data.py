@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
-from pipeline.errors import DataError
-from pipeline.io import atomic_write_json
-from pipeline.slide import SLIDE_SUFFIXES, ReadPlan, Slide, open_slide, slide_id_for
-from pipeline.tiling import TilingConfig, tile_slide
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_write_json
+from pipeline.reading.slide import SLIDE_SUFFIXES, ReadPlan, Slide, open_slide, slide_id_for
+from pipeline.tiles.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
+from pipeline.tiles.tiling import TilingConfig, tile_slide
 from pipeline.training.config import DataConfig, LabelConfig, SplitConfig
 
 log = logging.getLogger(__name__)

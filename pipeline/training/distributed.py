@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def rank_device(spec: str, local_rank: int):
     """The device of a rank: ``cuda:LOCAL_RANK`` when training on CUDA, else the CPU."""
     import torch
 
-    from pipeline.runtime import resolve_device
+    from pipeline.core.runtime import resolve_device
 
     dev = resolve_device(spec)
     if dev.type != "cuda":
@@ -110,7 +111,7 @@ class _RankTag(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "_rank_tagged", False):
             record.msg = f"{self.tag}{record.msg}"
-            record._rank_tagged = True  # type: ignore[attr-defined]
+            record._rank_tagged = True
         return True
 
 
@@ -174,8 +175,8 @@ def barrier() -> None:
             dist.barrier()
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank (pickled)."""
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled); the other ranks' ``obj`` is a placeholder (e.g. None)."""
     if not _CTX.enabled:
         return obj
     import torch.distributed as dist

@@ -35,14 +35,14 @@ from tqdm import tqdm
 
 from models.patch import PATTERN_CLASSES, PatchClassifier, load_backbone_weights
 from models.preprocess import to_tensor_batch
-from pipeline.augment import build_train_augmentation, seed_transforms
-from pipeline.errors import ConfigError
-from pipeline.io import atomic_path, atomic_write_bytes, atomic_write_text
-from pipeline.metrics import multilabel_tile_metrics, pick_thresholds
+from pipeline.core.errors import ConfigError
+from pipeline.core.io import atomic_path, atomic_write_bytes, atomic_write_text
+from pipeline.core.runtime import autocast_context, resolve_device, seed_everything
+from pipeline.evaluation.metrics import multilabel_tile_metrics, pick_thresholds
 from pipeline.training import distributed
+from pipeline.training.augment import build_train_augmentation, seed_transforms
 from pipeline.training.config import RunConfig
 from pipeline.training.data import SlideTiles, TileDataset, balanced_sample, collate_uint8
-from pipeline.runtime import autocast_context, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
     tiles_per_rank: list[int] = []
 
     epi_col = classes.index("epidermis") if "epidermis" in classes else None
-    hard = {"epidermis_col": epi_col, "epidermal_negative_fraction": tcfg.epidermal_negative_fraction}
+    hard: dict[str, Any] = {"epidermis_col": epi_col, "epidermal_negative_fraction": tcfg.epidermal_negative_fraction}
     val_items = balanced_sample(val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns,
                                 seed=cfg.seed + 999, **hard)
     val_ds = TileDataset(val, val_items, cfg.tiling.tile_px)
@@ -251,7 +251,7 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
 def _seed_worker(worker_id: int) -> None:
     """Give each data-loader worker its own augmentation stream (derived from torch's per-worker seed)."""
     info = torch.utils.data.get_worker_info()
-    if info is not None and info.dataset.transform is not None:
+    if info is not None and isinstance(info.dataset, TileDataset) and info.dataset.transform is not None:
         seed_transforms(info.dataset.transform, torch.initial_seed() % 2**32)
 
 

@@ -34,14 +34,14 @@ from models.bundle import (
 )
 from models.patch import PATTERN_CLASSES, PatchClassifier
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.config import config_hash
-from pipeline.errors import ConfigError, DataError
-from pipeline.features import PatchRunner, SlideFeatures, cache_path, extract_features, load_features, save_features
-from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.paths import REPO_ROOT
-from pipeline.runtime import resolve_device, resolve_precision
-from pipeline.slide import open_slide
-from pipeline.tiling import tile_slide
+from pipeline.analysis import SlideAnalyser
+from pipeline.core.config import config_hash
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.core.paths import REPO_ROOT
+from pipeline.core.runtime import resolve_device, resolve_precision
+from pipeline.patch.backends.torch_runner import PatchRunner
+from pipeline.patch.features import SlideFeatures
 from pipeline.training import distributed
 from pipeline.training.aggregator_trainer import SlideExample, train_aggregator
 from pipeline.training.config import DataConfig, RunConfig
@@ -113,7 +113,7 @@ def _contract(cfg: RunConfig, model: PatchClassifier, thresholds: dict[str, floa
         version=cfg.version,
         label=cfg.label,
         architecture=ArchitectureSpec.of(model),
-        input=InputSpec(mpp=cfg.tiling.target_mpp, mpp_tolerance=cfg.tiling.mpp_tolerance, tile_size_px=cfg.tiling.tile_px),
+        input=InputSpec.from_tiling(cfg.tiling),
         thresholds={c: float(thresholds.get(c, 0.5)) for c in model.classes},
         training=TrainingSpec.from_config(cfg, code_version=code_version(), metrics=metrics),
     )
@@ -170,24 +170,16 @@ def train_patch(cfg: RunConfig, run_dir: Path):
 
 
 def compute_features(records: list[SlideRecord], model: PatchClassifier, model_key: str, cfg: RunConfig, cache_dir: Path) -> dict[str, SlideFeatures]:
-    """Patch-model features of every slide, cached by slide fingerprint + model key."""
+    """Patch-model features of every slide (the per-slide analysis, patch model only), cached by
+    slide fingerprint + model key."""
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(device, cfg.train.precision)
     runner = PatchRunner(model, IMAGENET_MEAN, IMAGENET_STD, device, precision, channels_last=cfg.train.channels_last)
-    out: dict[str, SlideFeatures] = {}
-    for r in tqdm(records, desc="slide features", leave=False, disable=None):
-        with open_slide(r.path, mpp=r.mpp, slide_id=r.slide_id) as slide:
-            fp = slide.fingerprint()
-            cached = load_features(cache_path(cache_dir, r.slide_id), fp, model_key)
-            if cached is not None:
-                out[r.slide_id] = cached
-                continue
-            grid, mask, _, _ = tile_slide(slide, cfg.tiling)
-        feats = extract_features(r.path, r.mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, runner,
-                                 list(model.classes), batch_size=cfg.train.batch_size, background_rgb=mask.background_rgb)
-        save_features(cache_path(cache_dir, r.slide_id), feats, fp, model_key)
-        out[r.slide_id] = feats
-    return out
+    analyser = SlideAnalyser(input=InputSpec.from_tiling(cfg.tiling), classes=list(model.classes), runner=runner,
+                             model_name=cfg.name, model_sha256=model_key, batch_size=cfg.train.batch_size,
+                             cache_dir=cache_dir)
+    return {r.slide_id: analyser.analyse(r.path, r.mpp, r.slide_id).features
+            for r in tqdm(records, desc="slide features", leave=False, disable=None)}
 
 
 def train_slide_aggregator(cfg: RunConfig, run_dir: Path, model: PatchClassifier, thresholds: dict[str, float], model_key: str):
