@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.outputs.heatmap import DEFAULT_HEATMAP_FORMAT, HEATMAP_FORMATS
     from pipeline.patch.backends import BACKEND_HELP
 
-    ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("slides_dir", nargs="?", type=Path, help="folder of slides (searched recursively); omit for the demo")
+    ap = argparse.ArgumentParser(
+        prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "slides_dir", nargs="?", type=Path, help="folder of slides (searched recursively); omit for the demo"
+    )
     ap.add_argument("--out", type=Path, help="output folder (default for the demo: demo_output/)")
     ap.add_argument("--model", type=Path, default=DEMO_BUNDLE, help="model bundle folder (default: the demo model)")
     ap.add_argument("--clinical", type=Path, help="clinical context CSV/JSON (slide_id or patient_id column)")
@@ -41,26 +45,57 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--mpp", type=float, help="level-0 µm/px for slides whose metadata lacks it")
     group.add_argument("--slides-table", type=Path, help="CSV with path[, slide_id, mpp, patient_id] columns")
     ap.add_argument("--reader-threads", type=int, default=2, help="tile reader threads per slide (default 2)")
-    ap.add_argument("--engine", choices=["local", "ray"], default="local",
-                    help="local: one slide at a time in this process (default); ray: slides in parallel on Ray actors")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="slides processed in parallel (Ray actors). The local engine runs 1; with --engine ray the "
-                         "default fills the cluster (CPUs // 2, or GPUs // --gpus-per-worker)")
-    ap.add_argument("--address", default=None,
-                    help="--engine ray: Ray cluster to join: auto (the cluster running on this node), HOST:PORT (head "
-                         "node GCS) or ray://HOST:PORT (Ray Client); default: start a local Ray instance sized to this machine")
-    ap.add_argument("--gpus-per-worker", type=float, default=0.0,
-                    help="--engine ray: GPUs reserved per actor (e.g. 1, or 0.5 to share a GPU); default 0 = CPU")
-    ap.add_argument("--cpus-per-worker", type=float, default=None,
-                    help="--engine ray: CPUs reserved per actor (default: the cluster's CPUs shared out, at most one node's)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="tiles per model batch (default: 32 on the CPU, 64 on a GPU; recorded in run.json)")
-    ap.add_argument("--heatmap-mpp", type=float, default=4.0,
-                    help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
-                         "2 µm/px tissue thumbnail; finer costs time per slide)")
-    ap.add_argument("--heatmap-format", choices=list(HEATMAP_FORMATS), default=DEFAULT_HEATMAP_FORMAT,
-                    help="heatmap image files: jpeg (default; quality 90, the bytes the report embeds) or png "
-                         "(lossless, ~7x the encoding time and ~3.5x the size)")
+    ap.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one slide at a time in this process (default); ray: slides in parallel on Ray actors",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="slides processed in parallel (Ray actors). The local engine runs 1; with --engine ray the "
+        "default fills the cluster (CPUs // 2, or GPUs // --gpus-per-worker)",
+    )
+    ap.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: Ray cluster to join: auto (the cluster running on this node), HOST:PORT (head "
+        "node GCS) or ray://HOST:PORT (Ray Client); default: start a local Ray instance sized to this machine",
+    )
+    ap.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="--engine ray: GPUs reserved per actor (e.g. 1, or 0.5 to share a GPU); default 0 = CPU",
+    )
+    ap.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="--engine ray: CPUs reserved per actor (default: the cluster's CPUs shared out, at most one node's)",
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per model batch (default: 32 on the CPU, 64 on a GPU; recorded in run.json)",
+    )
+    ap.add_argument(
+        "--heatmap-mpp",
+        type=float,
+        default=4.0,
+        help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
+        "2 µm/px tissue thumbnail; finer costs time per slide)",
+    )
+    ap.add_argument(
+        "--heatmap-format",
+        choices=list(HEATMAP_FORMATS),
+        default=DEFAULT_HEATMAP_FORMAT,
+        help="heatmap image files: jpeg (default; quality 90, the bytes the report embeds) or png "
+        "(lossless, ~7x the encoding time and ~3.5x the size)",
+    )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--backend", default="auto", help=BACKEND_HELP + "; the backend used is recorded in run.json")
     ap.add_argument("--force", action="store_true", help="redo slides that are already done")
@@ -78,12 +113,28 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or DEMO_OUTPUT
     if args.out is None:
         ap.error("--out is required (except for the demo)")
-    opts = BatchOptions(slides_dir=args.slides_dir, out_dir=args.out, model=args.model, clinical=args.clinical, mpp=args.mpp,
-                        slides_table=args.slides_table, workers=args.workers, reader_threads=args.reader_threads,
-                        batch_size=args.batch_size, heatmap_mpp=args.heatmap_mpp,
-                        heatmap_format=args.heatmap_format, force=args.force, device=args.device, backend=args.backend,
-                        engine=args.engine, address=args.address, gpus_per_worker=args.gpus_per_worker,
-                        cpus_per_worker=args.cpus_per_worker, quiet=args.quiet, command=["infer.py", *(argv or [])])
+    opts = BatchOptions(
+        slides_dir=args.slides_dir,
+        out_dir=args.out,
+        model=args.model,
+        clinical=args.clinical,
+        mpp=args.mpp,
+        slides_table=args.slides_table,
+        workers=args.workers,
+        reader_threads=args.reader_threads,
+        batch_size=args.batch_size,
+        heatmap_mpp=args.heatmap_mpp,
+        heatmap_format=args.heatmap_format,
+        force=args.force,
+        device=args.device,
+        backend=args.backend,
+        engine=args.engine,
+        address=args.address,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        quiet=args.quiet,
+        command=["infer.py", *(argv or [])],
+    )
     record = run_batch(opts)
     print(final_screen(record, args.out.resolve()))
     return 1 if record["counts"]["failed"] else 0

@@ -65,8 +65,17 @@ def make_slides(root: Path, n: int, size_um: tuple[float, float], seed: int) -> 
 
 
 def run_one(name: str, slides: Path, out: Path, model: Path) -> dict:
-    cmd = [sys.executable, str(REPO / "infer.py"), str(slides), "--out", str(out), "--model", str(model), "--quiet",
-           *CONFIGS[name]]
+    cmd = [
+        sys.executable,
+        str(REPO / "infer.py"),
+        str(slides),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--quiet",
+        *CONFIGS[name],
+    ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -74,21 +83,36 @@ def run_one(name: str, slides: Path, out: Path, model: Path) -> dict:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"error: {name} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     run = json.loads((out / "run.json").read_text())
-    return {"wall_s": wall, "in_run_s": run["seconds"], "setup_s": run["engine"].get("setup_seconds"),
-            "slides": run["counts"]["processed_this_run"], "tiles": run["throughput"]["tiles"],
-            "failed": run["counts"]["failed"]}
+    return {
+        "wall_s": wall,
+        "in_run_s": run["seconds"],
+        "setup_s": run["engine"].get("setup_seconds"),
+        "slides": run["counts"]["processed_this_run"],
+        "tiles": run["throughput"]["tiles"],
+        "failed": run["counts"]["failed"],
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", type=int, default=6, help="number of synthetic slides (default 6)")
-    ap.add_argument("--size-um", type=float, nargs=2, default=(2400.0, 1800.0), metavar=("W", "H"),
-                    help="slide size in µm (default 2400 1800)")
+    ap.add_argument(
+        "--size-um",
+        type=float,
+        nargs=2,
+        default=(2400.0, 1800.0),
+        metavar=("W", "H"),
+        help="slide size in µm (default 2400 1800)",
+    )
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "demo_bundle", help="model bundle (default: demo)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; the median is reported")
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nme_ray_overhead_slides",
-                    help="where the synthetic slides are kept between runs")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "nme_ray_overhead_slides",
+        help="where the synthetic slides are kept between runs",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
     if not (args.model / "bundle.json").is_file():
@@ -113,15 +137,22 @@ def main() -> int:
     n = args.slides
     result = {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before]},
-        "slides": n, "size_um": list(args.size_um), "tiles": runs["local"][0]["tiles"], "repeat": args.repeat,
+        "slides": n,
+        "size_um": list(args.size_um),
+        "tiles": runs["local"][0]["tiles"],
+        "repeat": args.repeat,
         "model": str(args.model),
     }
     for name in CONFIGS:
         wall, in_run, setup = med(name, "wall_s"), med(name, "in_run_s"), med(name, "setup_s")
-        result[name] = {"wall_s": wall, "in_run_s": in_run, "setup_s": setup,
-                        "slides_per_hour": round(n / wall * 3600, 1) if wall else None,
-                        "steady_slides_per_hour": round(n / (in_run - (setup or 0)) * 3600, 1),
-                        "failed": max(x["failed"] for x in runs[name])}
+        result[name] = {
+            "wall_s": wall,
+            "in_run_s": in_run,
+            "setup_s": setup,
+            "slides_per_hour": round(n / wall * 3600, 1) if wall else None,
+            "steady_slides_per_hour": round(n / (in_run - (setup or 0)) * 3600, 1),
+            "failed": max(x["failed"] for x in runs[name]),
+        }
     local = result["local"]
     for name in ("ray_1_worker", "ray_2_workers"):
         x = result[name]
@@ -133,15 +164,23 @@ def main() -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{result['machine']['cpu']}, {result['machine']['cores']} cores (load before: {result['machine']['load_avg_before']})")
-    print(f"{n} synthetic slides {args.size_um[0]:g}x{args.size_um[1]:g} µm, {result['tiles']} tiles; median of {args.repeat}")
-    print(f"{'engine':<15}{'wall s':>8}{'slides/h':>10}{'in-run s':>10}{'set-up s':>10}{'steady slides/h':>17}"
-          f"{'fixed s':>9}{'sched. s/slide':>16}")
+    print(
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores (load before: {result['machine']['load_avg_before']})"
+    )
+    print(
+        f"{n} synthetic slides {args.size_um[0]:g}x{args.size_um[1]:g} µm, {result['tiles']} tiles; median of {args.repeat}"
+    )
+    print(
+        f"{'engine':<15}{'wall s':>8}{'slides/h':>10}{'in-run s':>10}{'set-up s':>10}{'steady slides/h':>17}"
+        f"{'fixed s':>9}{'sched. s/slide':>16}"
+    )
     for name in CONFIGS:
         x = result[name]
-        print(f"{name:<15}{x['wall_s']:>8.1f}{x['slides_per_hour']:>10.0f}{x['in_run_s']:>10.1f}{(x['setup_s'] or 0):>10.1f}"
-              f"{x['steady_slides_per_hour']:>17.0f}{x.get('fixed_overhead_s', 0):>9.1f}"
-              f"{x.get('scheduling_overhead_per_slide_s', 0):>16.3f}")
+        print(
+            f"{name:<15}{x['wall_s']:>8.1f}{x['slides_per_hour']:>10.0f}{x['in_run_s']:>10.1f}{(x['setup_s'] or 0):>10.1f}"
+            f"{x['steady_slides_per_hour']:>17.0f}{x.get('fixed_overhead_s', 0):>9.1f}"
+            f"{x.get('scheduling_overhead_per_slide_s', 0):>16.3f}"
+        )
     return 0
 
 

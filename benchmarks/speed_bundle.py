@@ -39,13 +39,15 @@ def make_speed_bundle(backbone: str, out: Path, source: Path = REPO / "models" /
     contract = src.contract
     torch.manual_seed(seed)
     model = PatchClassifier(backbone, contract.architecture.classes, contract.architecture.dropout).eval()
-    speed = contract.model_copy(update={
-        "name": f"speed-{backbone}",
-        "version": "0",
-        "label": LABEL,
-        "architecture": ArchitectureSpec.of(model),
-        "weights_sha256": None,
-    })
+    speed = contract.model_copy(
+        update={
+            "name": f"speed-{backbone}",
+            "version": "0",
+            "label": LABEL,
+            "architecture": ArchitectureSpec.of(model),
+            "weights_sha256": None,
+        }
+    )
     return save_bundle(out, model, speed, extra_tensors=src.extra)
 
 

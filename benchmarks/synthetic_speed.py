@@ -51,14 +51,28 @@ def main() -> int:
     p.add_argument("--diagnosis", default="nme")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               NO_ALBUMENTATIONS_UPDATE="1")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-c", CHILD, str(REPO), tmp, str(args.width_um), str(args.height_um), str(args.mpp),
-             args.diagnosis, str(args.seed)],
-            capture_output=True, text=True, env=env, check=False,
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(REPO),
+                tmp,
+                str(args.width_um),
+                str(args.height_um),
+                str(args.mpp),
+                args.diagnosis,
+                str(args.seed),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:

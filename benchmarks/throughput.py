@@ -126,11 +126,17 @@ def machine() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {"cpu": cpu_description(), "cores_usable": usable, "torch_threads": torch.get_num_threads(),
-            "cpu_bf16": cpu_bf16_supported(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "onnxruntime": ort, "python": platform.python_version(),
-            "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": cpu_description(),
+        "cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_bf16_supported(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "onnxruntime": ort,
+        "python": platform.python_version(),
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
 
 
 class TimedRunner:
@@ -155,9 +161,18 @@ def setup(args: argparse.Namespace, slides: Path, backend: str, scratch: Path):
     from pipeline.batch.runner import BatchOptions, build_context, check_inputs
 
     heatmap_mpp = HEATMAP_MPP if args.heatmap_mpp is None else args.heatmap_mpp
-    opts = BatchOptions(slides_dir=slides, out_dir=scratch / "unused", model=args.model, backend=backend,
-                        batch_size=args.batch_size, reader_threads=args.reader_threads, heatmap_mpp=heatmap_mpp,
-                        force=True, quiet=True, command=["benchmarks/throughput.py"])
+    opts = BatchOptions(
+        slides_dir=slides,
+        out_dir=scratch / "unused",
+        model=args.model,
+        backend=backend,
+        batch_size=args.batch_size,
+        reader_threads=args.reader_threads,
+        heatmap_mpp=heatmap_mpp,
+        force=True,
+        quiet=True,
+        command=["benchmarks/throughput.py"],
+    )
     jobs = check_inputs(opts)
     t0 = time.perf_counter()
     ctx = build_context(opts, jobs)
@@ -177,7 +192,9 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     timed = TimedRunner(ctx.runner)
-    run_ctx = dataclasses.replace(ctx, out_dir=out, analyser=dataclasses.replace(ctx.analyser, runner=timed, cache_dir=out / ".cache"))
+    run_ctx = dataclasses.replace(
+        ctx, out_dir=out, analyser=dataclasses.replace(ctx.analyser, runner=timed, cache_dir=out / ".cache")
+    )
     run_opts = dataclasses.replace(opts, out_dir=out)
     stages = dict.fromkeys(STAGES, 0.0)
     slide_total, tiles, failed, reader_busy, outputs_cpu, view_cpu = 0.0, 0, [], 0.0, 0.0, 0.0
@@ -197,8 +214,12 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
         stages["open_tissue_tiling"] += tm.get("tissue_tiling.wait", tm.get("open", 0.0) + tm.get("tissue_tiling", 0.0))
         stages["read_decode_wait"] += tm.get("patch_model.tile_wait", 0.0)
         stages["model"] += tm.get("patch_model.model", 0.0)
-        stages["features_other"] += tm.get("patch_model", 0.0) - tm.get("patch_model.model", 0.0) - tm.get("patch_model.tile_wait", 0.0)
-        stages["quality_aggregation_rules"] += tm.get("quality", 0.0) + tm.get("aggregation", 0.0) + tm.get("rules", 0.0)
+        stages["features_other"] += (
+            tm.get("patch_model", 0.0) - tm.get("patch_model.model", 0.0) - tm.get("patch_model.tile_wait", 0.0)
+        )
+        stages["quality_aggregation_rules"] += (
+            tm.get("quality", 0.0) + tm.get("aggregation", 0.0) + tm.get("rules", 0.0)
+        )
         stages["outputs"] += tm.get("outputs", 0.0)
         outputs_cpu += tm.get("outputs.cpu", 0.0)
         view_cpu += tm.get("outputs.heatmaps_report_cpu", 0.0)
@@ -209,12 +230,21 @@ def e2e_once(opts, jobs, ctx, out: Path, overlap: bool = True) -> dict[str, Any]
     cpu = cpu_seconds() - cpu0
     if failed:
         raise RuntimeError("benchmark slide failed: " + "; ".join(failed))
-    return {"wall_s": wall, "tiles": tiles, "slides": len(jobs), "tiles_per_s": tiles / wall,
-            "slides_per_hour": len(jobs) / wall * 3600, "slide_seconds": slide_total, "stages_s": stages,
-            "summary_s": wall - t_slides, "reader_busy_s": reader_busy,
-            "cpu_ms_per_tile": 1000 * cpu / max(tiles, 1), "model_s": timed.seconds,
-            "outputs_cpu_share": outputs_cpu / cpu if cpu > 0 else None,
-            "heatmaps_reports_cpu_share": view_cpu / cpu if cpu > 0 else None}
+    return {
+        "wall_s": wall,
+        "tiles": tiles,
+        "slides": len(jobs),
+        "tiles_per_s": tiles / wall,
+        "slides_per_hour": len(jobs) / wall * 3600,
+        "slide_seconds": slide_total,
+        "stages_s": stages,
+        "summary_s": wall - t_slides,
+        "reader_busy_s": reader_busy,
+        "cpu_ms_per_tile": 1000 * cpu / max(tiles, 1),
+        "model_s": timed.seconds,
+        "outputs_cpu_share": outputs_cpu / cpu if cpu > 0 else None,
+        "heatmaps_reports_cpu_share": view_cpu / cpu if cpu > 0 else None,
+    }
 
 
 def model_only_once(runner, batch_size: int, tile_px: int, n_batches: int, seed: int = 0) -> tuple[float, float]:
@@ -267,16 +297,34 @@ def rss_child(args: argparse.Namespace) -> int:
         peak = max(after_setup, processing or _peak_rss_mb())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({"maxrss_mb": round(peak, 1), "maxrss_after_setup_mb": round(after_setup, 1),
-                      "processing_peak_mb": None if processing is None else round(processing, 1), "tiles": res["tiles"],
-                      "seconds": round(res["wall_s"], 3)}))
+    print(
+        json.dumps(
+            {
+                "maxrss_mb": round(peak, 1),
+                "maxrss_after_setup_mb": round(after_setup, 1),
+                "processing_peak_mb": None if processing is None else round(processing, 1),
+                "tiles": res["tiles"],
+                "seconds": round(res["wall_s"], 3),
+            }
+        )
+    )
     return 0
 
 
 def measure_rss(slides: Path, args: argparse.Namespace, backend: str, env: dict[str, str]) -> dict[str, Any]:
     """Peak RSS of processing ``slides`` in a fresh interpreter."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(slides), "--backend", backend,
-           "--model", str(args.model), "--reader-threads", str(args.reader_threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rss-child",
+        str(slides),
+        "--backend",
+        backend,
+        "--model",
+        str(args.model),
+        "--reader-threads",
+        str(args.reader_threads),
+    ]
     if args.batch_size is not None:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.heatmap_mpp is not None:
@@ -334,8 +382,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model_cpu.append(cpu_ms)
             log.info("repeat %d %s: %.1f tiles/s model only", i + 1, backend, model_runs[-1])
             if "torch-fp32" in contexts and backend != "torch-fp32":
-                fp32_model_runs.append(model_only_once(contexts["torch-fp32"][2].runner, batch_size, tile_px,
-                                                       n_model_batches, seed=i)[0])
+                fp32_model_runs.append(
+                    model_only_once(contexts["torch-fp32"][2].runner, batch_size, tile_px, n_model_batches, seed=i)[0]
+                )
         del contexts, ctx
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -362,8 +411,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "heatmap_mpp": opts.heatmap_mpp,
         "mode": spec.name,
         "repeats": repeats,
-        "slides": {"n": len(jobs), "size_um": list(spec.size_um), "mpp": 0.5, "seed": spec.seed,
-                   "tiles": main_runs[0]["tiles"], "folder": str(folders["set"].parent)},
+        "slides": {
+            "n": len(jobs),
+            "size_um": list(spec.size_um),
+            "mpp": 0.5,
+            "seed": spec.seed,
+            "tiles": main_runs[0]["tiles"],
+            "folder": str(folders["set"].parent),
+        },
         "e2e_tiles_per_s": round(e2e, 2),
         "e2e_slides_per_hour": round(statistics.median(r["slides_per_hour"] for r in main_runs), 1),
         "model_tiles_per_s": round(model, 2),
@@ -374,16 +429,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fp32_eager_model_tiles_per_s": round(fp32_model, 2) if fp32_model else None,
         "model_speedup_vs_fp32_eager": round(model / fp32_model, 3) if fp32_model else None,
         "model_in_pipeline_tiles_per_s": round(statistics.median(r["tiles"] / r["model_s"] for r in main_runs), 2),
-        "cpu_ms_per_tile": {"e2e": round(statistics.median(r["cpu_ms_per_tile"] for r in main_runs), 3),
-                            "model_only": round(statistics.median(model_cpu), 3)},
+        "cpu_ms_per_tile": {
+            "e2e": round(statistics.median(r["cpu_ms_per_tile"] for r in main_runs), 3),
+            "model_only": round(statistics.median(model_cpu), 3),
+        },
         "stage_seconds": {k: round(v, 4) for k, v in stage_s.items()},
         "stage_share_of_slide_time": shares,
         # what the outputs cost: their thread's CPU time over the process's CPU time (the stage runs
         # overlapped with the next slide's model at low priority, so its wall time says little)
         "outputs_share": round(statistics.median(r["outputs_cpu_share"] for r in main_runs), 4),
         "heatmaps_reports_share": round(statistics.median(r["heatmaps_reports_cpu_share"] for r in main_runs), 4),
-        "outputs_cpu_ms_per_slide": round(statistics.median(r["outputs_cpu_share"] * r["cpu_ms_per_tile"] * r["tiles"] / r["slides"]
-                                                            for r in main_runs), 1),
+        "outputs_cpu_ms_per_slide": round(
+            statistics.median(
+                r["outputs_cpu_share"] * r["cpu_ms_per_tile"] * r["tiles"] / r["slides"] for r in main_runs
+            ),
+            1,
+        ),
         "outputs_wall_share": shares.get("outputs"),
         "peak_rss_mb_small": small,
         "peak_rss_mb_large": large,
@@ -394,13 +455,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup_s": round(setup_s, 2),
         "slide_generation_s": round(prep_s, 2),
         "machine": machine(),
-        "runs": {"e2e_tiles_per_s": {k: [round(r["tiles_per_s"], 2) for r in v] for k, v in e2e_runs.items()},
-                 "model_tiles_per_s": [round(m, 2) for m in model_runs],
-                 "fp32_eager_model_tiles_per_s": [round(m, 2) for m in fp32_model_runs]},
+        "runs": {
+            "e2e_tiles_per_s": {k: [round(r["tiles_per_s"], 2) for r in v] for k, v in e2e_runs.items()},
+            "model_tiles_per_s": [round(m, 2) for m in model_runs],
+            "fp32_eager_model_tiles_per_s": [round(m, 2) for m in fp32_model_runs],
+        },
     }
-    checks = {"ratio": (result["ratio"], ">="), "speedup_vs_fp32_eager": (result["speedup_vs_fp32_eager"], ">="),
-              "rss_large_over_small": (result["rss_large_over_small"], "<="),
-              "heatmaps_reports_share": (result["heatmaps_reports_share"], "<")}
+    checks = {
+        "ratio": (result["ratio"], ">="),
+        "speedup_vs_fp32_eager": (result["speedup_vs_fp32_eager"], ">="),
+        "rss_large_over_small": (result["rss_large_over_small"], "<="),
+        "heatmaps_reports_share": (result["heatmaps_reports_share"], "<"),
+    }
     result["targets"] = {}
     for k, (v, op) in checks.items():
         t = TARGETS[k]
@@ -411,33 +477,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_table(r: dict[str, Any]) -> None:
     m = r["machine"]
-    print(f"machine: {m['cpu']}; {m['cores_usable']} usable cores; torch threads {m['torch_threads']}; "
-          f"GPU {m['gpu'] or 'none'}; bf16 CPU {m['cpu_bf16']}; torch {m['torch']}; onnxruntime {m['onnxruntime']}; "
-          f"load avg at start {m['load_avg_1min_at_start']}")
+    print(
+        f"machine: {m['cpu']}; {m['cores_usable']} usable cores; torch threads {m['torch_threads']}; "
+        f"GPU {m['gpu'] or 'none'}; bf16 CPU {m['cpu_bf16']}; torch {m['torch']}; onnxruntime {m['onnxruntime']}; "
+        f"load avg at start {m['load_avg_1min_at_start']}"
+    )
     s = r["slides"]
-    print(f"slides: {s['n']} synthetic, {s['size_um'][0]:g}x{s['size_um'][1]:g} µm at 0.5 µm/px, {s['tiles']} tiles; "
-          f"backend {r['backend']}, batch {r['batch_size']}, reader threads {r['reader_threads']}, "
-          f"median of {r['repeats']}")
+    print(
+        f"slides: {s['n']} synthetic, {s['size_um'][0]:g}x{s['size_um'][1]:g} µm at 0.5 µm/px, {s['tiles']} tiles; "
+        f"backend {r['backend']}, batch {r['batch_size']}, reader threads {r['reader_threads']}, "
+        f"median of {r['repeats']}"
+    )
     print(f"end to end      {r['e2e_tiles_per_s']:8.1f} tiles/s  {r['e2e_slides_per_hour']:8.1f} slides/h")
-    print(f"model only      {r['model_tiles_per_s']:8.1f} tiles/s  ratio {r['ratio']}  "
-          f"(model inside the pipeline: {r['model_in_pipeline_tiles_per_s']:.1f} tiles/s)")
+    print(
+        f"model only      {r['model_tiles_per_s']:8.1f} tiles/s  ratio {r['ratio']}  "
+        f"(model inside the pipeline: {r['model_in_pipeline_tiles_per_s']:.1f} tiles/s)"
+    )
     c = r["cpu_ms_per_tile"]
-    print(f"CPU time per tile: end to end {c['e2e']:.2f} ms, model only {c['model_only']:.2f} ms "
-          f"(model share of the CPU work {c['model_only'] / c['e2e']:.2f}; less sensitive to other load)")
+    print(
+        f"CPU time per tile: end to end {c['e2e']:.2f} ms, model only {c['model_only']:.2f} ms "
+        f"(model share of the CPU work {c['model_only'] / c['e2e']:.2f}; less sensitive to other load)"
+    )
     if r["fp32_eager_e2e_tiles_per_s"] is not None:
-        print(f"fp32 eager e2e  {r['fp32_eager_e2e_tiles_per_s']:8.1f} tiles/s  speedup {r['speedup_vs_fp32_eager']}x  "
-              f"(model alone: fp32 eager {r['fp32_eager_model_tiles_per_s']} tiles/s, "
-              f"speedup {r['model_speedup_vs_fp32_eager']}x)")
-    print("stages (share of slide time): " + ", ".join(f"{k} {v:.1%}" for k, v in r["stage_share_of_slide_time"].items()))
-    print(f"outputs: {r['outputs_share']:.1%} of the run's CPU time ({r['outputs_cpu_ms_per_slide']} ms per slide; "
-          f"{r['outputs_wall_share']:.1%} of the slides' stage wall time, overlapped), of which heatmaps and "
-          f"reports {r['heatmaps_reports_share']:.1%} (GeoJSON and FHIR the rest)")
+        print(
+            f"fp32 eager e2e  {r['fp32_eager_e2e_tiles_per_s']:8.1f} tiles/s  speedup {r['speedup_vs_fp32_eager']}x  "
+            f"(model alone: fp32 eager {r['fp32_eager_model_tiles_per_s']} tiles/s, "
+            f"speedup {r['model_speedup_vs_fp32_eager']}x)"
+        )
+    print(
+        "stages (share of slide time): " + ", ".join(f"{k} {v:.1%}" for k, v in r["stage_share_of_slide_time"].items())
+    )
+    print(
+        f"outputs: {r['outputs_share']:.1%} of the run's CPU time ({r['outputs_cpu_ms_per_slide']} ms per slide; "
+        f"{r['outputs_wall_share']:.1%} of the slides' stage wall time, overlapped), of which heatmaps and "
+        f"reports {r['heatmaps_reports_share']:.1%} (GeoJSON and FHIR the rest)"
+    )
     print("rss detail: " + json.dumps(r["rss"]))
-    print(f"peak RSS: one slide {r['peak_rss_mb_small']} MB, 4x area {r['peak_rss_mb_large']} MB "
-          f"(ratio {r['rss_large_over_small']}); while processing the slide: {r['processing_peak_rss_mb_small']} "
-          f"/ {r['processing_peak_rss_mb_large']} MB")
+    print(
+        f"peak RSS: one slide {r['peak_rss_mb_small']} MB, 4x area {r['peak_rss_mb_large']} MB "
+        f"(ratio {r['rss_large_over_small']}); while processing the slide: {r['processing_peak_rss_mb_small']} "
+        f"/ {r['processing_peak_rss_mb_large']} MB"
+    )
     for k, t in r["targets"].items():
-        print(f"target {k}: {t['value']} {t['target']}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}")
+        print(
+            f"target {k}: {t['value']} {t['target']}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,22 +532,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=REPO / "models" / "demo_bundle")
     ap.add_argument("--batch-size", type=int, default=None, help="default: infer.py's for the device (CPU 32, GPU 64)")
     ap.add_argument("--reader-threads", type=int, default=2)
-    ap.add_argument("--heatmap-mpp", type=float, default=None,
-                    help="µm/px of the heatmaps and report thumbnail (default: infer.py's, 4)")
+    ap.add_argument(
+        "--heatmap-mpp",
+        type=float,
+        default=None,
+        help="µm/px of the heatmaps and report thumbnail (default: infer.py's, 4)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 small slides, 1 repeat unless --repeats given")
     ap.add_argument("--json", action="store_true", help="print exactly one JSON line")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-fp32", action="store_true", help="skip the torch-fp32 eager comparison")
-    ap.add_argument("--cache-dir", type=Path, default=None,
-                    help="slides and model exports cache (default $NME_PIPELINE_CACHE or ~/.cache/nme-pipeline)")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="slides and model exports cache (default $NME_PIPELINE_CACHE or ~/.cache/nme-pipeline)",
+    )
     ap.add_argument("--rss-child", type=Path, default=None, help=argparse.SUPPRESS)
     if argv is None:
         argv = sys.argv[1:]
     args = ap.parse_args(argv)
     if args.quick and "--repeats" not in argv:
         args.repeats = 1
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     if not (args.json or args.rss_child):
         log.setLevel(logging.INFO)
     if args.rss_child is not None:

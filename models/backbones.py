@@ -39,6 +39,7 @@ def _resnet(name: str) -> Callable[[], nn.Module]:
         net = getattr(tvm, name)(weights=None)
         net.fc = nn.Identity()  # features = global-average-pooled last stage
         return net
+
     return build
 
 
@@ -49,6 +50,7 @@ def _mobilenet_v3(name: str) -> Callable[[], nn.Module]:
         # classifier.0.*); drop its dropout (ours is configurable) and final Linear.
         net.classifier = nn.Sequential(net.classifier[0], net.classifier[1])
         return net
+
     return build
 
 
@@ -57,6 +59,7 @@ def _efficientnet(name: str) -> Callable[[], nn.Module]:
         net = getattr(tvm, name)(weights=None)
         net.classifier = nn.Identity()  # features = pooled 1280-d vector, before its dropout
         return net
+
     return build
 
 

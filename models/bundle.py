@@ -82,8 +82,12 @@ class ArchitectureSpec(StrictModel):
     @classmethod
     def of(cls, model: PatchClassifier) -> ArchitectureSpec:
         """The spec that rebuilds ``model``."""
-        return cls(backbone=model.backbone_name, classes=list(model.classes),
-                   embedding_dim=model.embedding_dim, dropout=model.dropout_p)
+        return cls(
+            backbone=model.backbone_name,
+            classes=list(model.classes),
+            embedding_dim=model.embedding_dim,
+            dropout=model.dropout_p,
+        )
 
 
 class NormalisationSpec(StrictModel):
@@ -97,20 +101,28 @@ class InputSpec(StrictModel):
     """What tiles the model expects."""
 
     mpp: PositiveFloat = Field(0.5, description="tile resolution in micrometres per pixel")
-    mpp_tolerance: float = Field(0.1, ge=0.0, lt=1.0,
-                                 description="allowed relative deviation |effective_mpp / mpp - 1| of a slide read")
+    mpp_tolerance: float = Field(
+        0.1, ge=0.0, lt=1.0, description="allowed relative deviation |effective_mpp / mpp - 1| of a slide read"
+    )
     tile_size_px: int = Field(224, gt=0, description="tile edge in pixels at `mpp`")
     normalisation: NormalisationSpec = Field(default_factory=NormalisationSpec)
     channel_order: Literal["RGB"] = "RGB"
     overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fractional overlap of neighbouring tiles (0 = abutting)")
     min_tissue: float = Field(0.1, ge=0.0, le=1.0, description="minimum tissue fraction of a tile")
-    tissue: TissueConfig = Field(default_factory=TissueConfig,
-                                 description="tissue detector settings the model was trained with")
+    tissue: TissueConfig = Field(
+        default_factory=TissueConfig, description="tissue detector settings the model was trained with"
+    )
 
     def tiling(self) -> TilingConfig:
         """The tile grid inference must lay out to see a slide as training did."""
-        return TilingConfig(target_mpp=self.mpp, mpp_tolerance=self.mpp_tolerance, tile_px=self.tile_size_px,
-                            overlap=self.overlap, min_tissue=self.min_tissue, tissue=self.tissue)
+        return TilingConfig(
+            target_mpp=self.mpp,
+            mpp_tolerance=self.mpp_tolerance,
+            tile_px=self.tile_size_px,
+            overlap=self.overlap,
+            min_tissue=self.min_tissue,
+            tissue=self.tissue,
+        )
 
     def check_mpp(self, effective_mpp: float | None, source: str = "slide", model: str = "the model") -> None:
         """Refuse tiles read at the wrong scale instead of silently resizing.
@@ -125,18 +137,28 @@ class InputSpec(StrictModel):
         """
         want, tol = self.mpp, self.mpp_tolerance
         if effective_mpp is None or not math.isfinite(effective_mpp) or effective_mpp <= 0:
-            raise MPPError(f"{source}: resolution unknown or invalid ({effective_mpp!r} µm/px); "
-                           f"model {model} needs {want} µm/px")
+            raise MPPError(
+                f"{source}: resolution unknown or invalid ({effective_mpp!r} µm/px); model {model} needs {want} µm/px"
+            )
         deviation = effective_mpp / want - 1.0
         if abs(deviation) > tol + 1e-9:
-            raise MPPError(f"{source}: read at {effective_mpp:.4g} µm/px but model {model} expects "
-                           f"{want:g} µm/px ± {tol:.0%} ({deviation:+.0%}); refusing to resize silently")
+            raise MPPError(
+                f"{source}: read at {effective_mpp:.4g} µm/px but model {model} expects "
+                f"{want:g} µm/px ± {tol:.0%} ({deviation:+.0%}); refusing to resize silently"
+            )
 
     @classmethod
     def from_tiling(cls, tiling: TilingConfig, **kwargs: Any) -> InputSpec:
         """The input spec of a model trained on tiles laid out by ``tiling``."""
-        return cls(mpp=tiling.target_mpp, mpp_tolerance=tiling.mpp_tolerance, tile_size_px=tiling.tile_px,
-                   overlap=tiling.overlap, min_tissue=tiling.min_tissue, tissue=tiling.tissue, **kwargs)
+        return cls(
+            mpp=tiling.target_mpp,
+            mpp_tolerance=tiling.mpp_tolerance,
+            tile_size_px=tiling.tile_px,
+            overlap=tiling.overlap,
+            min_tissue=tiling.min_tissue,
+            tissue=tiling.tissue,
+            **kwargs,
+        )
 
 
 class TrainingSpec(StrictModel):
@@ -145,13 +167,15 @@ class TrainingSpec(StrictModel):
     config: dict[str, Any] = Field(description="the resolved training config")
     config_sha256: str = Field(description="sha256 hex of the canonical JSON of `config`")
     code_version: str = Field(description="package version and/or git commit that trained the model")
-    created: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC),
-                                   description="ISO 8601 time the bundle was created (with time zone)")
+    created: AwareDatetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="ISO 8601 time the bundle was created (with time zone)"
+    )
     metrics: dict[str, FiniteFloat] | None = Field(None, description="validation metrics, name -> value")
 
     @classmethod
-    def from_config(cls, config: BaseModel | Mapping[str, Any], code_version: str,
-                    metrics: Mapping[str, float] | None = None) -> TrainingSpec:
+    def from_config(
+        cls, config: BaseModel | Mapping[str, Any], code_version: str, metrics: Mapping[str, float] | None = None
+    ) -> TrainingSpec:
         """Record a resolved config (pydantic model or plain dict) and its hash.
 
         ``config_sha256`` hashes ``json.dumps(config, sort_keys=True)``, the same canonical form
@@ -159,8 +183,12 @@ class TrainingSpec(StrictModel):
         """
         data = config.model_dump(mode="json") if isinstance(config, BaseModel) else json.loads(json.dumps(dict(config)))
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-        return cls(config=data, config_sha256=digest, code_version=code_version,
-                   metrics=dict(metrics) if metrics is not None else None)
+        return cls(
+            config=data,
+            config_sha256=digest,
+            code_version=code_version,
+            metrics=dict(metrics) if metrics is not None else None,
+        )
 
 
 class AggregatorSpec(StrictModel):
@@ -250,14 +278,17 @@ def bundle_sha256(directory: str | Path) -> str:
     return h.hexdigest()
 
 
-def _flatten(model: PatchClassifier, extra_tensors: Mapping[str, Mapping[str, Tensor]] | None,
-             directory: Path) -> dict[str, Tensor]:
+def _flatten(
+    model: PatchClassifier, extra_tensors: Mapping[str, Mapping[str, Tensor]] | None, directory: Path
+) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     sections: dict[str, Mapping[str, Tensor]] = {PATCH_SECTION: model.state_dict()}
     for name, sd in (extra_tensors or {}).items():
         if not isinstance(name, str) or not _SECTION_RE.match(name) or name == PATCH_SECTION:
-            raise BundleError(f"{directory}: extra_tensors section name {name!r} must match "
-                              f"[A-Za-z][A-Za-z0-9_]* and not be {PATCH_SECTION!r}")
+            raise BundleError(
+                f"{directory}: extra_tensors section name {name!r} must match "
+                f"[A-Za-z][A-Za-z0-9_]* and not be {PATCH_SECTION!r}"
+            )
         sections[name] = sd
     for name, sd in sections.items():
         for key, value in sd.items():
@@ -270,8 +301,12 @@ def _flatten(model: PatchClassifier, extra_tensors: Mapping[str, Mapping[str, Te
     return tensors
 
 
-def save_bundle(directory: str | Path, model: PatchClassifier, contract: BundleContract,
-                extra_tensors: Mapping[str, Mapping[str, Tensor]] | None = None) -> str:
+def save_bundle(
+    directory: str | Path,
+    model: PatchClassifier,
+    contract: BundleContract,
+    extra_tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> str:
     """Write ``model`` + ``contract`` (+ optional extra state dicts) as a bundle directory.
 
     Args:
@@ -290,21 +325,34 @@ def save_bundle(directory: str | Path, model: PatchClassifier, contract: BundleC
     d = Path(directory)
     actual = ArchitectureSpec.of(model)
     if contract.architecture != actual:
-        raise BundleError(f"{d}: contract architecture {contract.architecture.model_dump()} does not describe "
-                          f"the model {actual.model_dump()}")
+        raise BundleError(
+            f"{d}: contract architecture {contract.architecture.model_dump()} does not describe "
+            f"the model {actual.model_dump()}"
+        )
     sections = set(extra_tensors or {})
     if contract.aggregator is not None and contract.aggregator.weights and contract.aggregator.weights not in sections:
-        raise BundleError(f"{d}: aggregator.weights names section {contract.aggregator.weights!r} "
-                          f"but extra_tensors has {sorted(sections)}")
-    blob = st_save(_flatten(model, extra_tensors, d),
-                   metadata={"format": "pt", "bundle_format_version": str(FORMAT_VERSION)})
-    final = contract.model_copy(update={"weights_sha256": hashlib.sha256(blob).hexdigest(), "format_version": FORMAT_VERSION})
+        raise BundleError(
+            f"{d}: aggregator.weights names section {contract.aggregator.weights!r} "
+            f"but extra_tensors has {sorted(sections)}"
+        )
+    blob = st_save(
+        _flatten(model, extra_tensors, d), metadata={"format": "pt", "bundle_format_version": str(FORMAT_VERSION)}
+    )
+    final = contract.model_copy(
+        update={"weights_sha256": hashlib.sha256(blob).hexdigest(), "format_version": FORMAT_VERSION}
+    )
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(d / WEIGHTS_FILE, blob)
     atomic_write_json(d / CONTRACT_FILE, final.model_dump(mode="json"))
     digest = bundle_sha256(d)
-    log.info("saved bundle %s (%s %s, %d bytes of weights, sha256 %s)", d, contract.name, contract.version,
-             len(blob), digest[:16])
+    log.info(
+        "saved bundle %s (%s %s, %d bytes of weights, sha256 %s)",
+        d,
+        contract.name,
+        contract.version,
+        len(blob),
+        digest[:16],
+    )
     return digest
 
 
@@ -333,11 +381,16 @@ def _read_contract(d: Path) -> tuple[BundleContract, bytes]:
     if not isinstance(data, dict):
         raise BundleError(f"{path}: top level must be an object, got {type(data).__name__}")
     if data.get("format_version") not in READABLE_FORMAT_VERSIONS:
-        raise BundleError(f"{path}: format_version {data.get('format_version')!r} not supported "
-                          f"(this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
+        raise BundleError(
+            f"{path}: format_version {data.get('format_version')!r} not supported "
+            f"(this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
+        )
     if data["format_version"] == 1:
-        log.info("%s: bundle format 1 records no tile grid or tissue settings; using today's defaults "
-                 "(re-save the bundle to record them)", path)
+        log.info(
+            "%s: bundle format 1 records no tile grid or tissue settings; using today's defaults "
+            "(re-save the bundle to record them)",
+            path,
+        )
     try:
         return validate(BundleContract, data, str(path)), raw
     except ConfigError as exc:
@@ -375,13 +428,17 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Lo
     if contract.weights_sha256 is None:
         log.warning("%s: bundle.json has no weights_sha256; weights integrity not verified", d)
     elif digest != contract.weights_sha256:
-        raise BundleError(f"{wpath}: sha256 {digest[:16]}... does not match weights_sha256 "
-                          f"{contract.weights_sha256[:16]}... in {CONTRACT_FILE} (file changed or swapped)")
+        raise BundleError(
+            f"{wpath}: sha256 {digest[:16]}... does not match weights_sha256 "
+            f"{contract.weights_sha256[:16]}... in {CONTRACT_FILE} (file changed or swapped)"
+        )
     try:
         flat = st_load(blob)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
-        raise BundleError(f"{wpath}: not a valid safetensors file ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        raise BundleError(
+            f"{wpath}: not a valid safetensors file ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+        ) from None
     sections: dict[str, dict[str, Tensor]] = {}
     for key, value in flat.items():
         section, sep, rest = key.partition(".")
@@ -394,20 +451,24 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Lo
     arch = contract.architecture
     model = PatchClassifier(arch.backbone, arch.classes, arch.dropout)
     if model.embedding_dim != arch.embedding_dim:
-        raise BundleError(f"{d / CONTRACT_FILE}: architecture.embedding_dim {arch.embedding_dim} but backbone "
-                          f"{arch.backbone!r} gives {model.embedding_dim}")
+        raise BundleError(
+            f"{d / CONTRACT_FILE}: architecture.embedding_dim {arch.embedding_dim} but backbone "
+            f"{arch.backbone!r} gives {model.embedding_dim}"
+        )
     problems = state_dict_mismatches(model.state_dict(), patch_sd)
     if problems:
-        raise BundleError(f"{wpath}: weights do not match architecture {arch.backbone!r} with "
-                          f"{len(arch.classes)} classes in {CONTRACT_FILE}: {'; '.join(problems)}")
+        raise BundleError(
+            f"{wpath}: weights do not match architecture {arch.backbone!r} with "
+            f"{len(arch.classes)} classes in {CONTRACT_FILE}: {'; '.join(problems)}"
+        )
     agg = contract.aggregator
     if agg is not None and agg.weights and agg.weights not in sections:
-        raise BundleError(f"{wpath}: aggregator weights section {agg.weights!r} missing "
-                          f"(sections: {sorted(sections)})")
+        raise BundleError(f"{wpath}: aggregator weights section {agg.weights!r} missing (sections: {sorted(sections)})")
     model.load_state_dict(patch_sd, strict=True)
     model.to(device).eval()
     extra = {name: {k: v.to(device) for k, v in sd.items()} for name, sd in sections.items()}
     bundle_digest = _framed_sha256([(CONTRACT_FILE, contract_raw), (WEIGHTS_FILE, blob)])  # as bundle_sha256
     log.info("loaded bundle %s (%s %s, backbone %s) on %s", d, contract.name, contract.version, arch.backbone, device)
-    return LoadedBundle(path=d, contract=contract, model=model, extra=extra, sha256=bundle_digest,
-                        weights_sha256=digest)
+    return LoadedBundle(
+        path=d, contract=contract, model=model, extra=extra, sha256=bundle_digest, weights_sha256=digest
+    )

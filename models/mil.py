@@ -89,17 +89,31 @@ class BagAggregator(nn.Module):
     input_mean: Tensor
     input_std: Tensor
 
-    def __init__(self, embedding_dim: int, tile_prob_dim: int = len(PATTERN_CLASSES) + 1, hidden_dim: int = 256,
-                 dropout: float = 0.25, n_patterns: int = len(PATTERN_CLASSES)) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        tile_prob_dim: int = len(PATTERN_CLASSES) + 1,
+        hidden_dim: int = 256,
+        dropout: float = 0.25,
+        n_patterns: int = len(PATTERN_CLASSES),
+    ) -> None:
         super().__init__()
         if embedding_dim < 0 or tile_prob_dim < 0 or embedding_dim + tile_prob_dim == 0:
-            raise ConfigError(f"{type(self).__name__}: need embedding_dim + tile_prob_dim > 0, "
-                              f"got {embedding_dim} + {tile_prob_dim}")
+            raise ConfigError(
+                f"{type(self).__name__}: need embedding_dim + tile_prob_dim > 0, got {embedding_dim} + {tile_prob_dim}"
+            )
         if hidden_dim <= 0 or n_patterns <= 0 or not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"{type(self).__name__}: hidden_dim and n_patterns must be > 0 and dropout in [0, 1), "
-                              f"got {hidden_dim}, {n_patterns}, {dropout}")
-        self._hparams: dict[str, Any] = dict(embedding_dim=embedding_dim, tile_prob_dim=tile_prob_dim,
-                                             hidden_dim=hidden_dim, dropout=dropout, n_patterns=n_patterns)
+            raise ConfigError(
+                f"{type(self).__name__}: hidden_dim and n_patterns must be > 0 and dropout in [0, 1), "
+                f"got {hidden_dim}, {n_patterns}, {dropout}"
+            )
+        self._hparams: dict[str, Any] = dict(
+            embedding_dim=embedding_dim,
+            tile_prob_dim=tile_prob_dim,
+            hidden_dim=hidden_dim,
+            dropout=dropout,
+            n_patterns=n_patterns,
+        )
         self.in_dim = embedding_dim + tile_prob_dim
         self.register_buffer("input_mean", torch.zeros(self.in_dim))
         self.register_buffer("input_std", torch.ones(self.in_dim))
@@ -141,8 +155,9 @@ class BagAggregator(nn.Module):
             return embeddings
         if tile_probs is None or tile_probs.shape[-1] != want_c or tile_probs.shape[:-1] != embeddings.shape[:-1]:
             got = None if tile_probs is None else tuple(tile_probs.shape)
-            raise ValueError(f"tile_probs must be (..., N, {want_c}) matching embeddings {tuple(embeddings.shape)}, "
-                             f"got {got}")
+            raise ValueError(
+                f"tile_probs must be (..., N, {want_c}) matching embeddings {tuple(embeddings.shape)}, got {got}"
+            )
         return torch.cat([embeddings, tile_probs.to(embeddings.dtype)], dim=-1)
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
@@ -154,7 +169,9 @@ class BagAggregator(nn.Module):
         """
         batched = features.dim() == 3
         if features.dim() not in (2, 3) or features.shape[-1] != self.in_dim:
-            raise ValueError(f"features must be (N, {self.in_dim}) or (B, N, {self.in_dim}), got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be (N, {self.in_dim}) or (B, N, {self.in_dim}), got {tuple(features.shape)}"
+            )
         x = features if batched else features.unsqueeze(0)
         if mask is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -166,9 +183,9 @@ class BagAggregator(nn.Module):
         if x.shape[1] == 0 or not bool(m.any(dim=1).all()):
             raise ValueError("empty bag: no tiles to aggregate (mark the slide non-diagnostic)")
         h = self.project((x - self.input_mean) / self.input_std)  # (B, N, H)
-        z, attention = self._pool(h, m)                      # (B, H), (B, N)
-        logit = self.slide_head(z).squeeze(-1)               # (B,)
-        pattern_logits = self.pattern_head(z)                # (B, P)
+        z, attention = self._pool(h, m)  # (B, H), (B, N)
+        logit = self.slide_head(z).squeeze(-1)  # (B,)
+        pattern_logits = self.pattern_head(z)  # (B, P)
         if not batched:
             return MILOutput(logit[0], pattern_logits[0], attention[0])
         return MILOutput(logit, pattern_logits, attention)
@@ -190,8 +207,15 @@ class GatedAttentionMIL(BagAggregator):
 
     kind: ClassVar[str] = "gated_attention"
 
-    def __init__(self, embedding_dim: int, tile_prob_dim: int = len(PATTERN_CLASSES) + 1, hidden_dim: int = 256,
-                 attention_dim: int = 128, dropout: float = 0.25, n_patterns: int = len(PATTERN_CLASSES)) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        tile_prob_dim: int = len(PATTERN_CLASSES) + 1,
+        hidden_dim: int = 256,
+        attention_dim: int = 128,
+        dropout: float = 0.25,
+        n_patterns: int = len(PATTERN_CLASSES),
+    ) -> None:
         super().__init__(embedding_dim, tile_prob_dim, hidden_dim, dropout, n_patterns)
         if attention_dim <= 0:
             raise ConfigError(f"GatedAttentionMIL: attention_dim must be > 0, got {attention_dim}")
@@ -202,11 +226,11 @@ class GatedAttentionMIL(BagAggregator):
         self.attn_dropout = nn.Dropout(dropout)
 
     def _pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        gated = torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))    # (B, N, A)
-        scores = self.attn_w(self.attn_dropout(gated)).squeeze(-1)            # (B, N)
+        gated = torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))  # (B, N, A)
+        scores = self.attn_w(self.attn_dropout(gated)).squeeze(-1)  # (B, N)
         scores = scores.masked_fill(~mask, float("-inf"))
-        attention = torch.softmax(scores, dim=1)                              # padded -> exactly 0
-        z = torch.bmm(attention.unsqueeze(1), h).squeeze(1)                   # (B, H)
+        attention = torch.softmax(scores, dim=1)  # padded -> exactly 0
+        z = torch.bmm(attention.unsqueeze(1), h).squeeze(1)  # (B, H)
         return z, attention
 
 
@@ -232,16 +256,14 @@ class MaxPoolMIL(BagAggregator):
     kind: ClassVar[str] = "max"
 
     def _pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        masked = h.masked_fill(~mask.unsqueeze(-1), float("-inf"))            # (B, N, H)
-        z = masked.max(dim=1).values                                          # (B, H)
-        is_max = (masked == z.unsqueeze(1)) & mask.unsqueeze(-1)              # (B, N, H)
+        masked = h.masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, N, H)
+        z = masked.max(dim=1).values  # (B, H)
+        is_max = (masked == z.unsqueeze(1)) & mask.unsqueeze(-1)  # (B, N, H)
         share = is_max.to(h.dtype) / is_max.sum(dim=1, keepdim=True).to(h.dtype)
-        return z, share.mean(dim=2)                                           # (B, N)
+        return z, share.mean(dim=2)  # (B, N)
 
 
-AGGREGATORS: dict[str, type[BagAggregator]] = {
-    cls.kind: cls for cls in (GatedAttentionMIL, MeanPoolMIL, MaxPoolMIL)
-}
+AGGREGATORS: dict[str, type[BagAggregator]] = {cls.kind: cls for cls in (GatedAttentionMIL, MeanPoolMIL, MaxPoolMIL)}
 """Aggregator kind -> class (the ``type`` of a bundle's ``aggregator`` section)."""
 
 

@@ -42,8 +42,9 @@ class PatchClassifier(nn.Module):
         ConfigError: unknown backbone, bad class list or dropout.
     """
 
-    def __init__(self, backbone: str = "resnet18", classes: Sequence[str] = DEFAULT_CLASSES,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, backbone: str = "resnet18", classes: Sequence[str] = DEFAULT_CLASSES, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         spec = backbone_spec(backbone)
         classes = tuple(classes)

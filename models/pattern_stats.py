@@ -62,27 +62,42 @@ class PatternStatistics:
         radius_tiles: neighbourhood radius in tile edges (1.5 = the 8 grid neighbours).
     """
 
-    def __init__(self, classes: Sequence[str] = DEFAULT_CLASSES, patterns: Sequence[str] = PATTERN_CLASSES,
-                 epidermis_class: str = "epidermis", thresholds: Mapping[str, float] | float = 0.5,
-                 epidermis_threshold: float = 0.5, top_k: int = 8, radius_tiles: float = 1.5) -> None:
+    def __init__(
+        self,
+        classes: Sequence[str] = DEFAULT_CLASSES,
+        patterns: Sequence[str] = PATTERN_CLASSES,
+        epidermis_class: str = "epidermis",
+        thresholds: Mapping[str, float] | float = 0.5,
+        epidermis_threshold: float = 0.5,
+        top_k: int = 8,
+        radius_tiles: float = 1.5,
+    ) -> None:
         self.classes = tuple(classes)
         self.patterns = tuple(patterns)
         self.epidermis_class = epidermis_class
         unknown = [c for c in (*self.patterns, epidermis_class) if c not in self.classes]
         if unknown or len(self.patterns) < 2:
-            raise ConfigError(f"pattern statistics: need >= 2 patterns and an epidermis class among "
-                              f"{list(self.classes)}; unknown {unknown}")
-        thr = {p: float(thresholds) for p in self.patterns} if isinstance(thresholds, (int, float)) else dict(thresholds)
+            raise ConfigError(
+                f"pattern statistics: need >= 2 patterns and an epidermis class among "
+                f"{list(self.classes)}; unknown {unknown}"
+            )
+        thr = (
+            {p: float(thresholds) for p in self.patterns} if isinstance(thresholds, (int, float)) else dict(thresholds)
+        )
         missing = [p for p in self.patterns if p not in thr]
         if missing:
             raise ConfigError(f"pattern statistics: thresholds missing for {missing}")
         self.thresholds = {p: float(thr[p]) for p in self.patterns}
-        if top_k < 1 or radius_tiles < 0 or not all(0 <= t <= 1 for t in (*self.thresholds.values(), epidermis_threshold)):
+        if (
+            top_k < 1
+            or radius_tiles < 0
+            or not all(0 <= t <= 1 for t in (*self.thresholds.values(), epidermis_threshold))
+        ):
             raise ConfigError("pattern statistics: top_k >= 1, radius_tiles >= 0 and thresholds in [0, 1] required")
         self.epidermis_threshold = float(epidermis_threshold)
         self.top_k = int(top_k)
         self.radius_tiles = float(radius_tiles)
-        self._pairs = [(a, b) for i, a in enumerate(self.patterns) for b in self.patterns[i + 1:]]
+        self._pairs = [(a, b) for i, a in enumerate(self.patterns) for b in self.patterns[i + 1 :]]
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -94,9 +109,15 @@ class PatternStatistics:
 
     def to_json(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-able dict (inverse of :meth:`from_json`)."""
-        return {"classes": list(self.classes), "patterns": list(self.patterns), "epidermis_class": self.epidermis_class,
-                "thresholds": dict(self.thresholds), "epidermis_threshold": self.epidermis_threshold,
-                "top_k": self.top_k, "radius_tiles": self.radius_tiles}
+        return {
+            "classes": list(self.classes),
+            "patterns": list(self.patterns),
+            "epidermis_class": self.epidermis_class,
+            "thresholds": dict(self.thresholds),
+            "epidermis_threshold": self.epidermis_threshold,
+            "top_k": self.top_k,
+            "radius_tiles": self.radius_tiles,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PatternStatistics:
@@ -134,7 +155,7 @@ class PatternStatistics:
         for q in self.patterns:
             v = p[:, col[q]]
             k = min(self.top_k, n)
-            feats.append(float(np.partition(v, n - k)[n - k:].mean()))
+            feats.append(float(np.partition(v, n - k)[n - k :].mean()))
             feats.append(float(v.max()))
             feats.append(float(v[epi].mean()) if n_epi else 0.0)
             feats.append(float(positive[q][epi].mean()) if n_epi else 0.0)
@@ -169,8 +190,9 @@ class PatternStatsClassifier:
         max_iter: solver iterations.
     """
 
-    def __init__(self, feature_names: Sequence[str], C: float = 1.0, class_weight: str | None = None,
-                 max_iter: int = 1000) -> None:
+    def __init__(
+        self, feature_names: Sequence[str], C: float = 1.0, class_weight: str | None = None, max_iter: int = 1000
+    ) -> None:
         self.feature_names = tuple(feature_names)
         self.C = float(C)
         self.class_weight = class_weight
@@ -199,8 +221,10 @@ class PatternStatsClassifier:
         x = self._check_x(X)
         labels = np.asarray(y).astype(np.int64).ravel()
         if labels.shape[0] != x.shape[0] or not set(np.unique(labels)) <= {0, 1}:
-            raise DataError(f"labels must be {x.shape[0]} values in {{0, 1}}, got {labels.shape[0]} values "
-                            f"{sorted(set(np.unique(labels).tolist()))}")
+            raise DataError(
+                f"labels must be {x.shape[0]} values in {{0, 1}}, got {labels.shape[0]} values "
+                f"{sorted(set(np.unique(labels).tolist()))}"
+            )
         if len(np.unique(labels)) < 2:
             raise DataError("cannot fit the slide classifier: labels contain a single class")
         mean = x.mean(axis=0)
@@ -235,9 +259,16 @@ class PatternStatsClassifier:
         """Hyper-parameters and fitted parameters as plain JSON (for the bundle; no pickle)."""
         if self.coef_ is None or self.mean_ is None or self.scale_ is None:
             raise RuntimeError("PatternStatsClassifier is not fitted")
-        return {"feature_names": list(self.feature_names), "C": self.C, "class_weight": self.class_weight,
-                "max_iter": self.max_iter, "mean": self.mean_.tolist(), "scale": self.scale_.tolist(),
-                "coef": self.coef_.tolist(), "intercept": self.intercept_}
+        return {
+            "feature_names": list(self.feature_names),
+            "C": self.C,
+            "class_weight": self.class_weight,
+            "max_iter": self.max_iter,
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "coef": self.coef_.tolist(),
+            "intercept": self.intercept_,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PatternStatsClassifier:
@@ -251,10 +282,14 @@ class PatternStatsClassifier:
             vecs = {k: np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")}
             intercept = float(data["intercept"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"pattern-statistics classifier parameters invalid ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(
+                f"pattern-statistics classifier parameters invalid ({type(exc).__name__}: {exc})"
+            ) from None
         bad = [k for k, v in vecs.items() if v.shape != (len(obj.feature_names),) or not np.isfinite(v).all()]
         if bad or not math.isfinite(intercept) or (vecs["scale"] <= 0).any():
-            raise ConfigError(f"pattern-statistics classifier parameters invalid: {bad or 'intercept/scale'} "
-                              f"do not fit {len(obj.feature_names)} features")
+            raise ConfigError(
+                f"pattern-statistics classifier parameters invalid: {bad or 'intercept/scale'} "
+                f"do not fit {len(obj.feature_names)} features"
+            )
         obj.mean_, obj.scale_, obj.coef_, obj.intercept_ = vecs["mean"], vecs["scale"], vecs["coef"], intercept
         return obj

@@ -19,9 +19,14 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 """Per-channel RGB standard deviation on the [0, 1] scale."""
 
 
-def to_tensor_batch(tiles: np.ndarray | Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD, channels_last: bool = False,
-                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def to_tensor_batch(
+    tiles: np.ndarray | Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    channels_last: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Normalise a batch of RGB uint8 tiles for :class:`models.patch.PatchClassifier`.
 
     Computes ``(tiles / 255 - mean) / std`` per channel.

@@ -61,7 +61,7 @@ def read_state_dict(path: str | Path, error: Callable[[str], Exception]) -> Stat
         raise error(f"{p}: not a state dict: entry {bad[0]!r} is not a tensor")
     sd: StateDict = dict(obj)
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -80,6 +80,8 @@ def state_dict_mismatches(expected: Mapping[str, Tensor], got: Mapping[str, Tens
     if unexpected:
         out.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(repr(k) for k in unexpected[:limit])}")
     if shapes:
-        shown = ", ".join(f"{k!r} file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes[:limit])
+        shown = ", ".join(
+            f"{k!r} file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes[:limit]
+        )
         out.append(f"{len(shapes)} shape mismatch(es) e.g. {shown}")
     return out

@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         return doctor(args[1:])
     if args[0] == "schema":
         if len(args) != 2 or args[1] not in SCHEMAS:
-            print(f"error: schema takes one of: {', '.join(SCHEMAS)} (e.g. python -m pipeline schema result)", file=sys.stderr)
+            print(
+                f"error: schema takes one of: {', '.join(SCHEMAS)} (e.g. python -m pipeline schema result)",
+                file=sys.stderr,
+            )
             return 2
         from pipeline.result import result_json_schema
 

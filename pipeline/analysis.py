@@ -145,11 +145,18 @@ class SlideAnalyser:
             self.quality = quality_config_for(self.input)
 
     @classmethod
-    def for_bundle(cls, contract: BundleContract, runner: Runner, predictor: SlidePredictor | None = None,
-                   **kwargs: Any) -> SlideAnalyser:
+    def for_bundle(
+        cls, contract: BundleContract, runner: Runner, predictor: SlidePredictor | None = None, **kwargs: Any
+    ) -> SlideAnalyser:
         """The analyser of a bundle: its input spec, classes and name (``kwargs``: the other attributes)."""
-        return cls(input=contract.input, classes=list(contract.architecture.classes), runner=runner, predictor=predictor,
-                   model_name=contract.name, **kwargs)
+        return cls(
+            input=contract.input,
+            classes=list(contract.architecture.classes),
+            runner=runner,
+            predictor=predictor,
+            model_name=contract.name,
+            **kwargs,
+        )
 
     @property
     def tiling(self) -> TilingConfig:
@@ -165,15 +172,30 @@ class SlideAnalyser:
             t = time.perf_counter()
             grid, mask, thumb, _ = tile_slide(slide, self.tiling)
             prepared = PreparedSlide(
-                path=Path(path), mpp=mpp, slide_mpp=slide.mpp, mpp_source=slide.mpp_source, reader=slide.reader_name,
+                path=Path(path),
+                mpp=mpp,
+                slide_mpp=slide.mpp,
+                mpp_source=slide.mpp_source,
+                reader=slide.reader_name,
                 dimensions=(int(slide.dimensions[0]), int(slide.dimensions[1])),
-                bounds_origin=(int(slide.bounds[0]), int(slide.bounds[1])), fingerprint=fingerprint, mask=mask,
-                thumb=thumb, grid=grid, contours=mask.contours_level0(slide.mpp))
+                bounds_origin=(int(slide.bounds[0]), int(slide.bounds[1])),
+                fingerprint=fingerprint,
+                mask=mask,
+                thumb=thumb,
+                grid=grid,
+                contours=mask.contours_level0(slide.mpp),
+            )
             prepared.seconds = {"open": round(t_open, 4), "tissue_tiling": round(time.perf_counter() - t, 4)}
         return prepared
 
-    def analyse(self, path: Path, mpp: float | None = None, slide_id: str | None = None,
-                prepared: PreparedSlide | None = None, observer: TileObserver | None = None) -> SlideAnalysis:
+    def analyse(
+        self,
+        path: Path,
+        mpp: float | None = None,
+        slide_id: str | None = None,
+        prepared: PreparedSlide | None = None,
+        observer: TileObserver | None = None,
+    ) -> SlideAnalysis:
         """All per-slide steps for one slide.
 
         Args:
@@ -233,9 +255,20 @@ class SlideAnalyser:
             cached = load_features(cp, prep.fingerprint, self.model_sha256)
             if cached is not None and len(cached) == len(grid):
                 return cached
-        feats = extract_features(prep.path, prep.mpp, grid.coords, grid.plan, grid.tile_px, grid.tile_size_l0, self.runner,
-                                 self.classes, batch_size=self.batch_size, reader_threads=self.reader_threads,
-                                 background_rgb=prep.mask.background_rgb, keep_top=observer)
+        feats = extract_features(
+            prep.path,
+            prep.mpp,
+            grid.coords,
+            grid.plan,
+            grid.tile_px,
+            grid.tile_size_l0,
+            self.runner,
+            self.classes,
+            batch_size=self.batch_size,
+            reader_threads=self.reader_threads,
+            background_rgb=prep.mask.background_rgb,
+            keep_top=observer,
+        )
         if cp is not None and len(grid):
             save_features(cp, feats, prep.fingerprint, self.model_sha256)
         return feats

@@ -64,7 +64,9 @@ def _torch() -> list[Check]:
         Check(
             "cpu bf16",
             True,
-            "supported (AVX-512 BF16 / AMX): bf16 autocast is the default CPU backend" if bf16 else "not supported: fp32 on CPU",
+            "supported (AVX-512 BF16 / AMX): bf16 autocast is the default CPU backend"
+            if bf16
+            else "not supported: fp32 on CPU",
             hard=False,
         )
     )
@@ -75,7 +77,9 @@ def _openslide() -> Check:
     try:
         import openslide
 
-        return Check("openslide", True, f"openslide-python {openslide.__version__}, library {openslide.__library_version__}")
+        return Check(
+            "openslide", True, f"openslide-python {openslide.__version__}, library {openslide.__library_version__}"
+        )
     except Exception as exc:  # noqa: BLE001
         return Check("openslide", False, f"{type(exc).__name__}: {exc}", "pip install openslide-python openslide-bin")
 
@@ -106,16 +110,25 @@ def _compiler() -> Check:
     found = cxx_compiler()
     if found:
         return Check("c++ compiler", True, f"{found} (for --backend torch-bf16-compile)", hard=False)
-    return Check("c++ compiler", False, "none on PATH: --backend torch-bf16-compile cannot run (the other backends can)",
-                 "install g++ (e.g. apt-get install g++) or set $CXX", hard=False)
+    return Check(
+        "c++ compiler",
+        False,
+        "none on PATH: --backend torch-bf16-compile cannot run (the other backends can)",
+        "install g++ (e.g. apt-get install g++) or set $CXX",
+        hard=False,
+    )
 
 
 def _demo_model() -> Check:
     from pipeline.core.paths import DEMO_BUNDLE
 
     if (DEMO_BUNDLE / "bundle.json").is_file():
-        return Check("demo model", True, f"{DEMO_BUNDLE} (trained on synthetic slides only, not for clinical use)", hard=False)
-    return Check("demo model", False, f"{DEMO_BUNDLE} missing", "python train.py --config configs/demo.yaml", hard=False)
+        return Check(
+            "demo model", True, f"{DEMO_BUNDLE} (trained on synthetic slides only, not for clinical use)", hard=False
+        )
+    return Check(
+        "demo model", False, f"{DEMO_BUNDLE} missing", "python train.py --config configs/demo.yaml", hard=False
+    )
 
 
 def run_checks() -> list[Check]:
@@ -130,8 +143,9 @@ def run_checks() -> list[Check]:
         ("pydantic", "pip install 'pydantic>=2'"),
     ]:
         checks.append(_module(name, fix))
-    checks.append(_module("onnxruntime", "pip install -e '.[onnx]' (needed only for --backend onnx-fp32 / onnx-int8)",
-                          hard=False))
+    checks.append(
+        _module("onnxruntime", "pip install -e '.[onnx]' (needed only for --backend onnx-fp32 / onnx-int8)", hard=False)
+    )
     checks.append(_compiler())
     checks.append(_demo_model())
     return checks

@@ -188,7 +188,8 @@ class SlideResult(_Part):
     band: Band | None = None
     patterns: PatternScores | None = Field(None, description="slide pattern scores (status ok only)")
     patterns_tile_max: dict[str, float] | None = Field(
-        None, description="highest tile probability per pattern (non-diagnostic slides with tiles)")
+        None, description="highest tile probability per pattern (non-diagnostic slides with tiles)"
+    )
     calibration_note: str | None = None
     n_tiles: int = Field(0, ge=0)
     mpp: ResultMPP = Field(default_factory=ResultMPP)
@@ -296,8 +297,10 @@ def parse_result(data: Any, source: str = "result") -> SlideResult:
                 raise ResultFormatError(f"{source}: missing field {key!r} (required when status is 'ok')")
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise ResultFormatError(f"{source}: schema_version {version!r} is not one this version reads "
-                                f"({SCHEMA_VERSION}); re-run the slide with --force")
+        raise ResultFormatError(
+            f"{source}: schema_version {version!r} is not one this version reads "
+            f"({SCHEMA_VERSION}); re-run the slide with --force"
+        )
     try:
         return SlideResult.model_validate({**data, "schema_version": SCHEMA_VERSION})
     except ValidationError as exc:
@@ -317,13 +320,15 @@ def read_result(slide_dir: Path) -> SlideResult:
     except FileNotFoundError:
         raise ResultFormatError(f"{path}: no result (not processed yet)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultFormatError(f"{path}: unreadable result ({' '.join(str(exc).split())}); "
-                                "it is redone on the next run") from None
+        raise ResultFormatError(
+            f"{path}: unreadable result ({' '.join(str(exc).split())}); it is redone on the next run"
+        ) from None
     try:
         return parse_result(data, source=str(path))
     except ResultFormatError as exc:
-        raise ResultFormatError(f"{exc}; written by another version of the pipeline? "
-                                "re-run with --force to redo this slide") from None
+        raise ResultFormatError(
+            f"{exc}; written by another version of the pipeline? re-run with --force to redo this slide"
+        ) from None
 
 
 def read_result_or_none(slide_dir: Path) -> SlideResult | None:

@@ -34,7 +34,9 @@ def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float | None, levels: i
         img = rgb
         for lv in range(levels):
             if lv:
-                img = cv2.resize(img, (max(1, img.shape[1] // 2), max(1, img.shape[0] // 2)), interpolation=cv2.INTER_AREA)
+                img = cv2.resize(
+                    img, (max(1, img.shape[1] // 2), max(1, img.shape[0] // 2)), interpolation=cv2.INTER_AREA
+                )
             lk = dict(kwargs)
             if mpp is not None and lv:
                 f = 2**lv

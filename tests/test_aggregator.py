@@ -31,8 +31,15 @@ def _feats(flags, n, rng) -> SlideFeatures:
         if on:
             hot = rng.choice(n, size=max(2, n // 10), replace=False)
             probs[hot, j] = rng.uniform(0.6, 1.0, hot.size)
-    return SlideFeatures(coords=coords.astype(np.int64), probs=probs, embeddings=rng.normal(size=(n, 8)).astype(np.float32),
-                         sharpness=np.ones(n, np.float32), stain={}, classes=list(DEFAULT_CLASSES), tile_size_l0=224.0)
+    return SlideFeatures(
+        coords=coords.astype(np.int64),
+        probs=probs,
+        embeddings=rng.normal(size=(n, 8)).astype(np.float32),
+        sharpness=np.ones(n, np.float32),
+        stain={},
+        classes=list(DEFAULT_CLASSES),
+        tile_size_l0=224.0,
+    )
 
 
 def _examples(n_per_dx=6, seed=0, diagnoses=DIAGNOSES):
@@ -40,8 +47,16 @@ def _examples(n_per_dx=6, seed=0, diagnoses=DIAGNOSES):
     out = []
     for dx, flags in diagnoses.items():
         for i in range(n_per_dx):
-            out.append(SlideExample(slide_id=f"{dx}-{i}", patient_id=f"P-{dx}-{i}", diagnosis=dx, y=int(dx == "nme"),
-                                    patterns=np.array(flags), feats=_feats(flags, int(rng.integers(40, 90)), rng)))
+            out.append(
+                SlideExample(
+                    slide_id=f"{dx}-{i}",
+                    patient_id=f"P-{dx}-{i}",
+                    diagnosis=dx,
+                    y=int(dx == "nme"),
+                    patterns=np.array(flags),
+                    feats=_feats(flags, int(rng.integers(40, 90)), rng),
+                )
+            )
     return out
 
 
@@ -70,9 +85,15 @@ def test_training_writes_reports_and_separates_the_full_pattern(tmp_path, kind):
 def test_zero_tile_slides_are_left_out_and_refused_at_prediction(tmp_path, caplog):
     ex = _examples(n_per_dx=4)
     empty = SlideExample("empty", "P-empty", "normal", 0, np.zeros(3), _feats((0, 0, 0), 4, np.random.default_rng(1)))
-    empty.feats = SlideFeatures(coords=np.zeros((0, 2), np.int64), probs=np.zeros((0, 4), np.float32),
-                                embeddings=np.zeros((0, 8), np.float32), sharpness=np.zeros(0, np.float32), stain={},
-                                classes=list(DEFAULT_CLASSES), tile_size_l0=224.0)
+    empty.feats = SlideFeatures(
+        coords=np.zeros((0, 2), np.int64),
+        probs=np.zeros((0, 4), np.float32),
+        embeddings=np.zeros((0, 8), np.float32),
+        sharpness=np.zeros(0, np.float32),
+        stain={},
+        classes=list(DEFAULT_CLASSES),
+        tile_size_l0=224.0,
+    )
     cfg = AggregatorConfig(type="pattern_stats", bootstrap=0)
     pred, metrics = train_aggregator(cfg, [*ex, empty], _folds([*ex, empty]), list(DEFAULT_CLASSES), {}, tmp_path)
     assert metrics["n_slides"] == len(ex) and "empty" in caplog.text

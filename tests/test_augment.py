@@ -26,11 +26,11 @@ def _he_tile(size: int = 224, seed: int = 0) -> np.ndarray:
     """An H&E-like tile: white background, pink stroma, purple nuclei, plus pixel noise."""
     rng = np.random.default_rng(seed)
     tile = np.empty((size, size, 3), dtype=np.float64)
-    tile[:] = (235, 232, 238)                       # glass
-    tile[size // 4:] = (225, 140, 190)              # eosin-stained tissue
-    for _ in range(12):                             # haematoxylin nuclei
+    tile[:] = (235, 232, 238)  # glass
+    tile[size // 4 :] = (225, 140, 190)  # eosin-stained tissue
+    for _ in range(12):  # haematoxylin nuclei
         y, x = rng.integers(size // 4, size - 8, 2)
-        tile[y:y + 7, x:x + 7] = (90, 60, 150)
+        tile[y : y + 7, x : x + 7] = (90, 60, 150)
     tile += rng.normal(0, 6, tile.shape)
     return np.clip(tile, 0, 255).astype(np.uint8)
 
@@ -51,20 +51,20 @@ def test_hed_round_trip_and_stain_separation() -> None:
     img = _he_tile(64)
     assert np.abs(hed_to_rgb(rgb_to_hed(img)).astype(int) - img.astype(int)).max() <= 1
     hed = rgb_to_hed(np.array([[90, 60, 150], [225, 140, 190]], dtype=np.uint8))
-    assert hed[0, 0] > 0.4 > hed[0, 1]          # nucleus: mostly haematoxylin
-    assert hed[1, 1] > hed[1, 0]                # stroma: more eosin than haematoxylin
+    assert hed[0, 0] > 0.4 > hed[0, 1]  # nucleus: mostly haematoxylin
+    assert hed[1, 1] > hed[1, 0]  # stroma: more eosin than haematoxylin
 
 
 def test_hed_jitter_acts_in_stain_space() -> None:
-    pure_h = hed_to_rgb(np.array([0.6, 0.0, 0.0]))      # a pixel with haematoxylin only
-    pure_e = hed_to_rgb(np.array([0.0, 0.3, 0.0]))      # a pixel with eosin only
+    pure_h = hed_to_rgb(np.array([0.6, 0.0, 0.0]))  # a pixel with haematoxylin only
+    pure_e = hed_to_rgb(np.array([0.0, 0.3, 0.0]))  # a pixel with eosin only
     img = np.stack([np.full((8, 8, 3), pure_h), np.full((8, 8, 3), pure_e)]).reshape(16, 8, 3)
     from pipeline.training.augment import hed_jitter
 
     out = hed_jitter(img, alpha=np.array([1.0, 1.5, 1.0]), beta=np.zeros(3)).astype(int)
-    assert np.abs(out[:8] - img[:8].astype(int)).max() <= 1        # no eosin -> unchanged
-    assert np.abs(out[8:] - img[8:].astype(int)).max() >= 10       # eosin x1.5 -> visibly pinker
-    assert (out[8:, :, 1] < img[8:, :, 1].astype(int)).all()       # eosin absorbs green
+    assert np.abs(out[:8] - img[:8].astype(int)).max() <= 1  # no eosin -> unchanged
+    assert np.abs(out[8:] - img[8:].astype(int)).max() >= 10  # eosin x1.5 -> visibly pinker
+    assert (out[8:, :, 1] < img[8:, :, 1].astype(int)).all()  # eosin absorbs green
 
 
 def test_hed_jitter_changes_colour_and_is_seeded() -> None:
@@ -75,10 +75,10 @@ def test_hed_jitter_changes_colour_and_is_seeded() -> None:
     assert first.dtype == np.uint8 and first.shape == img.shape
     assert np.abs(first.astype(int) - img.astype(int)).mean() > 2
     second = _apply(jitter, img)
-    assert not np.array_equal(first, second)                # a new draw each call
+    assert not np.array_equal(first, second)  # a new draw each call
     again = HEDJitter(sigma=0.3, bias=0.05, p=1.0)
     again.set_random_seed(7)
-    assert np.array_equal(_apply(again, img), first)        # same seed, same output
+    assert np.array_equal(_apply(again, img), first)  # same seed, same output
     other = HEDJitter(sigma=0.3, bias=0.05, p=1.0)
     other.set_random_seed(8)
     assert not np.array_equal(_apply(other, img), first)
@@ -128,8 +128,14 @@ def test_seeded_transforms_draw_independently() -> None:
     seen = set()
     for _ in range(60):
         out = _apply(aug, img)
-        seen.add((np.array_equal(out, img[:, ::-1]), np.array_equal(out, img[::-1]),
-                  np.array_equal(out, img[::-1, ::-1]), np.array_equal(out, img)))
+        seen.add(
+            (
+                np.array_equal(out, img[:, ::-1]),
+                np.array_equal(out, img[::-1]),
+                np.array_equal(out, img[::-1, ::-1]),
+                np.array_equal(out, img),
+            )
+        )
     assert len(seen) == 4, seen  # identity, h-flip, v-flip, both
     seed_transforms(aug, 0)
     first = [_apply(aug, img) for _ in range(5)]

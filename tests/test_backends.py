@@ -230,11 +230,22 @@ def test_auto_without_record_follows_the_hardware(bundle, no_record, monkeypatch
 def _record(bundle, entries: dict[str, bool], weights: str | None = None, machine_id: str = "elsewhere") -> dict:
     from pipeline.patch.backends.record import RECORD_FORMAT, runtime_of
 
-    return {"format": RECORD_FORMAT, "bundle": {"weights_sha256": weights or bundle.contract.weights_sha256},
-            "backends": {name: {"passed": ok, "reasons": [] if ok else ["band agreement 0.9 < 0.99"], "device_type": "cpu",
-                                "runtime": runtime_of(name), "band_agreement": 1.0 if ok else 0.9,
-                                "model_tiles_per_s": 100.0 + i, "machine_id": machine_id}
-                         for i, (name, ok) in enumerate(entries.items())}}
+    return {
+        "format": RECORD_FORMAT,
+        "bundle": {"weights_sha256": weights or bundle.contract.weights_sha256},
+        "backends": {
+            name: {
+                "passed": ok,
+                "reasons": [] if ok else ["band agreement 0.9 < 0.99"],
+                "device_type": "cpu",
+                "runtime": runtime_of(name),
+                "band_agreement": 1.0 if ok else 0.9,
+                "model_tiles_per_s": 100.0 + i,
+                "machine_id": machine_id,
+            }
+            for i, (name, ok) in enumerate(entries.items())
+        },
+    }
 
 
 def test_auto_with_failing_record_falls_back_to_fp32(bundle, bundle_dir, no_record, monkeypatch, caplog):
@@ -263,7 +274,9 @@ def test_auto_picks_the_fastest_passing_backend(bundle, bundle_dir, no_record, m
     write_record(bundle_dir, _record(bundle, {"torch-bf16": True, "onnx-fp32": True}, machine_id=machine_id(CPU)))
     assert resolve_backend(bundle, CPU, "auto").backend == "onnx-fp32"
     # the compiled backend is never auto's choice, even when it passed and was measured fastest
-    write_record(bundle_dir, _record(bundle, {"torch-bf16": True, "torch-bf16-compile": True}, machine_id=machine_id(CPU)))
+    write_record(
+        bundle_dir, _record(bundle, {"torch-bf16": True, "torch-bf16-compile": True}, machine_id=machine_id(CPU))
+    )
     assert resolve_backend(bundle, CPU, "auto").backend == "torch-bf16"
     # no bf16 here: the bf16 entry cannot be used
     _fake_bf16(monkeypatch, False)
@@ -284,14 +297,30 @@ def test_record_for_other_weights_or_runtime_is_ignored(bundle, bundle_dir, no_r
     assert resolve_backend(bundle, CPU, "auto").backend == "torch-fp32"
 
 
-def test_agreement_cli_writes_a_valid_record(bundle, bundle_dir, slides, cache_dir, small_calibration, no_record,
-                                             capsys, monkeypatch):
+def test_agreement_cli_writes_a_valid_record(
+    bundle, bundle_dir, slides, cache_dir, small_calibration, no_record, capsys, monkeypatch
+):
     from pipeline.evaluation.agreement import main
     from pipeline.patch.backends import resolve_backend
     from pipeline.patch.backends.record import AGREEMENT_FILE, read_record
 
-    assert main(["--bundle", str(bundle_dir), "--slides", str(slides), "--backends", "onnx-fp32,onnx-int8",
-                 "--write", "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--bundle",
+                str(bundle_dir),
+                "--slides",
+                str(slides),
+                "--backends",
+                "onnx-fp32,onnx-int8",
+                "--write",
+                "--cache-dir",
+                str(cache_dir),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     printed = json.loads(out[0])
@@ -314,7 +343,10 @@ def test_agreement_cli_writes_a_valid_record(bundle, bundle_dir, slides, cache_d
     # the record now drives auto (no bf16 on this fake CPU: onnx-int8 if it passed, else onnx-fp32)
     _fake_bf16(monkeypatch, False)
     want = "onnx-int8" if rec["backends"]["onnx-int8"]["passed"] else "onnx-fp32"
-    if rec["backends"]["onnx-int8"]["passed"] and rec["backends"]["onnx-fp32"]["model_tiles_per_s"] > rec["backends"]["onnx-int8"]["model_tiles_per_s"]:
+    if (
+        rec["backends"]["onnx-int8"]["passed"]
+        and rec["backends"]["onnx-fp32"]["model_tiles_per_s"] > rec["backends"]["onnx-int8"]["model_tiles_per_s"]
+    ):
         want = "onnx-fp32"  # measured on this machine: the faster passing backend
     assert resolve_backend(bundle, CPU, "auto").backend == want
 
@@ -348,14 +380,15 @@ def test_infer_records_the_backend(tmp_path, slides, bundle_dir, cache_dir, no_r
     shutil.copy(next((slides / "slides").glob("*.tiff")), src / "a.tiff")
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "infer.py"), str(src), "--out", str(out), "--model", str(bundle_dir), "--quiet"]
-    proc = subprocess.run(cmd + ["--backend", "onnx-fp32"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    proc = subprocess.run(
+        cmd + ["--backend", "onnx-fp32"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["backend"] == "onnx-fp32" and run["options"]["backend"] == "onnx-fp32"
     res = json.loads((out / "a" / "result.json").read_text())
     assert res["model"]["backend"] == "onnx-fp32"
     assert res["timings"]["patch_model.model"] > 0 and "patch_model.tile_wait" in res["timings"]
-
 
 
 def test_infer_unknown_backend_is_a_one_line_error(tmp_path, slides, capsys):
@@ -372,15 +405,41 @@ def test_infer_unknown_backend_is_a_one_line_error(tmp_path, slides, capsys):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*/result.json"))
 
 
-REQUIRED = ("e2e_tiles_per_s", "model_tiles_per_s", "ratio", "fp32_eager_e2e_tiles_per_s", "speedup_vs_fp32_eager",
-            "peak_rss_mb_small", "peak_rss_mb_large", "backend", "machine", "batch_size", "stage_share_of_slide_time")
+REQUIRED = (
+    "e2e_tiles_per_s",
+    "model_tiles_per_s",
+    "ratio",
+    "fp32_eager_e2e_tiles_per_s",
+    "speedup_vs_fp32_eager",
+    "peak_rss_mb_small",
+    "peak_rss_mb_large",
+    "backend",
+    "machine",
+    "batch_size",
+    "stage_share_of_slide_time",
+)
 
 
 @pytest.mark.slow
 def test_throughput_benchmark_quick_json(tmp_path, bundle_dir, no_record):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--json",
-                           "--cache-dir", str(tmp_path), "--model", str(bundle_dir), "--batch-size", "32"],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "throughput.py"),
+            "--quick",
+            "--json",
+            "--cache-dir",
+            str(tmp_path),
+            "--model",
+            str(bundle_dir),
+            "--batch-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout[-2000:]
@@ -416,7 +475,9 @@ def test_speed_bundle_runs_the_pipeline_with_another_backbone(tmp_path, slides, 
     src.mkdir()
     slide = sorted((slides / "slides").glob("*.tiff"))[0]
     shutil.copy(slide, src / slide.name)
-    opts = BatchOptions(slides_dir=src, out_dir=tmp_path / "out", model=tmp_path / "r18", backend="torch-fp32", quiet=True)
+    opts = BatchOptions(
+        slides_dir=src, out_dir=tmp_path / "out", model=tmp_path / "r18", backend="torch-fp32", quiet=True
+    )
     jobs = check_inputs(opts)
     (r,) = (x.to_json_dict() for x in process_slides(jobs, build_context(opts, jobs)))
     assert r["status"] in ("ok", "non_diagnostic"), r.get("error")
@@ -437,8 +498,9 @@ def test_tile_reader_strips_give_the_same_tiles(tmp_path, slide_mpp):
     path = write_pyramid_tiff(tmp_path / "s.tiff", skin_like_image(2400, 1800, seed=3), mpp=slide_mpp)
     with open_slide(path) as slide:
         grid, mask, _, _ = tile_slide(slide, TilingConfig(min_tissue=0.01))
-        per_tile = np.stack([slide.read_region((int(x), int(y)), (grid.tile_px, grid.tile_px), grid.plan)
-                             for x, y in grid.coords])
+        per_tile = np.stack(
+            [slide.read_region((int(x), int(y)), (grid.tile_px, grid.tile_px), grid.plan) for x, y in grid.coords]
+        )
     assert len(grid) > 8
 
     def read(**kw):
@@ -488,14 +550,16 @@ def test_overlapping_the_slide_stages_changes_nothing(tmp_path, slides, bundle_d
     (src / "broken.tiff").write_bytes(b"not a tiff")
     results = {}
     for overlap in (True, False):
-        opts = BatchOptions(slides_dir=src, out_dir=tmp_path / f"out{overlap}", model=bundle_dir, backend="onnx-fp32",
-                            quiet=True)
+        opts = BatchOptions(
+            slides_dir=src, out_dir=tmp_path / f"out{overlap}", model=bundle_dir, backend="onnx-fp32", quiet=True
+        )
         jobs = check_inputs(opts)
         ctx = build_context(opts, jobs)
         got = {j.slide_id: r.to_json_dict() for j, r in zip(jobs, process_slides(jobs, ctx, overlap=overlap))}
         assert set(got) == {j.slide_id for j in jobs} and len(got) == 3
-        results[overlap] = {k: {f: v for f, v in r.items() if f not in ("timings", "created_at", "produced_by")}
-                            for k, r in got.items()}
+        results[overlap] = {
+            k: {f: v for f, v in r.items() if f not in ("timings", "created_at", "produced_by")} for k, r in got.items()
+        }
         if overlap:
             assert any("tissue_tiling.wait" in r["timings"] for r in got.values())
             assert ctx.stages._pools is not None  # the context's stage threads, kept for its next batch
@@ -527,8 +591,14 @@ def test_heatmap_files_jpeg_by_default_png_on_request(tmp_path, slides, bundle_d
     shutil.copy(slide, src / slide.name)
     images = {}
     for fmt, suffix in (("jpeg", ".jpg"), ("png", ".png")):
-        opts = BatchOptions(slides_dir=src, out_dir=tmp_path / fmt, model=bundle_dir, backend="onnx-fp32", quiet=True,
-                            heatmap_format=fmt)
+        opts = BatchOptions(
+            slides_dir=src,
+            out_dir=tmp_path / fmt,
+            model=bundle_dir,
+            backend="onnx-fp32",
+            quiet=True,
+            heatmap_format=fmt,
+        )
         jobs = check_inputs(opts)
         (r,) = (x.to_json_dict() for x in process_slides(jobs, build_context(opts, jobs)))
         assert r["status"] == "ok", r.get("error")

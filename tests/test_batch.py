@@ -20,8 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 def _infer(*args, timeout=900, **kw):
-    return subprocess.run([sys.executable, str(REPO / "infer.py"), *map(str, args), "--quiet"], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, **kw)
+    return subprocess.run(
+        [sys.executable, str(REPO / "infer.py"), *map(str, args), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,16 @@ def test_mixed_folder_outputs_and_exit_status(mixed_run, synthetic_pair):
         r = res[sid]
         assert r["status"] == "ok", (sid, r.get("error"), r["quality"])
         assert 0.0 <= r["nme_probability"] <= 1.0 and r["band"] in ("LOW", "INDETERMINATE", "HIGH")
-        for name in ("tiles.geojson", "tissue.geojson", "heatmap_pallor.jpg", "heatmap_necrolysis.jpg",
-                     "heatmap_parakeratosis.jpg", "heatmap_attention.jpg", "report.html", "fhir.json"):
+        for name in (
+            "tiles.geojson",
+            "tissue.geojson",
+            "heatmap_pallor.jpg",
+            "heatmap_necrolysis.jpg",
+            "heatmap_parakeratosis.jpg",
+            "heatmap_attention.jpg",
+            "report.html",
+            "fhir.json",
+        ):
             assert (out / sid / name).is_file(), (sid, name)
             assert name in r["files"], (sid, name)
         heatmap = cv2.imread(str(out / sid / "heatmap_pallor.jpg"))  # a real JPEG: title band, thumbnail, legend
@@ -124,8 +138,12 @@ def test_kill_9_loses_only_the_slide_in_progress(tmp_path, synthetic_pair, share
         shutil.copy(f, src / f.name)
     shutil.copy(shared_slides / "CMU-1-Small-Region.svs", src / "CMU-1-Small-Region.svs")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(REPO / "infer.py"), str(src), "--out", str(out), "--quiet"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "infer.py"), str(src), "--out", str(out), "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list(out.glob("*/result.json")):
         time.sleep(0.2)

@@ -75,7 +75,9 @@ def test_temperature_sharpens_under_confident_scores():
     z_test, y_test = draw(5000, seed=4, scale=0.5)
     t = TemperatureScaling().fit(z_fit, y_fit)
     assert 0.4 < t.temperature < 0.6
-    assert expected_calibration_error(t.transform(z_test), y_test) < expected_calibration_error(expit(z_test), y_test) / 2
+    assert (
+        expected_calibration_error(t.transform(z_test), y_test) < expected_calibration_error(expit(z_test), y_test) / 2
+    )
 
 
 def test_outputs_are_clipped_and_monotone(overconfident):
@@ -295,8 +297,9 @@ def test_reliability_curve_bins(overconfident):
 
 def test_reliability_diagram_png(tmp_path, overconfident):
     _, _, z_test, y_test = overconfident
-    out = write_reliability_diagram(tmp_path / "sub" / "reliability.png", expit(z_test), y_test, n_bins=10,
-                                    title="Over-confident scorer")
+    out = write_reliability_diagram(
+        tmp_path / "sub" / "reliability.png", expit(z_test), y_test, n_bins=10, title="Over-confident scorer"
+    )
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in out.parent.iterdir()] == ["reliability.png"]  # no temporary left behind
     img = cv2.imread(str(out))

@@ -28,8 +28,12 @@ def _check_reads_equal(path: Path) -> None:
     reader = OpenSlideReader(path, str(path))
     try:
         w0, h0 = reader.level_dimensions[0]
-        regions = [(0, 0, min(w0, 700), min(h0, 500), 0), (-64, -32, 300, 200, 0),  # partly outside: transparent
-                   (w0 - 150, h0 - 100, 300, 250, 0), (0, 0, 200, 200, len(reader.level_dimensions) - 1)]
+        regions = [
+            (0, 0, min(w0, 700), min(h0, 500), 0),
+            (-64, -32, 300, 200, 0),  # partly outside: transparent
+            (w0 - 150, h0 - 100, 300, 250, 0),
+            (0, 0, 200, 200, len(reader.level_dimensions) - 1),
+        ]
         for x, y, w, h, lvl in regions:
             fast = reader.read(x, y, lvl, w, h)
             assert reader._read_raw(x, y, lvl, w, h) is not None  # the fast path is the one in use
@@ -118,8 +122,9 @@ def test_stain_statistics_on_a_pixel_sample():
     sampled = StainAccumulator(pixel_stride=4).update(tiles).result()
     explicit = StainAccumulator().update(np.ascontiguousarray(tiles[:, ::4, ::4])).result()
     assert sampled["n_tiles"] == 6 and sampled["pixel_stride"] == 4 and sampled["n_pixels"] == 6 * 56 * 56
-    assert {k: v for k, v in sampled.items() if k not in ("n_tiles", "pixel_stride")} == \
-        {k: v for k, v in explicit.items() if k not in ("n_tiles", "pixel_stride")}
+    assert {k: v for k, v in sampled.items() if k not in ("n_tiles", "pixel_stride")} == {
+        k: v for k, v in explicit.items() if k not in ("n_tiles", "pixel_stride")
+    }
     for k in ("stained_fraction", "he_like_fraction", "dark_pixel_fraction", "saturated_fraction"):
         assert abs(sampled[k] - full[k]) < 0.01, k
     with pytest.raises(InvalidInputError, match="pixel_stride"):
@@ -182,8 +187,13 @@ def test_colour_lookup_of_images_matches_the_plain_definition():
 
 def _random_tiles(rng: np.random.Generator, h: int, w: int, scale: float, n: int, origin=(0, 0)) -> np.ndarray:
     """(n, 2) level-0 tile corners around an (h, w) thumbnail at ``scale`` thumbnail px per level-0 px."""
-    return np.stack([rng.integers(origin[0] - 150, origin[0] + int(w / scale), n),
-                     rng.integers(origin[1] - 150, origin[1] + int(h / scale), n)], axis=1).astype(np.float64)
+    return np.stack(
+        [
+            rng.integers(origin[0] - 150, origin[0] + int(w / scale), n),
+            rng.integers(origin[1] - 150, origin[1] + int(h / scale), n),
+        ],
+        axis=1,
+    ).astype(np.float64)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (1, 37, 3), (29, 1, 3), (61, 83, 3), (1, 1), (1, 40), (33, 1), (47, 52)])
@@ -212,8 +222,13 @@ def test_png_encoder_round_trips_rgb_and_grey(shape):
 def test_png_encoder_refuses_what_it_cannot_write():
     from pipeline.outputs.heatmap import encode_png
 
-    for bad in (np.zeros((4, 5, 4), np.uint8), np.zeros((4, 5, 3), np.uint16), np.zeros((0, 5, 3), np.uint8),
-                np.zeros(5, np.uint8), np.zeros((4, 5), np.float32)):
+    for bad in (
+        np.zeros((4, 5, 4), np.uint8),
+        np.zeros((4, 5, 3), np.uint16),
+        np.zeros((0, 5, 3), np.uint8),
+        np.zeros(5, np.uint8),
+        np.zeros((4, 5), np.float32),
+    ):
         with pytest.raises(ValueError, match=r"shape \(" + ", ".join(map(str, bad.shape))):
             encode_png(bad)
 
@@ -297,8 +312,20 @@ def test_overlay_is_the_documented_blend_pixel_for_pixel():
             show &= cv2.resize(tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
         want = np.where(show[:, :, None], blend, thumb)
         for coverage in (None, TileCoverage((h, w), coords, size, scale, (100, -50))):
-            got = overlay_values(thumb, thumb_mpp, slide_mpp, coords, size, vals, tissue, (100, -50),
-                                 vmin=vmin, vmax=vmax, alpha=alpha, coverage=coverage)
+            got = overlay_values(
+                thumb,
+                thumb_mpp,
+                slide_mpp,
+                coords,
+                size,
+                vals,
+                tissue,
+                (100, -50),
+                vmin=vmin,
+                vmax=vmax,
+                alpha=alpha,
+                coverage=coverage,
+            )
             assert got.dtype == np.uint8 and np.array_equal(got, want), (trial, coverage is None)
     with pytest.raises(ValueError, match="coverage fitted on"):
         wrong = TileCoverage((h + 1, w), coords, size, scale)
@@ -353,8 +380,9 @@ def test_the_direct_decoding_check_is_made_once_per_file_version(tmp_path, monke
     path = write_pyramid_tiff(tmp_path / "v.tiff", skin_like_image(600, 400, seed=8), mpp=0.5, levels=1)
     calls = []
     original = OpenSlideReader._matches_openslide
-    monkeypatch.setattr(OpenSlideReader, "_matches_openslide",
-                        lambda self, *a: calls.append(self) or original(self, *a))
+    monkeypatch.setattr(
+        OpenSlideReader, "_matches_openslide", lambda self, *a: calls.append(self) or original(self, *a)
+    )
     for _ in range(3):  # the tissue stage and two reader threads each open the slide
         r = OpenSlideReader(path, "v.tiff")
         r.read(0, 0, 0, 8, 8)
@@ -386,7 +414,7 @@ def test_a_corrupt_tile_in_a_direct_read_is_a_one_line_slide_error(tmp_path):
         page = tf.pages[0]
         offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])  # top-left tile
     data = bytearray(path.read_bytes())
-    data[offset:offset + count] = b"\x00" * count  # no JPEG markers left
+    data[offset : offset + count] = b"\x00" * count  # no JPEG markers left
     path.write_bytes(bytes(data))
     reader = OpenSlideReader(path, "c.tiff")
     reader.read(512, 384, 0, 16, 16)  # middle of the slide: the verification regions are intact

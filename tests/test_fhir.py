@@ -25,32 +25,86 @@ RS = load_ruleset()
 AI_MADE = {"DiagnosticReport", "Observation", "ServiceRequest"}
 # Required bindings in R4 4.0.1 for the elements we emit.
 BINDINGS = {
-    ("Bundle", "type"): {"document", "message", "transaction", "transaction-response", "batch", "batch-response",
-                         "history", "searchset", "collection"},
-    ("DiagnosticReport", "status"): {"registered", "partial", "preliminary", "final", "amended", "corrected",
-                                     "appended", "cancelled", "entered-in-error", "unknown"},
-    ("Observation", "status"): {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
-                                "entered-in-error", "unknown"},
+    ("Bundle", "type"): {
+        "document",
+        "message",
+        "transaction",
+        "transaction-response",
+        "batch",
+        "batch-response",
+        "history",
+        "searchset",
+        "collection",
+    },
+    ("DiagnosticReport", "status"): {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
+    ("Observation", "status"): {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
     ("ServiceRequest", "status"): {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"},
-    ("ServiceRequest", "intent"): {"proposal", "plan", "directive", "order", "original-order", "reflex-order",
-                                   "filler-order", "instance-order", "option"},
+    ("ServiceRequest", "intent"): {
+        "proposal",
+        "plan",
+        "directive",
+        "order",
+        "original-order",
+        "reflex-order",
+        "filler-order",
+        "instance-order",
+        "option",
+    },
     ("ServiceRequest", "priority"): {"routine", "urgent", "asap", "stat"},
     ("Device", "status"): {"active", "inactive", "entered-in-error", "unknown"},
 }
-DEVICE_NAME_TYPES = {"udi-label-name", "user-friendly-name", "patient-reported-name", "manufacturer-name",
-                     "model-name", "other"}
+DEVICE_NAME_TYPES = {
+    "udi-label-name",
+    "user-friendly-name",
+    "patient-reported-name",
+    "manufacturer-name",
+    "model-name",
+    "other",
+}
 # R4 target types of each reference element used (path within the resource).
 TARGETS = {
     ("DiagnosticReport", "result"): {"Observation"},
     ("DiagnosticReport", "subject"): {"Patient", "Group", "Device", "Location"},
     ("Observation", "device"): {"Device", "DeviceMetric"},
     ("Observation", "subject"): {"Patient", "Group", "Device", "Location"},
-    ("ServiceRequest", "requester"): {"Practitioner", "PractitionerRole", "Organization", "Patient", "RelatedPerson",
-                                      "Device"},
+    ("ServiceRequest", "requester"): {
+        "Practitioner",
+        "PractitionerRole",
+        "Organization",
+        "Patient",
+        "RelatedPerson",
+        "Device",
+    },
     ("ServiceRequest", "reasonReference"): {"Condition", "Observation", "DiagnosticReport", "DocumentReference"},
     ("ServiceRequest", "subject"): {"Patient", "Group", "Location", "Device"},
-    ("Provenance", "agent.who"): {"Practitioner", "PractitionerRole", "RelatedPerson", "Patient", "Device",
-                                  "Organization"},
+    ("Provenance", "agent.who"): {
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+        "Patient",
+        "Device",
+        "Organization",
+    },
     ("Provenance", "target"): None,  # any resource
 }
 NOT_DEVICE = {("DiagnosticReport", "performer"), ("DiagnosticReport", "resultsInterpreter")}
@@ -58,8 +112,11 @@ NOT_DEVICE = {("DiagnosticReport", "performer"), ("DiagnosticReport", "resultsIn
 
 def _result(p: float | None = 0.88, status: str = "ok", **extra: Any) -> dict:
     res = {
-        "slide_id": extra.pop("slide_id", "S-42"), "status": status, "error": extra.pop("error", None),
-        "nme_probability": p, "band": RS.band_of(p) if p is not None else None,
+        "slide_id": extra.pop("slide_id", "S-42"),
+        "status": status,
+        "error": extra.pop("error", None),
+        "nme_probability": p,
+        "band": RS.band_of(p) if p is not None else None,
         "patterns": {"pallor": 0.8, "necrolysis": 0.66, "parakeratosis": 0.9} if status == "ok" else None,
         "quality": extra.pop("quality", {"flags": [], "reasons": []}),
         "model": extra.pop("model", {"name": "nme-demo", "version": "0.1.0", "sha256": "cd" * 32}),
@@ -75,13 +132,22 @@ def _bundle(res: dict, clinical: dict | None = None, **fields: Any) -> tuple[dic
 
 
 VIGNETTES = {
-    "high_glucagon_negative_ct": (_result(0.9, patient_id="P-9", created_at="2024-05-01T10:00:00+02:00"),
-                                  {"site": "perineal", "diabetes": True, "weight_loss": True, "glucagon_pg_ml": 1400,
-                                   "prior_imaging": "negative"}),
+    "high_glucagon_negative_ct": (
+        _result(0.9, patient_id="P-9", created_at="2024-05-01T10:00:00+02:00"),
+        {
+            "site": "perineal",
+            "diabetes": True,
+            "weight_loss": True,
+            "glucagon_pg_ml": 1400,
+            "prior_imaging": "negative",
+        },
+    ),
     "high_no_labs": (_result(0.75), {}),
     "low": (_result(0.05), {"site": "trunk"}),
-    "non_diagnostic": (_result(None, status="non_diagnostic", quality={"flags": ["no_epidermis"],
-                                                                       "reasons": ["no epidermis"]}), {}),
+    "non_diagnostic": (
+        _result(None, status="non_diagnostic", quality={"flags": ["no_epidermis"], "reasons": ["no epidermis"]}),
+        {},
+    ),
     "failed": (_result(None, status="failed", error="unreadable slide"), {}),
 }
 
@@ -159,7 +225,9 @@ def test_bundle_is_valid_r4(name: str) -> None:
     assert reference_problems(bundle) == []
     urls = [e["fullUrl"] for e in bundle["entry"]]
     assert len(urls) == len(set(urls))
-    assert all(re.fullmatch(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", u) for u in urls)
+    assert all(
+        re.fullmatch(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", u) for u in urls
+    )
     assert bundle["type"] == "collection"
 
 
@@ -190,16 +258,27 @@ def test_resources_and_their_content() -> None:
     by_type: dict[str, list[dict]] = {}
     for e in bundle["entry"]:
         by_type.setdefault(e["resource"]["resourceType"], []).append(e["resource"])
-    assert {k: len(v) for k, v in by_type.items()} == {"Device": 1, "Observation": 4, "DiagnosticReport": 1,
-                                                       "ServiceRequest": len(rec["orders"]), "Provenance": 1}
+    assert {k: len(v) for k, v in by_type.items()} == {
+        "Device": 1,
+        "Observation": 4,
+        "DiagnosticReport": 1,
+        "ServiceRequest": len(rec["orders"]),
+        "Provenance": 1,
+    }
     dr = by_type["DiagnosticReport"][0]
     assert dr["status"] == "preliminary" and dr["code"]["coding"][0] == {
-        "system": "http://loinc.org", "code": "11526-1", "display": "Pathology study"}
+        "system": "http://loinc.org",
+        "code": "11526-1",
+        "display": "Pathology study",
+    }
     assert "performer" not in dr and "resultsInterpreter" not in dr
     assert "HIGH" in dr["conclusion"] and "clinician" in dr["conclusion"]
     assert len(dr["result"]) == 4
     prob = next(o for o in by_type["Observation"] if o["code"]["coding"][0]["code"] == "nme-pattern-probability")
-    assert prob["valueQuantity"]["value"] == pytest.approx(0.9) and prob["interpretation"][0]["coding"][0]["code"] == "HIGH"
+    assert (
+        prob["valueQuantity"]["value"] == pytest.approx(0.9)
+        and prob["interpretation"][0]["coding"][0]["code"] == "HIGH"
+    )
     for o in by_type["Observation"]:
         assert o["status"] == "preliminary" and "device" in o
     srs = {sr["identifier"][0]["value"].split("/")[1]: sr for sr in by_type["ServiceRequest"]}
@@ -222,15 +301,20 @@ def test_resources_and_their_content() -> None:
     for e in bundle["entry"]:
         r = e["resource"]
         sec = r.get("meta", {}).get("security", [])
-        has_aiast = any(s["code"] == "AIAST" and s["system"] == "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
-                        for s in sec)
+        has_aiast = any(
+            s["code"] == "AIAST" and s["system"] == "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+            for s in sec
+        )
         assert has_aiast == (r["resourceType"] in AI_MADE), r["resourceType"]
 
 
 def test_glucagon_service_request_carries_preanalytics() -> None:
     bundle, rec = _bundle(*VIGNETTES["high_no_labs"])
-    sr = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"
-              and e["resource"]["code"]["coding"][0]["code"] == "2338-2")
+    sr = next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "ServiceRequest" and e["resource"]["code"]["coding"][0]["code"] == "2338-2"
+    )
     notes = " ".join(n["text"] for n in sr["note"])
     assert sr["priority"] == "urgent" and "8 h fast" in notes and "R4" in notes
 
@@ -242,8 +326,9 @@ def test_timestamps_come_from_the_result_and_bundle_is_deterministic() -> None:
     assert b1 == b2
     assert b1["timestamp"] == "2024-05-01T08:00:00Z"
     r = _resources(b1)
-    assert {x.get("issued") or x.get("authoredOn") or x.get("recorded") for x in r.values()
-            if x["resourceType"] != "Device"} == {"2024-05-01T08:00:00Z"}
+    assert {
+        x.get("issued") or x.get("authoredOn") or x.get("recorded") for x in r.values() if x["resourceType"] != "Device"
+    } == {"2024-05-01T08:00:00Z"}
     # without a timestamp in the result only the timestamps may differ
     res2 = {k: v for k, v in res.items() if k != "created_at"}
     strip = re.compile(r'"(timestamp|issued|authoredOn|recorded)": "[^"]+"')
@@ -261,8 +346,12 @@ def test_demo_model_is_labelled() -> None:
     bundle, _ = _bundle(_result(0.7))
     device = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
     assert device["safety"][0]["text"] == DEMO_MODEL_LABEL
-    assert DEMO_MODEL_LABEL in next(e["resource"] for e in bundle["entry"]
-                                    if e["resource"]["resourceType"] == "DiagnosticReport")["conclusion"]
+    assert (
+        DEMO_MODEL_LABEL
+        in next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")[
+            "conclusion"
+        ]
+    )
     assert {"model-name": "nme-demo"}.items() <= {d["type"]: d["name"] for d in device["deviceName"]}.items()
     assert device["version"][0]["value"] == "0.1.0" and device["identifier"][0]["value"] == "cd" * 32
     own, _ = _bundle(_result(0.7, model={"name": "nme-demo", "version": "2", "label": "synthetic only (test label)"}))
@@ -284,7 +373,10 @@ def test_failed_and_non_diagnostic_bundles() -> None:
     nd, rec = _bundle(*VIGNETTES["non_diagnostic"])
     srs = [e["resource"] for e in nd["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
     assert [sr["code"]["coding"][0]["code"] for sr in srs] == ["skin-rebiopsy"]
-    assert srs[0]["subject"] == {"type": "Patient", "display": "Patient of slide S-42 (patient identifier not supplied)"}
+    assert srs[0]["subject"] == {
+        "type": "Patient",
+        "display": "Patient of slide S-42 (patient identifier not supplied)",
+    }
 
 
 def test_bad_inputs_to_build_bundle() -> None:

@@ -56,9 +56,14 @@ def ref_tiles(coords, size, measurements, offset=(0, 0), classification=None, sl
         if cls is not None:
             props["classification"] = cls
         props["measurements"] = {name: col[i] for name, col in columns if col[i] is not None}
-        features.append({"type": "Feature", "id": ref_feature_id(slide_id, "tile", ref_num(x), ref_num(y)),
-                         "geometry": {"type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]},
-                         "properties": props})
+        features.append(
+            {
+                "type": "Feature",
+                "id": ref_feature_id(slide_id, "tile", ref_num(x), ref_num(y)),
+                "geometry": {"type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]},
+                "properties": props,
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -85,8 +90,14 @@ def ref_tissue(polygons, holes=None, offset=(0, 0), slide_id="", class_name="Tis
         hole_rings = [ref_ring(h, ox, oy) for h in (holes[i] if holes is not None else None) or []]
         rings = [outer] + [r for r in hole_rings if r is not None]
         fid = ref_feature_id(slide_id, "tissue", hashlib.sha256(json.dumps(rings).encode()).hexdigest()[:32])
-        features.append({"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": rings},
-                         "properties": {"objectType": "annotation", "isLocked": False, "classification": cls}})
+        features.append(
+            {
+                "type": "Feature",
+                "id": fid,
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {"objectType": "annotation", "isLocked": False, "classification": cls},
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -143,8 +154,7 @@ def test_frozen_tissue_file(tmp_path: Path) -> None:
 # random inputs
 # ---------------------------------------------------------------------------------------------
 
-NAMES = ["pallor", "necrolysis", "parakeratosis", "epidermis", "attention",
-         "Größe µm", 'q"uote\\', "tab\tnl\n", "ü"]
+NAMES = ["pallor", "necrolysis", "parakeratosis", "epidermis", "attention", "Größe µm", 'q"uote\\', "tab\tnl\n", "ü"]
 FRACTIONS = [0.0, 0.5, 0.25, 0.125, 1 / 3, 0.005, 0.015, 0.675, 2 / 3, 0.999]
 
 
@@ -228,7 +238,8 @@ def test_tissue_file_matches_the_reference_on_random_inputs(tmp_path: Path, seed
             holes = [[_random_ring(rng) for _ in range(int(rng.integers(0, 4)))] for _ in polys]
         offset = [(0, 0), (300, 700), (0.5, 1 / 3), (-12, 0.005)][int(rng.integers(0, 4))]
         name, colour = [("Tissue", None), ("Gewebe-ü", None), ("x", (1, 2, 3)), ("Tissue", [0, 255, 128])][
-            int(rng.integers(0, 4))]
+            int(rng.integers(0, 4))
+        ]
         sid = ["", "S-001", "slide|ü"][int(rng.integers(0, 3))]
         kw = {"offset": offset, "slide_id": sid, "class_name": name, "colour": colour}
         want = ref_dump(ref_tissue(polys, holes, **kw))
@@ -242,7 +253,7 @@ def test_feature_id_is_uuid5_text() -> None:
     alphabet = list("abcXYZ019|-_ .µüß名😀")
     for _ in range(2000):
         sid = "".join(rng.choice(alphabet, int(rng.integers(0, 20))))
-        key = [int(rng.integers(-10**6, 10**6)), round(float(rng.uniform(-1e5, 1e5)), 2), sid]
+        key = [int(rng.integers(-(10**6), 10**6)), round(float(rng.uniform(-1e5, 1e5)), 2), sid]
         assert g.feature_id(sid, "tile", *key) == ref_feature_id(sid, "tile", *key)
 
 

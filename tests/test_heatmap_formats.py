@@ -18,7 +18,7 @@ def _heatmap() -> np.ndarray:
     rng = np.random.default_rng(3)
     thumb = np.full((300, 400, 3), 235, np.uint8)
     cv2.ellipse(thumb, (200, 150), (150, 100), 0, 0, 360, (200, 120, 190), -1)
-    mask = (thumb[:, :, 1] < 200)
+    mask = thumb[:, :, 1] < 200
     coords = np.stack(np.meshgrid(np.arange(0, 16000, 448), np.arange(0, 12000, 448)), -1).reshape(-1, 2)
     return render_heatmap(thumb, 4.0, 0.1, coords, 448, rng.random(len(coords)), mask, title="S-1 - pallor")
 
@@ -63,14 +63,15 @@ def test_legend_band_drawn_once_gives_the_same_images():
     from pipeline.outputs.heatmap import ATTENTION_LEGEND, PROBABILITY_LEGEND, _decorate, _legend_band
 
     rng = np.random.default_rng(8)
-    bodies = [rng.integers(0, 255, (int(rng.integers(1, 400)), int(rng.integers(1, 1500)), 3), dtype=np.uint8)
-              for _ in range(6)]
+    bodies = [
+        rng.integers(0, 255, (int(rng.integers(1, 400)), int(rng.integers(1, 1500)), 3), dtype=np.uint8)
+        for _ in range(6)
+    ]
     cases = [(b, f"S-{i} - pallor", PROBABILITY_LEGEND if i % 2 else ATTENTION_LEGEND) for i, b in enumerate(bodies)]
     warm = [_decorate(b, t, lab, 0.0, 1.0) for b, t, lab in cases]
     for (b, t, lab), img in zip(cases, warm):
         _legend_band.cache_clear()
         np.testing.assert_array_equal(_decorate(b, t, lab, 0.0, 1.0), img)
         band = _legend_band(max(b.shape[1], 560), lab, 0.0, 1.0)
-        np.testing.assert_array_equal(img[-band.shape[0]:], band)  # the band is the image's bottom
+        np.testing.assert_array_equal(img[-band.shape[0] :], band)  # the band is the image's bottom
         assert not band.flags.writeable  # shared: nobody draws into it
-

@@ -66,7 +66,8 @@ def library_modules() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -125,9 +126,12 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_go_downwards_only():
-    upward = [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
-              for m, deps in import_graph().items() for d in sorted(deps)
-              if layer_of(d) > layer_of(m) and not (d == "pipeline" or m.startswith(d + "."))]
+    upward = [
+        f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+        for m, deps in import_graph().items()
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m) and not (d == "pipeline" or m.startswith(d + "."))
+    ]
     assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
 
 
@@ -175,10 +179,13 @@ def test_no_import_cycles():
     assert not cycles, "import cycles (lazy imports count):\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("cycle_graph, expected", [
-    ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
-])
+@pytest.mark.parametrize(
+    "cycle_graph, expected",
+    [
+        ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+    ],
+)
 def test_cycle_finder_finds_cycles(cycle_graph, expected):
     assert _cycles(cycle_graph) == expected
 
@@ -186,8 +193,12 @@ def test_cycle_finder_finds_cycles(cycle_graph, expected):
 def test_an_upward_import_is_caught(tmp_path):
     """The checker itself: a lazy upward import in a function body is found."""
     f = tmp_path / "x.py"
-    f.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline.outputs import report\n"
-                 "def f():\n    from pipeline.batch.runner import run_batch\n")
-    deps = imported_modules(f, "pipeline.reading.x", {"pipeline.batch.runner", "pipeline.batch", "pipeline", "pipeline.outputs.report"})
+    f.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline.outputs import report\n"
+        "def f():\n    from pipeline.batch.runner import run_batch\n"
+    )
+    deps = imported_modules(
+        f, "pipeline.reading.x", {"pipeline.batch.runner", "pipeline.batch", "pipeline", "pipeline.outputs.report"}
+    )
     assert deps == {"pipeline.batch.runner"}
     assert layer_of("pipeline.batch.runner") > layer_of("pipeline.reading.slide")

@@ -180,8 +180,16 @@ def test_per_group_table_hand_example(tmp_path):
     rows = per_group_table(p, y, g, threshold=0.5, bands=Bands(low=0.2, high=0.6))
     by = {r["group"]: r for r in rows}
     assert [r["group"] for r in rows] == ["NME", "eczema", "psoriasis", "(all)"]
-    assert by["NME"] == {"group": "NME", "n": 3, "n_label_positive": 2, "mean_probability": pytest.approx(0.55),
-                         "fraction_predicted_positive": pytest.approx(2 / 3), "n_LOW": 1, "n_INDETERMINATE": 0, "n_HIGH": 2}
+    assert by["NME"] == {
+        "group": "NME",
+        "n": 3,
+        "n_label_positive": 2,
+        "mean_probability": pytest.approx(0.55),
+        "fraction_predicted_positive": pytest.approx(2 / 3),
+        "n_LOW": 1,
+        "n_INDETERMINATE": 0,
+        "n_HIGH": 2,
+    }
     # psoriasis: 0.6 is HIGH (p == high), 0.2 is INDETERMINATE (p == low)
     assert (by["psoriasis"]["n_LOW"], by["psoriasis"]["n_INDETERMINATE"], by["psoriasis"]["n_HIGH"]) == (0, 1, 1)
     assert by["(all)"]["n"] == 7 and by["(all)"]["n_LOW"] + by["(all)"]["n_INDETERMINATE"] + by["(all)"]["n_HIGH"] == 7
@@ -227,7 +235,9 @@ def test_multilabel_tile_metrics_match_sklearn_and_respect_the_mask():
         assert e["threshold"] == t and e["threshold_source"] == ("given" if name in thr else "default")
         assert e["f1"] == pytest.approx(f1_score(yt, pc >= t))
     assert m["macro"]["n_classes"] == 3
-    assert m["macro"]["auroc"] == pytest.approx(np.mean([m["per_class"][n]["auroc"] for n in names if n != "necrolysis"]))
+    assert m["macro"]["auroc"] == pytest.approx(
+        np.mean([m["per_class"][n]["auroc"] for n in names if n != "necrolysis"])
+    )
     # the mask matters: counting unknown labels as negatives changes the numbers
     filled = np.nan_to_num(targets, nan=0.0)
     m_all = multilabel_tile_metrics(probs, filled, None, names)

@@ -54,6 +54,7 @@ def _tiles(b: int = 2, seed: int = 0) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- patch classifier
 
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_gives_logits_and_embeddings(name: str) -> None:
     torch.manual_seed(0)
@@ -106,6 +107,7 @@ def test_to_tensor_batch_normalises_and_keeps_layout() -> None:
 
 
 # --------------------------------------------------------------------------- initial weights
+
 
 def _fill(module: torch.nn.Module, seed: int) -> None:
     """Deterministic non-default values in every float tensor (variances kept positive)."""
@@ -186,6 +188,7 @@ def test_pickle_payload_in_weights_file_is_refused_not_executed(tmp_path: Path) 
 
 # --------------------------------------------------------------------------- bundle
 
+
 class _TrainCfg(StrictModel):
     backbone: str = "resnet18"
     lr: float = 1e-3
@@ -194,7 +197,9 @@ class _TrainCfg(StrictModel):
 def _contract(model: PatchClassifier, **overrides: object) -> BundleContract:
     cfg = _TrainCfg()
     data: dict[str, object] = dict(
-        name="nme-demo", version="0.1.0", label=DEMO_MODEL_LABEL,
+        name="nme-demo",
+        version="0.1.0",
+        label=DEMO_MODEL_LABEL,
         architecture=ArchitectureSpec.of(model),
         thresholds=dict.fromkeys(model.classes, 0.5),
         training=TrainingSpec.from_config(cfg, code_version="0.1.0+test", metrics={"val_auc": 0.9}),
@@ -215,8 +220,12 @@ def trained_model() -> PatchClassifier:
 @pytest.fixture
 def bundle_dir(tmp_path: Path, trained_model: PatchClassifier) -> Path:
     d = tmp_path / "bundle"
-    save_bundle(d, trained_model, _contract(trained_model),
-                extra_tensors={"aggregator": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}})
+    save_bundle(
+        d,
+        trained_model,
+        _contract(trained_model),
+        extra_tensors={"aggregator": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}},
+    )
     return d
 
 
@@ -238,12 +247,30 @@ def test_bundle_round_trip_gives_identical_outputs(bundle_dir: Path, trained_mod
     assert c.training.created.tzinfo is not None
     assert loaded.sha256 == bundle_sha256(bundle_dir) and len(loaded.sha256) == 64
     raw = json.loads((bundle_dir / "bundle.json").read_text())
-    assert {"format_version", "name", "version", "label", "architecture", "input", "thresholds", "training",
-            "aggregator", "calibration", "bands", "weights_sha256"} == set(raw)
+    assert {
+        "format_version",
+        "name",
+        "version",
+        "label",
+        "architecture",
+        "input",
+        "thresholds",
+        "training",
+        "aggregator",
+        "calibration",
+        "bands",
+        "weights_sha256",
+    } == set(raw)
     tissue = raw["input"].pop("tissue")
-    assert raw["input"] == {"mpp": 0.5, "mpp_tolerance": 0.1, "tile_size_px": 224, "channel_order": "RGB",
-                            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                            "overlap": 0.0, "min_tissue": 0.1}
+    assert raw["input"] == {
+        "mpp": 0.5,
+        "mpp_tolerance": 0.1,
+        "tile_size_px": 224,
+        "channel_order": "RGB",
+        "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "overlap": 0.0,
+        "min_tissue": 0.1,
+    }
     assert tissue == TissueConfig().model_dump(mode="json") and raw["format_version"] == 2
     assert read_contract(bundle_dir) == c
 
@@ -306,16 +333,25 @@ def test_bundle_missing_files_and_wrong_version(bundle_dir: Path, tmp_path: Path
 def test_save_refuses_inconsistent_contract_and_nan(tmp_path: Path, trained_model: PatchClassifier) -> None:
     other = ArchitectureSpec(backbone="resnet18", classes=["pallor"], embedding_dim=512)
     with pytest.raises(BundleError, match="does not describe the model"):
-        save_bundle(tmp_path / "a", trained_model, _contract(trained_model, architecture=other,
-                                                             thresholds={"pallor": 0.5}))
+        save_bundle(
+            tmp_path / "a", trained_model, _contract(trained_model, architecture=other, thresholds={"pallor": 0.5})
+        )
     with pytest.raises(BundleError, match="aggregator.weights"):
         save_bundle(tmp_path / "b", trained_model, _contract(trained_model))  # no 'aggregator' section given
     with pytest.raises(BundleError, match="NaN"):
-        save_bundle(tmp_path / "c", trained_model, _contract(trained_model, aggregator=None),
-                    extra_tensors={"aggregator": {"w": torch.tensor([float("nan")])}})
+        save_bundle(
+            tmp_path / "c",
+            trained_model,
+            _contract(trained_model, aggregator=None),
+            extra_tensors={"aggregator": {"w": torch.tensor([float("nan")])}},
+        )
     with pytest.raises(BundleError, match="section name"):
-        save_bundle(tmp_path / "d", trained_model, _contract(trained_model, aggregator=None),
-                    extra_tensors={"patch": {"w": torch.ones(1)}})
+        save_bundle(
+            tmp_path / "d",
+            trained_model,
+            _contract(trained_model, aggregator=None),
+            extra_tensors={"patch": {"w": torch.ones(1)}},
+        )
     assert not (tmp_path / "c" / "bundle.json").exists()
 
 
@@ -391,7 +427,7 @@ def test_mil_padded_batch_equals_single_bags(cls: type) -> None:
             assert torch.allclose(batch.logit[i], single.logit, atol=1e-5)
             assert torch.allclose(batch.pattern_logits[i], single.pattern_logits, atol=1e-5)
             assert torch.allclose(batch.attention[i, : len(bag)], single.attention, atol=1e-6)
-            assert (batch.attention[i, len(bag):] == 0).all()
+            assert (batch.attention[i, len(bag) :] == 0).all()
 
 
 def test_aggregator_rebuilds_from_hparams_and_state_dict() -> None:
@@ -455,14 +491,19 @@ def test_gated_attention_mil_learns_to_find_the_lesional_tiles() -> None:
 
 # --------------------------------------------------------------------------- pattern statistics
 
+
 def _hand_made_bag() -> tuple[np.ndarray, np.ndarray]:
     #            pallor necrol parak  epidermis     tile edge 100 level-0 px, radius 1.5 tiles
-    probs = np.array([[0.9, 0.1, 0.1, 0.9],   # t0 (0, 0)      epidermal, pallor
-                      [0.2, 0.8, 0.1, 0.8],   # t1 (100, 0)    epidermal, necrolysis
-                      [0.1, 0.1, 0.7, 0.6],   # t2 (200, 0)    epidermal, parakeratosis
-                      [0.6, 0.6, 0.6, 0.9],   # t3 (1000, 0)   epidermal, all three
-                      [0.3, 0.2, 0.1, 0.2],   # t4 (2000, 0)   dermis
-                      [0.1, 0.1, 0.1, 0.7]])  # t5 (3000, 0)   epidermal, nothing
+    probs = np.array(
+        [
+            [0.9, 0.1, 0.1, 0.9],  # t0 (0, 0)      epidermal, pallor
+            [0.2, 0.8, 0.1, 0.8],  # t1 (100, 0)    epidermal, necrolysis
+            [0.1, 0.1, 0.7, 0.6],  # t2 (200, 0)    epidermal, parakeratosis
+            [0.6, 0.6, 0.6, 0.9],  # t3 (1000, 0)   epidermal, all three
+            [0.3, 0.2, 0.1, 0.2],  # t4 (2000, 0)   dermis
+            [0.1, 0.1, 0.1, 0.7],
+        ]
+    )  # t5 (3000, 0)   epidermal, nothing
     coords = np.array([[0, 0], [100, 0], [200, 0], [1000, 0], [2000, 0], [3000, 0]])
     return probs, coords
 
@@ -473,17 +514,25 @@ def test_pattern_statistics_on_hand_made_bag() -> None:
     feats = dict(zip(stats.feature_names, stats(probs, coords, tile_size_px=100)))
     assert len(feats) == len(stats.feature_names) == 18
     expected = {
-        "pallor_topk_mean": 0.75, "pallor_max": 0.9, "pallor_epi_mean": 0.38, "pallor_epi_pos_frac": 0.4,
-        "necrolysis_topk_mean": 0.7, "necrolysis_max": 0.8, "necrolysis_epi_mean": 0.34,
+        "pallor_topk_mean": 0.75,
+        "pallor_max": 0.9,
+        "pallor_epi_mean": 0.38,
+        "pallor_epi_pos_frac": 0.4,
+        "necrolysis_topk_mean": 0.7,
+        "necrolysis_max": 0.8,
+        "necrolysis_epi_mean": 0.34,
         "necrolysis_epi_pos_frac": 0.4,
-        "parakeratosis_topk_mean": 0.65, "parakeratosis_max": 0.7, "parakeratosis_epi_mean": 0.32,
+        "parakeratosis_topk_mean": 0.65,
+        "parakeratosis_max": 0.7,
+        "parakeratosis_epi_mean": 0.32,
         "parakeratosis_epi_pos_frac": 0.4,
-        "epidermis_frac": 5 / 6, "epidermis_log1p_count": math.log(6),
+        "epidermis_frac": 5 / 6,
+        "epidermis_log1p_count": math.log(6),
         # neighbourhoods: t0-t1 and t1-t2 are adjacent; t3 is alone but has all three itself
-        "cooccur_pallor_necrolysis_frac": 3 / 5,       # t0, t1, t3
-        "cooccur_pallor_parakeratosis_frac": 2 / 5,    # t1, t3
+        "cooccur_pallor_necrolysis_frac": 3 / 5,  # t0, t1, t3
+        "cooccur_pallor_parakeratosis_frac": 2 / 5,  # t1, t3
         "cooccur_necrolysis_parakeratosis_frac": 3 / 5,  # t1, t2, t3
-        "cooccur_all_frac": 2 / 5,                     # t1 (pallor via t0, parakeratosis via t2), t3
+        "cooccur_all_frac": 2 / 5,  # t1 (pallor via t0, parakeratosis via t2), t3
     }
     for name, value in expected.items():
         assert feats[name] == pytest.approx(value), name
@@ -532,6 +581,8 @@ def test_format_1_bundle_loads_with_todays_tiling(bundle_dir: Path, caplog: pyte
     with caplog.at_level("INFO", logger="models.bundle"):
         b = load_bundle(bundle_dir)
     assert b.contract.format_version == 1 and "records no tile grid or tissue settings" in caplog.text
-    assert b.contract.input.tiling() == TilingConfig(target_mpp=b.contract.input.mpp,
-                                                     mpp_tolerance=b.contract.input.mpp_tolerance,
-                                                     tile_px=b.contract.input.tile_size_px)
+    assert b.contract.input.tiling() == TilingConfig(
+        target_mpp=b.contract.input.mpp,
+        mpp_tolerance=b.contract.input.mpp_tolerance,
+        tile_px=b.contract.input.tile_size_px,
+    )

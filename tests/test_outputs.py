@@ -54,8 +54,10 @@ TILE_L0 = 224 * 0.5 / SLIDE_MPP  # 224 px at 0.5 µm/px = 448 level-0 px
 # realistic inputs
 # ---------------------------------------------------------------------------------------------
 
-def make_case(seed: int = 0, slide_id: str = "S-001", shape: tuple[int, int] = (420, 600),
-              origin: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+
+def make_case(
+    seed: int = 0, slide_id: str = "S-001", shape: tuple[int, int] = (420, 600), origin: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
     """A synthetic slide at thumbnail scale, its tissue mask, a tile grid over tissue and scores."""
     rng = np.random.default_rng(seed)
     h, w = shape
@@ -90,15 +92,22 @@ def make_case(seed: int = 0, slide_id: str = "S-001", shape: tuple[int, int] = (
     hot = np.exp(-(((centre[:, 0] - cx * 0.8) / (0.1 * w)) ** 2 + ((centre[:, 1] - cy * 0.8) / (0.1 * h)) ** 2))
     noise = lambda: rng.normal(0, 0.05, len(coords))  # noqa: E731
     scores = {
-        "pallor": np.clip(0.15 + 0.7 * top ** 2 + noise(), 0, 1),
+        "pallor": np.clip(0.15 + 0.7 * top**2 + noise(), 0, 1),
         "necrolysis": np.clip(0.05 + 0.9 * hot + noise(), 0, 1),
         "parakeratosis": np.clip(0.1 + 0.8 * (top > 0.8) + noise(), 0, 1),
     }
     logits = 4 * scores["necrolysis"] + 2 * scores["pallor"]
     att = np.exp(logits - logits.max())
     att /= att.sum()
-    return {"slide_id": slide_id, "thumb": thumb, "mask": mask, "coords": coords, "scores": scores,
-            "attention": att, "origin": origin}
+    return {
+        "slide_id": slide_id,
+        "thumb": thumb,
+        "mask": mask,
+        "coords": coords,
+        "scores": scores,
+        "attention": att,
+        "origin": origin,
+    }
 
 
 def make_tile_png(rng: np.random.Generator, tint: tuple[int, int, int]) -> bytes:
@@ -110,8 +119,9 @@ def make_tile_png(rng: np.random.Generator, tint: tuple[int, int, int]) -> bytes
     return encode_png(tile)
 
 
-def make_result(slide_id: str = "S-001", status: str = "ok", prob: float | None = 0.87,
-                band: str | None = "HIGH") -> dict[str, Any]:
+def make_result(
+    slide_id: str = "S-001", status: str = "ok", prob: float | None = 0.87, band: str | None = "HIGH"
+) -> dict[str, Any]:
     """A result dict as the batch runner writes it."""
     return {
         "slide_id": slide_id,
@@ -123,45 +133,90 @@ def make_result(slide_id: str = "S-001", status: str = "ok", prob: float | None 
         "n_tiles": 1432,
         "mpp": {"slide": 0.25, "requested": 0.5, "effective": 0.5, "source": "openslide.mpp-x"},
         "tissue": {"fraction": 0.312, "area_mm2": 18.4, "flags": ["pale_tissue"]},
-        "reader": "openslide", "dimensions_level0": [38400, 26880], "fingerprint": "9f" * 32,
+        "reader": "openslide",
+        "dimensions_level0": [38400, 26880],
+        "fingerprint": "9f" * 32,
         "quality": {"flags": ["pale_tissue"], "reasons": ["tissue is pale; mask checked with optical density"]},
         # the shape pipeline.clinical.rules.recommend() returns
         "recommendations": {
             "status": status,
             "ruleset_version": "1.0.0",
             "orders": [
-                {"id": "cbc", "display": "Complete blood count", "category": "laboratory", "priority": "routine",
-                 "code": {"system": "http://loinc.org", "code": "58410-2",
-                          "display": "CBC panel - Blood by Automated count"},
-                 "code_verified": True, "additional_codes": [], "rules": ["R4"],
-                 "rationale": ["R4: NME-pattern band HIGH (p = 0.87): fasting glucagon first with first-line labs."],
-                 "evidence": ["WORKUP"], "note": None},
-                {"id": "glucagon", "display": "Fasting plasma glucagon", "category": "laboratory", "priority": "urgent",
-                 "code": {"system": "http://loinc.org", "code": "2338-2",
-                          "display": "Glucagon [Mass/volume] in Serum or Plasma"},
-                 "code_verified": True, "additional_codes": [], "rules": ["R4"],
-                 "rationale": ["R4: NME-pattern band HIGH (p = 0.87): fasting glucagon first with first-line labs."],
-                 "evidence": ["MAYO_9358"],
-                 "note": "Pre-analytics: 8 h fast, pre-chilled EDTA tube kept on ice. Imaging waits for this result."},
-                {"id": "rebiopsy", "display": "Skin re-biopsy of an early active lesion", "category": "procedure",
-                 "priority": "routine",
-                 "code": {"system": "urn:nme-pathology:local-orders", "code": "skin-rebiopsy",
-                          "display": "Skin re-biopsy"},
-                 "code_verified": False,
-                 "additional_codes": [{"system": "http://loinc.org", "code": "1558-6", "display": "Fasting glucose"}],
-                 "rules": ["R9"], "rationale": ["Pale tissue: confirm on a fresh biopsy."], "evidence": [], "note": ""},
+                {
+                    "id": "cbc",
+                    "display": "Complete blood count",
+                    "category": "laboratory",
+                    "priority": "routine",
+                    "code": {
+                        "system": "http://loinc.org",
+                        "code": "58410-2",
+                        "display": "CBC panel - Blood by Automated count",
+                    },
+                    "code_verified": True,
+                    "additional_codes": [],
+                    "rules": ["R4"],
+                    "rationale": ["R4: NME-pattern band HIGH (p = 0.87): fasting glucagon first with first-line labs."],
+                    "evidence": ["WORKUP"],
+                    "note": None,
+                },
+                {
+                    "id": "glucagon",
+                    "display": "Fasting plasma glucagon",
+                    "category": "laboratory",
+                    "priority": "urgent",
+                    "code": {
+                        "system": "http://loinc.org",
+                        "code": "2338-2",
+                        "display": "Glucagon [Mass/volume] in Serum or Plasma",
+                    },
+                    "code_verified": True,
+                    "additional_codes": [],
+                    "rules": ["R4"],
+                    "rationale": ["R4: NME-pattern band HIGH (p = 0.87): fasting glucagon first with first-line labs."],
+                    "evidence": ["MAYO_9358"],
+                    "note": "Pre-analytics: 8 h fast, pre-chilled EDTA tube kept on ice. Imaging waits for this result.",
+                },
+                {
+                    "id": "rebiopsy",
+                    "display": "Skin re-biopsy of an early active lesion",
+                    "category": "procedure",
+                    "priority": "routine",
+                    "code": {
+                        "system": "urn:nme-pathology:local-orders",
+                        "code": "skin-rebiopsy",
+                        "display": "Skin re-biopsy",
+                    },
+                    "code_verified": False,
+                    "additional_codes": [
+                        {"system": "http://loinc.org", "code": "1558-6", "display": "Fasting glucose"}
+                    ],
+                    "rules": ["R9"],
+                    "rationale": ["Pale tissue: confirm on a fresh biopsy."],
+                    "evidence": [],
+                    "note": "",
+                },
             ],
             "differential": [
-                {"id": "zinc_deficiency", "name": "Zinc deficiency / acrodermatitis enteropathica",
-                 "why": ["R4: shares the necrolytic histology; check zinc"], "rules": ["R4"]},
-                {"id": "pellagra", "name": "Pellagra (niacin deficiency)",
-                 "why": ["R4: sun-exposed rash, alcohol, malnutrition"], "rules": ["R4"]},
+                {
+                    "id": "zinc_deficiency",
+                    "name": "Zinc deficiency / acrodermatitis enteropathica",
+                    "why": ["R4: shares the necrolytic histology; check zinc"],
+                    "rules": ["R4"],
+                },
+                {
+                    "id": "pellagra",
+                    "name": "Pellagra (niacin deficiency)",
+                    "why": ["R4: sun-exposed rash, alcohol, malnutrition"],
+                    "rules": ["R4"],
+                },
             ],
             "flags": [{"id": "quality_warning", "message": "quality gate warnings: pale tissue", "rules": []}],
             "notes": ["Histology alone cannot separate NME from nutritional deficiency dermatoses."],
             "clinical_context": {"diabetes": True, "weight_loss": True, "site": "perineal"},
-            "evidence": {"MAYO_9358": "[E: Mayo Clinic Labs test 9358]",
-                         "WORKUP": "[S: laboratory work-up per ARUP, Medscape and MSD Manual 2024]"},
+            "evidence": {
+                "MAYO_9358": "[E: Mayo Clinic Labs test 9358]",
+                "WORKUP": "[S: laboratory work-up per ARUP, Medscape and MSD Manual 2024]",
+            },
             "disclaimer": "Rule set proposals must be confirmed by the treating clinician.",
         },
         "model": {"name": "nme-patch-cnn", "version": "0.1.0", "sha256": "ab" * 32, "label": DEMO_MODEL_LABEL},
@@ -173,13 +228,25 @@ def make_result(slide_id: str = "S-001", status: str = "ok", prob: float | None 
 def render_overlays(case: dict[str, Any]) -> dict[str, bytes]:
     """Heatmap PNGs for the three patterns and attention, as the batch runner makes them."""
     out = {}
-    common = dict(thumbnail=case["thumb"], thumb_mpp=THUMB_MPP, slide_mpp=SLIDE_MPP, coords=case["coords"],
-                  tile_size_l0=TILE_L0, tissue_mask=case["mask"], origin=case["origin"])
+    common = dict(
+        thumbnail=case["thumb"],
+        thumb_mpp=THUMB_MPP,
+        slide_mpp=SLIDE_MPP,
+        coords=case["coords"],
+        tile_size_l0=TILE_L0,
+        tissue_mask=case["mask"],
+        origin=case["origin"],
+    )
     for p in PATTERNS:
         out[p] = encode_png(render_heatmap(values=case["scores"][p], title=f"{case['slide_id']} - {p}", **common))
-    out["attention"] = encode_png(render_heatmap(values=normalise_attention(case["attention"]),
-                                                 title=f"{case['slide_id']} - attention",
-                                                 legend_label=ATTENTION_LEGEND, **common))
+    out["attention"] = encode_png(
+        render_heatmap(
+            values=normalise_attention(case["attention"]),
+            title=f"{case['slide_id']} - attention",
+            legend_label=ATTENTION_LEGEND,
+            **common,
+        )
+    )
     return out
 
 
@@ -189,8 +256,15 @@ def make_gallery(case: dict[str, Any], k: int = 4) -> dict[str, list[dict[str, A
     gallery = {}
     for p in PATTERNS:
         order = np.argsort(-case["scores"][p])[:k]
-        gallery[p] = [{"png": make_tile_png(rng, tints[p]), "score": float(case["scores"][p][i]),
-                       "x": int(case["coords"][i, 0]), "y": int(case["coords"][i, 1])} for i in order]
+        gallery[p] = [
+            {
+                "png": make_tile_png(rng, tints[p]),
+                "score": float(case["scores"][p][i]),
+                "x": int(case["coords"][i, 0]),
+                "y": int(case["coords"][i, 1]),
+            }
+            for i in order
+        ]
     return gallery
 
 
@@ -202,9 +276,11 @@ def no_tmp_left(folder: Path) -> bool:
 # GeoJSON
 # ---------------------------------------------------------------------------------------------
 
+
 def _strict_load(path: Path) -> Any:
     def bad(token: str) -> Any:
         raise AssertionError(f"non-standard JSON token {token} in {path.name}")
+
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=bad)
 
 
@@ -291,8 +367,9 @@ def test_tissue_geojson_editable_annotations_with_holes_and_offset(tmp_path: Pat
     assert sum(len(h) for h in holes) == 1
     degenerate = np.array([[5.0, 5.0], [5.0, 5.0], [6.0, 6.0]])
     offset = (300, 700)
-    path = write_tissue_geojson(tmp_path / "tissue.geojson", polygons + [degenerate], holes + [[]], offset=offset,
-                                slide_id="S-001")
+    path = write_tissue_geojson(
+        tmp_path / "tissue.geojson", polygons + [degenerate], holes + [[]], offset=offset, slide_id="S-001"
+    )
     fc = _strict_load(path)
     assert fc["type"] == "FeatureCollection"
     assert len(fc["features"]) == len(polygons), "the degenerate contour is skipped"
@@ -311,13 +388,16 @@ def test_tissue_geojson_editable_annotations_with_holes_and_offset(tmp_path: Pat
         assert ext[:-1] == pytest.approx(poly - np.asarray(offset), abs=0.01)
         n_holes += len(rings) - 1
     assert n_holes == 1
-    assert tissue_feature_collection(polygons, slide_id="a")["features"][0]["id"] == \
+    assert (
         tissue_feature_collection(polygons, slide_id="a")["features"][0]["id"]
+        == tissue_feature_collection(polygons, slide_id="a")["features"][0]["id"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # heatmap
 # ---------------------------------------------------------------------------------------------
+
 
 def _grey(h: int, w: int, v: int = 200) -> np.ndarray:
     return np.full((h, w, 3), v, np.uint8)
@@ -331,8 +411,9 @@ def test_overlap_is_averaged_to_the_mid_colour() -> None:
     thumb = _grey(60, 100)
     # slide and thumbnail at the same scale x 4: a 80 level-0 px tile is 20 thumbnail px
     coords = np.array([[40, 40], [80, 40]])  # thumbnail x: [10, 30) and [20, 40): overlap [20, 30)
-    out = overlay_values(thumb, thumb_mpp=2.0, slide_mpp=0.5, coords=coords, tile_size_l0=80,
-                         values=np.array([0.0, 1.0]), alpha=0.5)
+    out = overlay_values(
+        thumb, thumb_mpp=2.0, slide_mpp=0.5, coords=coords, tile_size_l0=80, values=np.array([0.0, 1.0]), alpha=0.5
+    )
     lut = colormap_lut()
     assert not np.array_equal(lut[0], lut[255])
     np.testing.assert_array_equal(out[15, 15], _blend(thumb[15, 15], lut[0], 0.5))
@@ -353,17 +434,31 @@ def test_masked_pixels_keep_the_thumbnail_and_origin_is_applied() -> None:
     mask[:, :40] = True
     origin = (1000, 2000)
     coords = np.array([[1000, 2000], [1000 + 30 * 8, 2000]])  # scale 1/8: tiles at thumb x 0 and 30, 20 px wide
-    out = overlay_values(thumb, thumb_mpp=4.0, slide_mpp=0.5, coords=coords, tile_size_l0=160,
-                         values=np.array([0.9, 0.9]), tissue_mask=mask, origin=origin)
+    out = overlay_values(
+        thumb,
+        thumb_mpp=4.0,
+        slide_mpp=0.5,
+        coords=coords,
+        tile_size_l0=160,
+        values=np.array([0.9, 0.9]),
+        tissue_mask=mask,
+        origin=origin,
+    )
     changed = np.any(out != thumb, axis=2)
     assert changed[0:20, 0:20].all() and changed[0:20, 30:40].all()
     np.testing.assert_array_equal(out[:, 40:], thumb[:, 40:])  # masked: unchanged
     np.testing.assert_array_equal(out[20:], thumb[20:])  # no tile: unchanged
     # a mask at another resolution is resized, not refused
-    out2 = overlay_values(thumb, 4.0, 0.5, coords, 160, np.array([0.9, 0.9]),
-                          tissue_mask=cv2.resize(mask.astype(np.uint8), (160, 100),
-                                                 interpolation=cv2.INTER_NEAREST) > 0,
-                          origin=origin)
+    out2 = overlay_values(
+        thumb,
+        4.0,
+        0.5,
+        coords,
+        160,
+        np.array([0.9, 0.9]),
+        tissue_mask=cv2.resize(mask.astype(np.uint8), (160, 100), interpolation=cv2.INTER_NEAREST) > 0,
+        origin=origin,
+    )
     np.testing.assert_array_equal(out, out2)
 
 
@@ -387,19 +482,20 @@ def test_render_heatmap_has_title_legend_and_the_overlay() -> None:
     case = make_case()
     vals = case["scores"]["pallor"]
     body = overlay_values(case["thumb"], THUMB_MPP, SLIDE_MPP, case["coords"], TILE_L0, vals, case["mask"])
-    img = render_heatmap(case["thumb"], THUMB_MPP, SLIDE_MPP, case["coords"], TILE_L0, vals, case["mask"],
-                         title="S-001 - pallor")
+    img = render_heatmap(
+        case["thumb"], THUMB_MPP, SLIDE_MPP, case["coords"], TILE_L0, vals, case["mask"], title="S-001 - pallor"
+    )
     h, w = body.shape[:2]
     assert img.dtype == np.uint8 and img.shape[2] == 3 and img.shape[0] > h and img.shape[1] >= w
     # the overlay is in there, pixel for pixel
     res = cv2.matchTemplate(img, body, cv2.TM_SQDIFF)
     _, _, (x0, y0), _ = cv2.minMaxLoc(res)
-    np.testing.assert_array_equal(img[y0:y0 + h, x0:x0 + w], body)
+    np.testing.assert_array_equal(img[y0 : y0 + h, x0 : x0 + w], body)
     assert y0 > 10, "a title band sits above the image"
     assert (img[:y0] < 100).all(axis=2).sum() > 50, "title text drawn"
     # legend: a row below the image runs through the colormap from its first to its last colour
     lut = colormap_lut().astype(int)
-    legend = img[y0 + h:].astype(int)
+    legend = img[y0 + h :].astype(int)
     found = False
     for row in legend:
         near0 = np.abs(row - lut[0]).sum(axis=1) <= 6
@@ -438,8 +534,13 @@ def test_mean_map_matches_a_per_tile_loop() -> None:
         size = float(rng.uniform(4, 80))
         origin = (int(rng.integers(-50, 50)), int(rng.integers(-50, 50)))
         n = int(rng.integers(1, 40))
-        coords = np.stack([rng.integers(origin[0] - 100, origin[0] + int(w / scale), n),
-                           rng.integers(origin[1] - 100, origin[1] + int(h / scale), n)], axis=1)
+        coords = np.stack(
+            [
+                rng.integers(origin[0] - 100, origin[0] + int(w / scale), n),
+                rng.integers(origin[1] - 100, origin[1] + int(h / scale), n),
+            ],
+            axis=1,
+        )
         vals = rng.random(n)
         vals[rng.random(n) < 0.1] = np.nan
         got = tile_mean_map((h, w), coords, size, vals, scale, origin)
@@ -462,8 +563,15 @@ def test_mean_map_matches_a_per_tile_loop() -> None:
 
 def test_tiles_smaller_than_a_pixel_still_show() -> None:
     thumb = _grey(20, 20)
-    out = overlay_values(thumb, thumb_mpp=64.0, slide_mpp=0.25, coords=np.array([[2560, 2560]]), tile_size_l0=100,
-                         values=np.array([1.0]), alpha=1.0)
+    out = overlay_values(
+        thumb,
+        thumb_mpp=64.0,
+        slide_mpp=0.25,
+        coords=np.array([[2560, 2560]]),
+        tile_size_l0=100,
+        values=np.array([1.0]),
+        alpha=1.0,
+    )
     changed = np.argwhere(np.any(out != thumb, axis=2))
     assert changed.tolist() == [[10, 10]]
 
@@ -521,8 +629,9 @@ def test_report_escapes_untrusted_text_and_is_self_contained(tmp_path: Path) -> 
     result["recommendations"]["clinical_context"]["note"] = _EVIL
     result["recommendations"]["evidence"]["X"] = _EVIL
     result["quality"]["reasons"] = [_EVIL]
-    path = write_report(tmp_path / "r.html", result, encode_png(case["thumb"]), render_overlays(case),
-                        make_gallery(case))
+    path = write_report(
+        tmp_path / "r.html", result, encode_png(case["thumb"]), render_overlays(case), make_gallery(case)
+    )
     text = path.read_text(encoding="utf-8")
     assert "<script>alert" not in text and "<img src=x" not in text
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
@@ -538,8 +647,13 @@ def test_report_escapes_untrusted_text_and_is_self_contained(tmp_path: Path) -> 
 
 def test_report_failed_and_sparse_results_render() -> None:
     case = make_case()
-    failed = {"slide_id": "S-9", "status": "failed", "error": "S-9.svs: cannot open (truncated file)",
-              "nme_probability": None, "band": None}
+    failed = {
+        "slide_id": "S-9",
+        "status": "failed",
+        "error": "S-9.svs: cannot open (truncated file)",
+        "nme_probability": None,
+        "band": None,
+    }
     text = render_report(failed, None, render_overlays(case), make_gallery(case))
     assert "cannot open (truncated file)" in text and "Processing failed" in text
     assert "data:image" not in text, "no overlays or tiles for a failed slide"
@@ -550,14 +664,28 @@ def test_report_failed_and_sparse_results_render() -> None:
     assert 'id="probability">\u2014<' in text, "no probability shown for a non-diagnostic slide"
     assert text.count("data:image/png") == 1, "the thumbnail only"
     # wrong types and missing sections must not crash
-    for weird in ({}, {"status": None}, {"slide_id": 5, "recommendations": None, "model": "x", "patterns": [1],
-                                         "timings": {"a": "slow"}, "quality": {"flags": "one"}, "mpp": None,
-                                         "nme_probability": "nan", "status": "ok"}):
+    for weird in (
+        {},
+        {"status": None},
+        {
+            "slide_id": 5,
+            "recommendations": None,
+            "model": "x",
+            "patterns": [1],
+            "timings": {"a": "slow"},
+            "quality": {"flags": "one"},
+            "mpp": None,
+            "nme_probability": "nan",
+            "status": "ok",
+        },
+    ):
         assert "<!DOCTYPE html>" in render_report(weird, b"", None, None)
 
 
 def test_report_renders_the_rule_layers_real_output() -> None:
-    rules = pytest.importorskip("pipeline.clinical.rules", reason="the rule layer (pipeline.clinical.rules) is not in this checkout")
+    rules = pytest.importorskip(
+        "pipeline.clinical.rules", reason="the rule layer (pipeline.clinical.rules) is not in this checkout"
+    )
     result = make_result()
     rec = rules.recommend(result, None, rules.load_ruleset())
     assert any(o["id"] == "glucagon" for o in rec["orders"]), "a HIGH slide gets a glucagon proposal"
@@ -579,13 +707,19 @@ def test_report_renders_the_rule_layers_real_output() -> None:
 # summary.csv and index.html
 # ---------------------------------------------------------------------------------------------
 
+
 def _batch() -> list[dict[str, Any]]:
     r1 = make_result("S-001", prob=0.87, band="HIGH")
     r2 = make_result("S-002", prob=0.12, band="LOW")
     r2["recommendations"]["orders"] = []
-    r3 = make_result("=HYPERLINK(\"http://x\")", prob=0.55, band="INDETERMINATE")
-    r4 = {"slide_id": "S-004", "status": "failed", "error": "S-004.ndpi: unsupported format\nsecond line",
-          "nme_probability": None, "band": None}
+    r3 = make_result('=HYPERLINK("http://x")', prob=0.55, band="INDETERMINATE")
+    r4 = {
+        "slide_id": "S-004",
+        "status": "failed",
+        "error": "S-004.ndpi: unsupported format\nsecond line",
+        "nme_probability": None,
+        "band": None,
+    }
     r5 = make_result("S-005", status="non_diagnostic", prob=None, band=None)
     return [r1, r2, r3, r4, r5]
 
@@ -595,7 +729,7 @@ def test_summary_csv(tmp_path: Path) -> None:
     raw = path.read_bytes()
     assert not raw.startswith(b"\xef\xbb\xbf")
     rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
-    assert [r["slide_id"] for r in rows] == ["S-001", "S-002", "'=HYPERLINK(\"http://x\")", "S-004", "S-005"]
+    assert [r["slide_id"] for r in rows] == ["S-001", "S-002", '\'=HYPERLINK("http://x")', "S-004", "S-005"]
     assert rows[0]["status"] == "ok" and rows[0]["nme_probability"] == "0.8700" and rows[0]["band"] == "HIGH"
     assert rows[0]["top_orders"] == "glucagon(urgent);cbc(routine);rebiopsy(routine)"
     assert rows[0]["n_tiles"] == "1432" and rows[0]["quality_flags"] == "pale_tissue" and rows[0]["error"] == ""
@@ -630,6 +764,7 @@ def test_index_html_links_counts_and_escaping(tmp_path: Path) -> None:
 # report file bytes (written as bytes with the images spliced in)
 # ---------------------------------------------------------------------------------------------
 
+
 def test_report_file_is_exactly_the_rendered_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from collections.abc import Mapping
 
@@ -659,8 +794,14 @@ def test_report_file_is_exactly_the_rendered_text(tmp_path: Path, monkeypatch: p
             return len(self.tile)
 
     fresh = {p: [FreshTile(t) for t in tiles] for p, tiles in make_gallery(case).items()}
-    cases = [(ok, encode_png(case["thumb"]), overlays, gallery), (ok, None, None, None), (ok, b"", {}, {}),
-             (failed, encode_png(case["thumb"]), overlays, gallery), ({}, None, None, None), (ok, None, {}, fresh)]
+    cases = [
+        (ok, encode_png(case["thumb"]), overlays, gallery),
+        (ok, None, None, None),
+        (ok, b"", {}, {}),
+        (failed, encode_png(case["thumb"]), overlays, gallery),
+        ({}, None, None, None),
+        (ok, None, {}, fresh),
+    ]
     plain: list[int] = []  # calls of the plain rendering, the fallback
     monkeypatch.setattr(report_mod, "render_report", lambda *a: plain.append(1) or render_report(*a))
     for i, args in enumerate(cases):
@@ -683,8 +824,12 @@ def test_data_uri_types() -> None:
 
     from pipeline.outputs._html import data_uri, data_uri_parts
 
-    samples = {"image/png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "image/jpeg": b"\xff\xd8\xff\xe0 jpeg",
-               "image/gif": b"GIF89a gif", "image/webp": b"RIFF\x10\x00\x00\x00WEBPVP8 "}
+    samples = {
+        "image/png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
+        "image/jpeg": b"\xff\xd8\xff\xe0 jpeg",
+        "image/gif": b"GIF89a gif",
+        "image/webp": b"RIFF\x10\x00\x00\x00WEBPVP8 ",
+    }
     for mime, data in samples.items():
         want = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
         assert data_uri(data) == want

@@ -20,8 +20,15 @@ def good_inputs(**overrides) -> QualityInputs:
     """A 4 mm punch-like slide: 200 tiles, 20 epidermal, all sharp, H&E colours, 0.5 µm/px."""
     epi = np.zeros(N)
     epi[:20] = 0.9
-    kw = dict(n_tiles=N, tissue_area_mm2=5.0, tissue_flags=[], epidermis_probs=epi,
-              tile_blur=np.full(N, 900.0), stain_stats=dict(GOOD_STAIN), mpp_effective=0.499)
+    kw = dict(
+        n_tiles=N,
+        tissue_area_mm2=5.0,
+        tissue_flags=[],
+        epidermis_probs=epi,
+        tile_blur=np.full(N, 900.0),
+        stain_stats=dict(GOOD_STAIN),
+        mpp_effective=0.499,
+    )
     kw.update(overrides)
     return QualityInputs(**kw)
 
@@ -53,7 +60,9 @@ def test_zero_tiles():
 
 
 def test_dark_background_flag_is_out_of_scope_stain():
-    r = assess_quality(QualityInputs(n_tiles=0, tissue_area_mm2=0.0, tissue_flags=["dark_background"], mpp_effective=0.5))
+    r = assess_quality(
+        QualityInputs(n_tiles=0, tissue_area_mm2=0.0, tissue_flags=["dark_background"], mpp_effective=0.5)
+    )
     reason = check_report(r, "non_diagnostic", "dark_field")
     assert reason.startswith(DARK_FIELD_REASON)
     assert r.flags[0] == "dark_field"  # the most informative reason first
@@ -97,7 +106,9 @@ def test_blur_rules():
 
 
 def test_non_he_stain():
-    r = assess_quality(good_inputs(stain_stats={"he_like_fraction": 0.25, "dab_like_fraction": 0.7, "dark_pixel_fraction": 0.0}))
+    r = assess_quality(
+        good_inputs(stain_stats={"he_like_fraction": 0.25, "dab_like_fraction": 0.7, "dark_pixel_fraction": 0.0})
+    )
     reason = check_report(r, "non_diagnostic", "non_he_stain")
     assert "only 25% of stained pixels" in reason and "70% DAB-like" in reason
     r = assess_quality(good_inputs(stain_stats={"he_like_fraction": None, "dark_pixel_fraction": 0.0}))
@@ -129,7 +140,9 @@ def test_missing_measurements_are_not_silently_passed():
     bare = QualityInputs(n_tiles=N, tissue_area_mm2=5.0)
     r = assess_quality(bare)
     assert r.status == "non_diagnostic"
-    assert {"epidermis_not_assessed", "sharpness_not_assessed", "stain_not_assessed", "resolution_not_assessed"} <= set(r.flags)
+    assert {"epidermis_not_assessed", "sharpness_not_assessed", "stain_not_assessed", "resolution_not_assessed"} <= set(
+        r.flags
+    )
     r = assess_quality(bare, QualityConfig(require_all_measurements=False))
     assert r.status == "ok" and "epidermis_not_assessed" in r.flags
 
@@ -193,8 +206,11 @@ def test_stain_statistics_on_synthetic_stains():
 
 def test_sharpness_on_synthetic_texture():
     rng = np.random.default_rng(0)
-    tex = np.clip(cv2.resize(rng.integers(60, 230, (56, 56, 3)).astype(np.uint8), (224, 224),
-                             interpolation=cv2.INTER_NEAREST), 0, 255)
+    tex = np.clip(
+        cv2.resize(rng.integers(60, 230, (56, 56, 3)).astype(np.uint8), (224, 224), interpolation=cv2.INTER_NEAREST),
+        0,
+        255,
+    )
     flat = np.full((224, 224, 3), 200, np.uint8)
     assert tile_sharpness(flat) == 0.0
     s0 = tile_sharpness(tex)
@@ -209,8 +225,12 @@ def test_sharpness_is_the_variance_of_the_float_laplacian():
     """The int16 Laplacian and OpenCV's variance give the documented definition (float64 Laplacian, numpy var)."""
     rng = np.random.default_rng(4)
     checker = (np.indices((224, 224)).sum(axis=0) % 2 * 255).astype(np.uint8)  # the largest |Laplacian|: 4 * 255
-    tiles = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), np.repeat(checker[:, :, None], 3, axis=2),
-             rng.integers(100, 110, (57, 91, 3), dtype=np.uint8), np.zeros((3, 3, 3), np.uint8)]
+    tiles = [
+        rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        np.repeat(checker[:, :, None], 3, axis=2),
+        rng.integers(100, 110, (57, 91, 3), dtype=np.uint8),
+        np.zeros((3, 3, 3), np.uint8),
+    ]
     for t in tiles:
         grey = cv2.cvtColor(t, cv2.COLOR_RGB2GRAY)
         want = float(cv2.Laplacian(grey, cv2.CV_64F, ksize=1).var())
@@ -241,8 +261,14 @@ def test_real_skin_tiles_are_sharp_and_blurred_copies_are_not(cmu_tiles):
     # through the gate: the real slide passes on sharpness, its blurred copy does not
     epi = np.zeros(len(tiles))
     epi[:10] = 0.9  # stand-in for the patch model's epidermis output (not part of this check)
-    kw = dict(n_tiles=len(tiles), tissue_area_mm2=mask.tissue_area_mm2, tissue_flags=mask.flags,
-              epidermis_probs=epi, stain_stats=stain_statistics(tiles), mpp_effective=grid.plan.effective_mpp)
+    kw = dict(
+        n_tiles=len(tiles),
+        tissue_area_mm2=mask.tissue_area_mm2,
+        tissue_flags=mask.flags,
+        epidermis_probs=epi,
+        stain_stats=stain_statistics(tiles),
+        mpp_effective=grid.plan.effective_mpp,
+    )
     ok = assess_quality(QualityInputs(tile_blur=sharp, **kw))
     assert ok.status == "ok", ok.reasons
     assert "mostly_blurred" not in ok.flags and "some_blur" not in ok.flags
@@ -266,15 +292,31 @@ def test_real_he_is_he_like_and_dark_field_is_not(cmu_tiles, shared_slides):
     with open_slide(shared_slides / "hamamatsu_test3-DAPI-2-387.ndpi") as s:
         plan = s.plan(0.5)
         w, h = s.dimensions
-        dapi = np.stack([s.read_region((x, y), (224, 224), plan) for x in range(0, w - 500, 1000) for y in range(0, h - 500, 1000)])
+        dapi = np.stack(
+            [s.read_region((x, y), (224, 224), plan) for x in range(0, w - 500, 1000) for y in range(0, h - 500, 1000)]
+        )
         grid, mask, _, _ = tile_slide(s)
     st = stain_statistics(dapi)
     assert st["he_like_fraction"] < 0.05
     assert st["dark_pixel_fraction"] > cfg.max_dark_pixel_fraction
-    r = assess_quality(QualityInputs(n_tiles=len(dapi), tissue_area_mm2=1.0, epidermis_probs=np.full(len(dapi), 0.9),
-                                     tile_blur=tile_sharpness_many(dapi), stain_stats=st, mpp_effective=plan.effective_mpp))
+    r = assess_quality(
+        QualityInputs(
+            n_tiles=len(dapi),
+            tissue_area_mm2=1.0,
+            epidermis_probs=np.full(len(dapi), 0.9),
+            tile_blur=tile_sharpness_many(dapi),
+            stain_stats=st,
+            mpp_effective=plan.effective_mpp,
+        )
+    )
     assert check_report(r, "non_diagnostic", "dark_field").startswith(DARK_FIELD_REASON)
     # the whole slide as the pipeline sees it: the tissue detector finds no tissue on black
-    r = assess_quality(QualityInputs(n_tiles=len(grid), tissue_area_mm2=mask.tissue_area_mm2, tissue_flags=mask.flags,
-                                     mpp_effective=grid.plan.effective_mpp))
+    r = assess_quality(
+        QualityInputs(
+            n_tiles=len(grid),
+            tissue_area_mm2=mask.tissue_area_mm2,
+            tissue_flags=mask.flags,
+            mpp_effective=grid.plan.effective_mpp,
+        )
+    )
     assert r.status == "non_diagnostic" and r.flags[:2] == ["dark_field", "no_tissue_tiles"]

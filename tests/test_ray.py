@@ -64,7 +64,9 @@ def slides(tmp_path_factory) -> Path:
     from pipeline.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("ray_slides")
-    generate_dataset(root, n=3, seed=41, mpp=0.5, classes=["nme", "normal", "nme"], size_um=(1600, 1200), overwrite=True)
+    generate_dataset(
+        root, n=3, seed=41, mpp=0.5, classes=["nme", "normal", "nme"], size_um=(1600, 1200), overwrite=True
+    )
     return root / "slides"
 
 
@@ -76,8 +78,13 @@ def ray_instance():
     saved = os.environ.get("RAY_worker_niceness")
     os.environ["RAY_worker_niceness"] = "0"  # as infer.py's own local instance (workers not niced on a shared CI box)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 object_store_memory=100 * 1024 * 1024)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            object_store_memory=100 * 1024 * 1024,
+        )
     finally:
         if saved is None:
             os.environ.pop("RAY_worker_niceness", None)
@@ -114,8 +121,14 @@ def _numbers(obj, path=""):
 
 
 def _infer(*args, env=None, timeout=240):
-    return subprocess.run([sys.executable, str(REPO / "infer.py"), *map(str, args), "--quiet"], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(REPO / "infer.py"), *map(str, args), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 # ----------------------------------------------------------------------------- same results, resume
@@ -143,7 +156,9 @@ def test_ray_cli_matches_local_engine_bitwise(tmp_path, slides, bundle):
         assert a == b, (sid, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)})
         for name in local[sid]["files"]:  # the same files, and the per-tile model outputs identical
             assert (ray_out / sid / name).is_file(), (sid, name)
-        assert json.loads((local_out / sid / "tiles.geojson").read_text()) == json.loads((ray_out / sid / "tiles.geojson").read_text())
+        assert json.loads((local_out / sid / "tiles.geojson").read_text()) == json.loads(
+            (ray_out / sid / "tiles.geojson").read_text()
+        )
     if bundle == DEMO_BUNDLE:
         assert any(r["status"] == "ok" and r["nme_probability"] is not None for r in remote.values())
 
@@ -152,8 +167,14 @@ def test_ray_cli_matches_local_engine_bitwise(tmp_path, slides, bundle):
     assert eng["name"] == "ray" and eng["address"].startswith("local") and eng["workers"] == 1
     assert eng["gpus_per_worker"] == 0 and eng["cpus_per_worker"] >= 1 and "same paths" in eng["shared_filesystem"]
     assert eng["retries"] == []
-    assert run["counts"] == {"slides": 3, "ok": run["counts"]["ok"], "non_diagnostic": run["counts"]["non_diagnostic"],
-                             "failed": 0, "processed_this_run": 3, "skipped_done": 0}
+    assert run["counts"] == {
+        "slides": 3,
+        "ok": run["counts"]["ok"],
+        "non_diagnostic": run["counts"]["non_diagnostic"],
+        "failed": 0,
+        "processed_this_run": 3,
+        "skipped_done": 0,
+    }
     assert run["model"]["sha256"] == record["model"]["sha256"]
     assert (ray_out / "summary.csv").read_text().count("\n") == 4 and (ray_out / "index.html").is_file()
     assert not list(ray_out.glob(".ray-probe-*")) and not (ray_out / ".nme-run.lock").exists()
@@ -209,8 +230,9 @@ def test_worker_death_is_retried_on_a_fresh_actor_or_marked_failed(tmp_path, sli
 
     retries = rec["engine"]["retries"]
     assert [(r["slide_id"], r["attempt"], r["retried"]) for r in retries if r["slide_id"] == once] == [(once, 1, True)]
-    assert [(r["slide_id"], r["attempt"], r["retried"]) for r in retries if r["slide_id"] == always] == \
-        [(always, a, a < MAX_ATTEMPTS) for a in range(1, MAX_ATTEMPTS + 1)]
+    assert [(r["slide_id"], r["attempt"], r["retried"]) for r in retries if r["slide_id"] == always] == [
+        (always, a, a < MAX_ATTEMPTS) for a in range(1, MAX_ATTEMPTS + 1)
+    ]
     assert json.loads((out / "run.json").read_text())["engine"]["retries"] == retries
     rows = (out / "summary.csv").read_text().splitlines()
     assert len(rows) == 4 and any(always in r and "worker died" in r for r in rows)
@@ -226,13 +248,17 @@ def _closed_port() -> int:
 
 
 def test_ray_not_installed_is_one_line(tmp_path, slides):
-    code = ("import sys, runpy; sys.modules['ray'] = None; "  # what an environment without Ray looks like
-            f"sys.argv = ['infer.py', {str(slides)!r}, '--out', {str(tmp_path / 'out')!r}, '--engine', 'ray', '--quiet']; "
-            f"runpy.run_path({str(REPO / 'infer.py')!r}, run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['ray'] = None; "  # what an environment without Ray looks like
+        f"sys.argv = ['infer.py', {str(slides)!r}, '--out', {str(tmp_path / 'out')!r}, '--engine', 'ray', '--quiet']; "
+        f"runpy.run_path({str(REPO / 'infer.py')!r}, run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --engine ray needs Ray") and "pip install '.[ray]'" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: --engine ray needs Ray") and "pip install '.[ray]'" in lines[0]
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -279,7 +305,9 @@ def test_worker_without_the_bundle_stops_before_any_slide(tmp_path, slides, ray_
     from pipeline.core.errors import PipelineError
 
     out = tmp_path / "out"
-    with pytest.raises(ClusterError, match=r"^Ray worker on .* \(pid \d+\) cannot see the model bundle .*no-such-bundle"):
+    with pytest.raises(
+        ClusterError, match=r"^Ray worker on .* \(pid \d+\) cannot see the model bundle .*no-such-bundle"
+    ):
         run_batch(_opts(slides, out, tmp_path / "no-such-bundle", engine="ray", workers=1))
     assert not out.exists()  # nothing half-written
     out.mkdir()
@@ -335,7 +363,9 @@ def test_worker_plan():
     from pipeline.batch.runner import BatchOptions
 
     def plan(shape, **kw):
-        return plan_workers(BatchOptions(slides_dir=None, out_dir=Path("o"), model=Path("m"), engine="ray", **kw), shape)
+        return plan_workers(
+            BatchOptions(slides_dir=None, out_dir=Path("o"), model=Path("m"), engine="ray", **kw), shape
+        )
 
     two = ClusterShape((2.0,), (0.0,))
     assert plan(two) == plan(two, workers=1)

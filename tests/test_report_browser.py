@@ -33,8 +33,16 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (install it with `make browser`)"),
 ]
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _load_builders() -> Any:
@@ -65,13 +73,15 @@ class Watched:
     """A page whose console errors, page errors and requests are recorded."""
 
     def __init__(self, browser: Any, width: int = 1400, height: int = 900) -> None:
-        self.context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
-                                           service_workers="block")
+        self.context = browser.new_context(
+            viewport={"width": width, "height": height}, device_scale_factor=1, service_workers="block"
+        )
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.requests: list[str] = []
-        self.page.on("console",
-                     lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on(
+            "console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None
+        )
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
         self.page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url[:80]}"))
         self.page.on("request", lambda r: self.requests.append(r.url))
@@ -119,8 +129,13 @@ def _all_images_decoded(page: Any) -> bool:
 def test_report_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
     case = B.make_case(seed=3, slide_id="S-2024-0117 A1")
     overlays = B.render_overlays(case)
-    path = write_report(tmp_path / "report.html", B.make_result(slide_id="S-2024-0117 A1"), encode_png(case["thumb"]),
-                        overlays, B.make_gallery(case))
+    path = write_report(
+        tmp_path / "report.html",
+        B.make_result(slide_id="S-2024-0117 A1"),
+        encode_png(case["thumb"]),
+        overlays,
+        B.make_gallery(case),
+    )
     w = Watched(browser)
     try:
         page = w.open(path)
@@ -184,9 +199,14 @@ def test_report_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
 
 
 def test_failed_report_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
-    result = {"slide_id": "S-404", "status": "failed", "error": "S-404.mrxs: missing data folder S-404/",
-              "nme_probability": None, "band": None,
-              "model": {"name": "nme-patch-cnn", "version": "0.1.0", "sha256": None, "label": DEMO_MODEL_LABEL}}
+    result = {
+        "slide_id": "S-404",
+        "status": "failed",
+        "error": "S-404.mrxs: missing data folder S-404/",
+        "nme_probability": None,
+        "band": None,
+        "model": {"name": "nme-patch-cnn", "version": "0.1.0", "sha256": None, "label": DEMO_MODEL_LABEL},
+    }
     path = write_report(tmp_path / "failed.html", result, None, {}, {})
     w = Watched(browser)
     try:

@@ -25,15 +25,19 @@ DEMO_BUNDLE = REPO / "models" / "demo_bundle"
 
 
 def test_cli_prints_the_schema_and_the_docs_copy_is_current():
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "schema", "result"], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "schema", "result"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == result_json_schema()
     docs = json.loads((REPO / "docs" / "result.schema.json").read_text())
-    assert docs == printed, "docs/result.schema.json is stale: python -m pipeline schema result > docs/result.schema.json"
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "schema", "bundle"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    assert docs == printed, (
+        "docs/result.schema.json is stale: python -m pipeline schema result > docs/result.schema.json"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "schema", "bundle"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "schema takes one of: result" in bad.stderr
 
 
@@ -56,8 +60,9 @@ def test_mixed_local_batch_validates_against_the_schema(tmp_path):
     out = tmp_path / "out"
     run_batch(BatchOptions(slides_dir=slides, out_dir=out, model=DEMO_BUNDLE, quiet=True))
     results = assert_results_match_schema(out)
-    assert {r["status"] for r in results.values()} == {"ok", "non_diagnostic", "failed"}, \
-        {k: (r["status"], r["error"], r["quality"]["flags"]) for k, r in results.items()}
+    assert {r["status"] for r in results.values()} == {"ok", "non_diagnostic", "failed"}, {
+        k: (r["status"], r["error"], r["quality"]["flags"]) for k, r in results.items()
+    }
     for r in results.values():
         assert r["schema_version"] == SCHEMA_VERSION and r["produced_by"]["engine"] == "local"
         assert r["model"]["name"] and r["model"]["label"]
@@ -104,8 +109,15 @@ def test_ok_needs_probability_and_patterns():
     with pytest.raises(ResultFormatError, match="missing field 'patterns'"):
         parse_result({"slide_id": "S1", "status": "ok", "nme_probability": 0.2, "band": "LOW"})
     with pytest.raises(ResultFormatError, match=r"nme_probability: .*(less than or equal|finite)"):
-        parse_result({"slide_id": "S1", "status": "ok", "nme_probability": 1.5, "band": "LOW",
-                      "patterns": {"pallor": 0, "necrolysis": 0, "parakeratosis": 0}})
+        parse_result(
+            {
+                "slide_id": "S1",
+                "status": "ok",
+                "nme_probability": 1.5,
+                "band": "LOW",
+                "patterns": {"pallor": 0, "necrolysis": 0, "parakeratosis": 0},
+            }
+        )
 
 
 #: modules that may compose the per-slide steps (open → tissue → grid → features → gate → aggregation):
@@ -121,8 +133,11 @@ def test_only_the_analysis_composes_the_per_slide_steps():
         rel = str(path.relative_to(REPO))
         if rel in COMPOSERS:
             continue
-        called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", None)
-                  for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)}
+        called = {
+            n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", None)
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Call)
+        }
         used = called & STEPS
         # tile_slide (tissue + grid, one function of the tiles layer) is the first step, not a composition
         if len(used) >= 2 or ("extract_features" in called and rel != "pipeline/patch/features.py"):

@@ -27,14 +27,18 @@ NME_PATTERN = {"pallor": 0.82, "necrolysis": 0.71, "parakeratosis": 0.88}
 LATE_PATTERN = {"pallor": 0.10, "necrolysis": 0.05, "parakeratosis": 0.90}
 
 
-def make_result(p: float | None = 0.85, band: str | None = "auto", status: str = "ok",
-                patterns: dict | None = None, **extra: Any) -> dict:
+def make_result(
+    p: float | None = 0.85, band: str | None = "auto", status: str = "ok", patterns: dict | None = None, **extra: Any
+) -> dict:
     """A per-slide result.json as batch inference writes it."""
     if band == "auto":
         band = RS.band_of(p) if p is not None else None
     res = {
-        "slide_id": extra.pop("slide_id", "S1"), "status": status, "error": extra.pop("error", None),
-        "nme_probability": p, "band": band,
+        "slide_id": extra.pop("slide_id", "S1"),
+        "status": status,
+        "error": extra.pop("error", None),
+        "nme_probability": p,
+        "band": band,
         "patterns": patterns if patterns is not None else (dict(NME_PATTERN) if status == "ok" else None),
         "quality": extra.pop("quality", {"flags": [], "reasons": []}),
         "model": {"name": "nme-demo", "version": "0.1.0", "sha256": "ab" * 32},
@@ -66,8 +70,13 @@ def diff_ids(rec: dict) -> set[str]:
 # -- the rule paths, as vignettes -------------------------------------------------------------
 def test_r1_non_diagnostic_slide_proposes_rebiopsy_only() -> None:
     """Shave biopsy with no epidermis: the quality gate fails the slide; no model band exists."""
-    res = make_result(p=None, band=None, status="non_diagnostic", patterns=None,
-                      quality={"flags": ["no_epidermis"], "reasons": ["no epidermis found"]})
+    res = make_result(
+        p=None,
+        band=None,
+        status="non_diagnostic",
+        patterns=None,
+        quality={"flags": ["no_epidermis"], "reasons": ["no epidermis found"]},
+    )
     rec = recommend(res, None, RS)
     assert rec["rules_fired"] == ["R1"]
     assert order_ids(rec) == {"rebiopsy"}
@@ -107,8 +116,13 @@ def test_r2b_needs_a_compatible_site_and_flags_an_unknown_one() -> None:
 
 def test_r2b_applies_to_a_non_diagnostic_slide_too() -> None:
     """Clinical suspicion does not depend on the slide: non-diagnostic biopsy + red flags."""
-    res = make_result(p=None, band=None, status="non_diagnostic", patterns=None,
-                      quality={"flags": ["blur"], "reasons": ["out of focus"]})
+    res = make_result(
+        p=None,
+        band=None,
+        status="non_diagnostic",
+        patterns=None,
+        quality={"flags": ["blur"], "reasons": ["out of focus"]},
+    )
     rec = recommend(res, ctx(site="perineal", diabetes=1, weight_loss=1), RS)
     assert {"R1", "R2b"} <= set(rec["rules_fired"])
     assert {"rebiopsy", "glucagon"} <= order_ids(rec)
@@ -145,10 +159,19 @@ def test_r4_high_band_glucagon_first_with_preanalytics_and_no_imaging() -> None:
     g = order(rec, "glucagon")
     assert g["priority"] == "urgent"
     assert rec["orders"][0]["id"] == "glucagon"  # urgent first
-    assert g["code"] == {"system": "http://loinc.org", "code": "2338-2",
-                         "display": "Glucagon [Mass/volume] in Serum or Plasma"}
-    for words in ("8 h fast", "pre-chilled EDTA", "on ice", "frozen", "[E: Mayo Clinic Labs test 9358]",
-                  "Imaging waits"):
+    assert g["code"] == {
+        "system": "http://loinc.org",
+        "code": "2338-2",
+        "display": "Glucagon [Mass/volume] in Serum or Plasma",
+    }
+    for words in (
+        "8 h fast",
+        "pre-chilled EDTA",
+        "on ice",
+        "frozen",
+        "[E: Mayo Clinic Labs test 9358]",
+        "Imaging waits",
+    ):
         assert words in g["note"], words
     assert not order_ids(rec) & IMAGING
     assert {"glucagonoma", "nae", "zinc_deficiency", "pellagra", "psoriasis", "pemphigus_foliaceus"} <= diff_ids(rec)
@@ -347,8 +370,11 @@ def test_band_policy_ruleset_always_recomputes(tmp_path: Path) -> None:
 
 
 def test_recommendation_contract_and_citations() -> None:
-    rec = recommend(make_result(p=0.9, patient_id="P7"),
-                    ctx(site="acral", diabetes=True, weight_loss=True, glucagon_pg_ml=700, zinc_ug_dl=40), RS)
+    rec = recommend(
+        make_result(p=0.9, patient_id="P7"),
+        ctx(site="acral", diabetes=True, weight_loss=True, glucagon_pg_ml=700, zinc_ug_dl=40),
+        RS,
+    )
     json.dumps(rec, allow_nan=False)
     for key in ("orders", "differential", "flags", "disclaimer", "ruleset_version", "band", "nme_probability", "notes"):
         assert key in rec
@@ -363,18 +389,22 @@ def test_recommendation_contract_and_citations() -> None:
 
 
 def test_quality_warnings_on_an_ok_slide_are_flagged() -> None:
-    rec = recommend(make_result(p=0.3, quality={"flags": ["little_epidermis"], "reasons": ["epidermis < 5% of tissue"]}),
-                    None, RS)
+    rec = recommend(
+        make_result(p=0.3, quality={"flags": ["little_epidermis"], "reasons": ["epidermis < 5% of tissue"]}), None, RS
+    )
     assert "quality_warning" in flag_ids(rec)
 
 
 # -- clinical context loading -------------------------------------------------------------------
 def test_csv_booleans_empty_cells_and_patient_rows_merge(tmp_path: Path) -> None:
     f = tmp_path / "clinical.csv"
-    f.write_text("slide_id,patient_id,site,diabetes,weight_loss,hcv,zinc_ug_dl,glucagon_pg_ml\n"
-                 "S1,P1,perioral,,No,,,\n"
-                 ",P1,,YES,1,negative,55,\n"
-                 "S2,,acral,0,true,unknown,,1200\n", encoding="utf-8")
+    f.write_text(
+        "slide_id,patient_id,site,diabetes,weight_loss,hcv,zinc_ug_dl,glucagon_pg_ml\n"
+        "S1,P1,perioral,,No,,,\n"
+        ",P1,,YES,1,negative,55,\n"
+        "S2,,acral,0,true,unknown,,1200\n",
+        encoding="utf-8",
+    )
     table = load_clinical(f, slide_ids={"S1", "S2"})
     c1 = table.lookup("S1", "P1")
     assert (c1.site, c1.diabetes, c1.weight_loss, c1.hcv, c1.zinc_ug_dl) == ("perioral", True, False, "negative", 55.0)
@@ -387,8 +417,11 @@ def test_csv_booleans_empty_cells_and_patient_rows_merge(tmp_path: Path) -> None
 
 def test_json_list_and_mapping(tmp_path: Path) -> None:
     lst = tmp_path / "c.json"
-    lst.write_text(json.dumps([{"slide_id": "S1", "diabetes": True, "zinc_ug_dl": 70},
-                               {"patient_id": "P2", "men1_history": "yes"}]))
+    lst.write_text(
+        json.dumps(
+            [{"slide_id": "S1", "diabetes": True, "zinc_ug_dl": 70}, {"patient_id": "P2", "men1_history": "yes"}]
+        )
+    )
     t = load_clinical(lst, slide_ids={"S1"})
     assert t.lookup("S1").zinc_ug_dl == 70 and t.lookup("S9", "P2").men1_history is True
     mp = tmp_path / "m.json"
@@ -397,17 +430,20 @@ def test_json_list_and_mapping(tmp_path: Path) -> None:
     assert t.lookup("S1").site == "acral" and t.lookup("SX", "P2").alcohol is True
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("site", "forearm", ["site", "forearm", "intertriginous"]),
-    ("zinc_ug_dl", "low", ["zinc_ug_dl", "low", "number"]),
-    ("glucagon_pg_ml", "-20", ["glucagon_pg_ml", "-20", "negative"]),
-    ("albumin_g_dl", "nan", ["albumin_g_dl", "nan"]),
-    ("hcv", "maybe", ["hcv", "maybe", "positive"]),
-    ("diabetes", "perhaps", ["diabetes", "perhaps"]),
-    ("prior_imaging", "ct", ["prior_imaging", "ct"]),
-    ("glucagon_uln_pg_ml", "0", ["glucagon_uln_pg_ml"]),
-    ("favourite_colour", "blue", ["favourite_colour", "allowed"]),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("site", "forearm", ["site", "forearm", "intertriginous"]),
+        ("zinc_ug_dl", "low", ["zinc_ug_dl", "low", "number"]),
+        ("glucagon_pg_ml", "-20", ["glucagon_pg_ml", "-20", "negative"]),
+        ("albumin_g_dl", "nan", ["albumin_g_dl", "nan"]),
+        ("hcv", "maybe", ["hcv", "maybe", "positive"]),
+        ("diabetes", "perhaps", ["diabetes", "perhaps"]),
+        ("prior_imaging", "ct", ["prior_imaging", "ct"]),
+        ("glucagon_uln_pg_ml", "0", ["glucagon_uln_pg_ml"]),
+        ("favourite_colour", "blue", ["favourite_colour", "allowed"]),
+    ],
+)
 def test_bad_clinical_values_are_one_line_errors(field: str, value: str, words: list[str]) -> None:
     with pytest.raises(DataError) as ei:
         parse_context({"slide_id": "S1", field: value}, "clinical.csv line 2")
@@ -453,18 +489,21 @@ def test_patient_id_mismatch_is_an_error(tmp_path: Path) -> None:
         t.lookup("S1", "P2")
 
 
-@pytest.mark.parametrize("mutate,words", [
-    (lambda r: r.pop("slide_id"), ["slide_id", "missing"]),
-    (lambda r: r.pop("status"), ["status", "missing"]),
-    (lambda r: r.pop("patterns"), ["patterns", "missing"]),
-    (lambda r: r.update(status="done"), ["status", "done"]),
-    (lambda r: r.update(nme_probability=1.7), ["nme_probability", "1.7"]),
-    (lambda r: r.update(nme_probability="high"), ["nme_probability", "high"]),
-    (lambda r: r.update(band="VERY_HIGH"), ["band", "VERY_HIGH"]),
-    (lambda r: r["patterns"].pop("pallor"), ["patterns.pallor", "missing"]),
-    (lambda r: r["patterns"].update(necrolysis=-0.1), ["patterns.necrolysis", "-0.1"]),
-    (lambda r: r.update(nme_probability=None, band=None), ["nme_probability or band"]),
-])
+@pytest.mark.parametrize(
+    "mutate,words",
+    [
+        (lambda r: r.pop("slide_id"), ["slide_id", "missing"]),
+        (lambda r: r.pop("status"), ["status", "missing"]),
+        (lambda r: r.pop("patterns"), ["patterns", "missing"]),
+        (lambda r: r.update(status="done"), ["status", "done"]),
+        (lambda r: r.update(nme_probability=1.7), ["nme_probability", "1.7"]),
+        (lambda r: r.update(nme_probability="high"), ["nme_probability", "high"]),
+        (lambda r: r.update(band="VERY_HIGH"), ["band", "VERY_HIGH"]),
+        (lambda r: r["patterns"].pop("pallor"), ["patterns.pallor", "missing"]),
+        (lambda r: r["patterns"].update(necrolysis=-0.1), ["patterns.necrolysis", "-0.1"]),
+        (lambda r: r.update(nme_probability=None, band=None), ["nme_probability or band"]),
+    ],
+)
 def test_bad_results_are_one_line_errors(mutate, words: list[str]) -> None:  # noqa: ANN001
     res = make_result(p=0.7)
     mutate(res)
@@ -499,25 +538,30 @@ def _rule(data: dict, rid: str) -> dict:
     return next(r for r in data["rules"] if r["id"] == rid)
 
 
-@pytest.mark.parametrize("edit,pattern", [
-    (lambda d: _rule(d, "R4")["orders"].append({"id": "glucagn"}), r"R4.*unknown order id 'glucagn'"),
-    (lambda d: d["orders"].update(pet_scan=d["orders"]["sstr_pet"]), r"unknown order id 'pet_scan'"),
-    (lambda d: d["bands"][1].update(lower=0.15), r"LOW \(upper 0.2\) overlaps INDETERMINATE"),
-    (lambda d: d["bands"][1].update(lower=0.25), r"gap between LOW .* INDETERMINATE"),
-    (lambda d: d["bands"][2].update(upper=0.95), r"HIGH must end at 1"),
-    (lambda d: d["thresholds"].update(glucagon_suggestive_pg_ml=1500), r"default ULN < suggestive < typical"),
-    (lambda d: d["thresholds"].update(zinc_lower_limit_ug_dl=-1), r"zinc_lower_limit_ug_dl"),
-    (lambda d: d["orders"]["glucagon"]["code"].update(code="2338-3"), r"2338-3.*check digit"),
-    (lambda d: _rule(d, "R4")["orders"].append({"id": "ct_or_mri_pancreas", "priority": "urgent"}),
-     r"R4.*imaging order 'ct_or_mri_pancreas' is not behind an imaging gate"),
-    (lambda d: _rule(d, "R4").update(when=["slide_ok", "band_hihg"]), r"unknown predicate 'band_hihg'"),
-    (lambda d: _rule(d, "R4").update(rationale="NME pattern {bnad} seen here"), r"unknown placeholder \{bnad\}"),
-    (lambda d: _rule(d, "R4").update(evidence=["MAYO_9999"]), r"unknown evidence key 'MAYO_9999'"),
-    (lambda d: _rule(d, "R4").update(priorty="urgent"), r"unknown key 'rules.\d+.priorty'"),
-    (lambda d: _rule(d, "R4")["orders"][0].update(priority="stat"), r"priority"),
-    (lambda d: d["rules"].append(dict(_rule(d, "R4"))), r"duplicate rule id 'R4'"),
-    (lambda d: d.pop("ruleset_version"), r"ruleset_version"),
-])
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda d: _rule(d, "R4")["orders"].append({"id": "glucagn"}), r"R4.*unknown order id 'glucagn'"),
+        (lambda d: d["orders"].update(pet_scan=d["orders"]["sstr_pet"]), r"unknown order id 'pet_scan'"),
+        (lambda d: d["bands"][1].update(lower=0.15), r"LOW \(upper 0.2\) overlaps INDETERMINATE"),
+        (lambda d: d["bands"][1].update(lower=0.25), r"gap between LOW .* INDETERMINATE"),
+        (lambda d: d["bands"][2].update(upper=0.95), r"HIGH must end at 1"),
+        (lambda d: d["thresholds"].update(glucagon_suggestive_pg_ml=1500), r"default ULN < suggestive < typical"),
+        (lambda d: d["thresholds"].update(zinc_lower_limit_ug_dl=-1), r"zinc_lower_limit_ug_dl"),
+        (lambda d: d["orders"]["glucagon"]["code"].update(code="2338-3"), r"2338-3.*check digit"),
+        (
+            lambda d: _rule(d, "R4")["orders"].append({"id": "ct_or_mri_pancreas", "priority": "urgent"}),
+            r"R4.*imaging order 'ct_or_mri_pancreas' is not behind an imaging gate",
+        ),
+        (lambda d: _rule(d, "R4").update(when=["slide_ok", "band_hihg"]), r"unknown predicate 'band_hihg'"),
+        (lambda d: _rule(d, "R4").update(rationale="NME pattern {bnad} seen here"), r"unknown placeholder \{bnad\}"),
+        (lambda d: _rule(d, "R4").update(evidence=["MAYO_9999"]), r"unknown evidence key 'MAYO_9999'"),
+        (lambda d: _rule(d, "R4").update(priorty="urgent"), r"unknown key 'rules.\d+.priorty'"),
+        (lambda d: _rule(d, "R4")["orders"][0].update(priority="stat"), r"priority"),
+        (lambda d: d["rules"].append(dict(_rule(d, "R4"))), r"duplicate rule id 'R4'"),
+        (lambda d: d.pop("ruleset_version"), r"ruleset_version"),
+    ],
+)
 def test_bad_rulesets_are_config_errors(tmp_path: Path, edit, pattern: str) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match=pattern) as ei:
         _ruleset_with(tmp_path, edit)
@@ -527,11 +571,28 @@ def test_bad_rulesets_are_config_errors(tmp_path: Path, edit, pattern: str) -> N
 def test_shipped_ruleset_covers_the_rule_table_and_vocabulary() -> None:
     ids = {r.id for r in RS.rules}
     assert {"R1", "R2", "R2b", "R3", "R4", "R5a", "R5b", "R5c", "R5d", "R6", "R7", "R8", "R9", "R10", "R13"} <= ids
-    assert set(RS.orders) == {"glucagon", "glucose_hba1c", "cbc", "albumin", "liver_panel", "zinc", "chromogranin_a",
-                              "amino_acids", "hcv_antibody", "niacin", "men1_screen", "ct_or_mri_pancreas",
-                              "sstr_pet", "eus", "rebiopsy"}
-    assert [(b.name, b.lower, b.upper) for b in RS.bands] == [("LOW", 0.0, 0.2), ("INDETERMINATE", 0.2, 0.6),
-                                                              ("HIGH", 0.6, 1.0)]
+    assert set(RS.orders) == {
+        "glucagon",
+        "glucose_hba1c",
+        "cbc",
+        "albumin",
+        "liver_panel",
+        "zinc",
+        "chromogranin_a",
+        "amino_acids",
+        "hcv_antibody",
+        "niacin",
+        "men1_screen",
+        "ct_or_mri_pancreas",
+        "sstr_pet",
+        "eus",
+        "rebiopsy",
+    }
+    assert [(b.name, b.lower, b.upper) for b in RS.bands] == [
+        ("LOW", 0.0, 0.2),
+        ("INDETERMINATE", 0.2, 0.6),
+        ("HIGH", 0.6, 1.0),
+    ]
     local = {k for k, o in RS.orders.items() if o.code.system != "http://loinc.org"}
     assert {"amino_acids", "niacin", "eus", "rebiopsy"} <= local
     assert all("local code" in RS.orders[k].code.display for k in local)
@@ -539,8 +600,13 @@ def test_shipped_ruleset_covers_the_rule_table_and_vocabulary() -> None:
 
 # -- command line ---------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.clinical.rules", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.clinical.rules", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_prints_recommendation_and_writes_fhir(tmp_path: Path) -> None:
@@ -602,21 +668,42 @@ def _cases(draw) -> tuple[dict, dict]:  # noqa: ANN001
     status = draw(st.sampled_from(["ok", "ok", "ok", "non_diagnostic", "failed"]))
     if status == "ok":
         p = draw(st.one_of(st.none(), st.floats(min_value=0, max_value=1)))
-        band = draw(st.sampled_from(["LOW", "INDETERMINATE", "HIGH"])) if p is None else draw(
-            st.sampled_from([None, "LOW", "INDETERMINATE", "HIGH", RS.band_of(p)]))
+        band = (
+            draw(st.sampled_from(["LOW", "INDETERMINATE", "HIGH"]))
+            if p is None
+            else draw(st.sampled_from([None, "LOW", "INDETERMINATE", "HIGH", RS.band_of(p)]))
+        )
         patterns = {k: draw(st.floats(min_value=0, max_value=1)) for k in ("pallor", "necrolysis", "parakeratosis")}
         res = make_result(p=p, band=band, patterns=patterns)
     else:
         res = make_result(p=None, band=None, status=status, patterns=None, error="x")
     fields = {
-        "site": draw(st.sampled_from([None, "intertriginous", "perioral", "perineal", "acral", "sun_exposed", "trunk",
-                                      "extremity", "other"])),
-        **{b: draw(_bool) for b in ("diabetes", "weight_loss", "liver_disease", "ibd", "celiac", "pancreatitis",
-                                    "tpn", "alcohol", "men1_history", "pancreatic_mass")},
+        "site": draw(
+            st.sampled_from(
+                [None, "intertriginous", "perioral", "perineal", "acral", "sun_exposed", "trunk", "extremity", "other"]
+            )
+        ),
+        **{
+            b: draw(_bool)
+            for b in (
+                "diabetes",
+                "weight_loss",
+                "liver_disease",
+                "ibd",
+                "celiac",
+                "pancreatitis",
+                "tpn",
+                "alcohol",
+                "men1_history",
+                "pancreatic_mass",
+            )
+        },
         "hcv": draw(st.sampled_from([None, "positive", "negative", "unknown"])),
-        "zinc_ug_dl": draw(_num(0, 200)), "albumin_g_dl": draw(_num(0, 6)),
-        "glucagon_pg_ml": draw(st.one_of(st.none(), st.floats(min_value=0, max_value=3000),
-                                         st.sampled_from([150.0, 500.0, 1000.0]))),
+        "zinc_ug_dl": draw(_num(0, 200)),
+        "albumin_g_dl": draw(_num(0, 6)),
+        "glucagon_pg_ml": draw(
+            st.one_of(st.none(), st.floats(min_value=0, max_value=3000), st.sampled_from([150.0, 500.0, 1000.0]))
+        ),
         "glucagon_uln_pg_ml": draw(st.one_of(st.none(), st.floats(min_value=1, max_value=499))),
         "prior_imaging": draw(st.sampled_from([None, "none", "negative", "mass", "liver_lesions"])),
     }

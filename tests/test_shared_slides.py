@@ -26,7 +26,11 @@ BAD = {
     "synthetic_openslide_fixtures/unopenable.tiff": (SlideError, "Unsupported TIFF compression"),
     "synthetic_openslide_fixtures/boxes.tiff": (MPPError, "implausible"),
 }
-TINY = ["synthetic_openslide_fixtures/small.svs", "synthetic_openslide_fixtures/boxes_0.dcm", "synthetic_openslide_fixtures/boxes_1.dcm"]
+TINY = [
+    "synthetic_openslide_fixtures/small.svs",
+    "synthetic_openslide_fixtures/boxes_0.dcm",
+    "synthetic_openslide_fixtures/boxes_1.dcm",
+]
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))
@@ -75,7 +79,10 @@ def test_boxes_with_explicit_mpp_opens(shared_slides):
 
 
 def test_cmu_svs_and_dicom_same_tiles(shared_slides):
-    with open_slide(shared_slides / "CMU-1-Small-Region.svs") as a, open_slide(shared_slides / "CMU-1-Small-Region_DICOM") as b:
+    with (
+        open_slide(shared_slides / "CMU-1-Small-Region.svs") as a,
+        open_slide(shared_slides / "CMU-1-Small-Region_DICOM") as b,
+    ):
         ga, ma, _, _ = tile_slide(a)
         gb, mb, _, _ = tile_slide(b)
         assert {tuple(c) for c in ga.coords} == {tuple(c) for c in gb.coords}
@@ -114,8 +121,18 @@ def test_cmu_epidermis_and_keratin_in_ink_out(shared_slides):
 
 def test_tiling_cli_on_real_slide(shared_slides, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.tiles.tiling", str(shared_slides / "hamamatsu_test3-DAPI-2-387.ndpi"), "--out", str(tmp_path), "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.tiles.tiling",
+            str(shared_slides / "hamamatsu_test3-DAPI-2-387.ndpi"),
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     line = json.loads(proc.stdout)

@@ -112,7 +112,16 @@ def test_files_and_labels(dataset):
         assert row == {k: str(v) for k, v in rec.items()}
         assert (out / "slides" / f"{row['slide_id']}.tiff").is_file()
         assert (out / "annotations" / f"{row['slide_id']}.geojson").is_file()
-        assert row["site"] in {"intertriginous", "perioral", "perineal", "acral", "trunk", "extremity", "sun_exposed", "other"}
+        assert row["site"] in {
+            "intertriginous",
+            "perioral",
+            "perineal",
+            "acral",
+            "trunk",
+            "extremity",
+            "sun_exposed",
+            "other",
+        }
     assert not list(out.rglob("*.tmp"))
 
 
@@ -143,7 +152,11 @@ def test_same_seed_same_bytes(dataset, tmp_path):
     generate_dataset(again, n=4, seed=SEED, mpp=0.5, classes=CLASSES, size_um=SIZE)
 
     def digest(root: Path) -> dict[str, str]:
-        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     first, second = digest(out), digest(again)
     assert first == second
@@ -174,7 +187,9 @@ def test_annotations_are_qupath_features(dataset):
             assert len(ring) >= 4 and np.allclose(ring[0], ring[-1])
             area = 0.5 * abs(np.dot(ring[:, 0], np.roll(ring[:, 1], -1)) - np.dot(ring[:, 1], np.roll(ring[:, 0], -1)))
             assert area > 100.0
-    assert all(len(i) == 36 for i in ids) and len(ids) == sum(len(_features(out / "annotations" / f"{r['slide_id']}.geojson")) for r in rows)
+    assert all(len(i) == 36 for i in ids) and len(ids) == sum(
+        len(_features(out / "annotations" / f"{r['slide_id']}.geojson")) for r in rows
+    )
 
 
 def test_labels_agree_with_annotations(dataset):
@@ -209,8 +224,13 @@ def test_patterns_lie_in_the_right_layer(dataset):
             for poly_set, what in ((tissue, "tissue"), (epis, "epidermis")):
                 if what == "epidermis" and _name(f) == "epidermis":
                     continue
-                inside = [max(cv2.pointPolygonTest(p.astype(np.float32).reshape(-1, 1, 2), (float(x), float(y)), True) for p in poly_set)
-                          for x, y in ring[:-1]]
+                inside = [
+                    max(
+                        cv2.pointPolygonTest(p.astype(np.float32).reshape(-1, 1, 2), (float(x), float(y)), True)
+                        for p in poly_set
+                    )
+                    for x, y in ring[:-1]
+                ]
                 assert min(inside) > -1.0, f"{row['slide_id']} {_name(f)} leaves the {what} by {-min(inside):.1f} px"
             if _name(f) == "epidermis":
                 continue
@@ -273,8 +293,12 @@ def test_patterns_are_rendered(dataset):
     spong = by_dx["spongiotic"]
     _, lay_s = layouts[spong["slide_id"]]
     img_s = _level0(out / "slides" / f"{spong['slide_id']}.tiff").astype(np.float32)
-    lower_s = _mask(img_s.shape[:2], [r for s in lay_s.sections for r in _band(s, 0.45, 0.95, exclude_patches=False)], 1 / mpp)
-    lower_n = _mask(img_n.shape[:2], [r for s in lay_n.sections for r in _band(s, 0.45, 0.95, exclude_patches=False)], 1 / mpp)
+    lower_s = _mask(
+        img_s.shape[:2], [r for s in lay_s.sections for r in _band(s, 0.45, 0.95, exclude_patches=False)], 1 / mpp
+    )
+    lower_n = _mask(
+        img_n.shape[:2], [r for s in lay_n.sections for r in _band(s, 0.45, 0.95, exclude_patches=False)], 1 / mpp
+    )
     pale_s = (img_s.mean(2)[lower_s] > 200).mean()
     pale_n = (img_n.mean(2)[lower_n] > 200).mean()
     assert pale_s > pale_n + 0.02, (pale_s, pale_n)
@@ -358,8 +382,22 @@ def test_cli_refuses_non_empty_folder_then_overwrites(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    cmd = [sys.executable, "-m", "pipeline.synthetic", "--out", str(out), "--n", "1", "--seed", "3",
-           "--classes", "normal", "--size", "1200x1000", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.synthetic",
+        "--out",
+        str(out),
+        "--n",
+        "1",
+        "--seed",
+        "3",
+        "--classes",
+        "normal",
+        "--size",
+        "1200x1000",
+        "-q",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -50,7 +50,9 @@ def test_same_physical_tiles_at_two_resolutions(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.tiles.tiling", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.tiles.tiling", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_writes_coords_provenance_preview(tiny_slide, tmp_path):

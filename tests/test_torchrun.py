@@ -69,8 +69,16 @@ def test_single_process_is_a_no_op(monkeypatch):
 
 def _torchrun(config: Path, timeout: int = 170) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        "--config",
+        str(config),
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -108,6 +116,8 @@ def test_torchrun_two_processes_train_the_patch_model(tmp_path):
     assert "different points" not in proc.stderr
     assert proc.stderr.count("saved bundle") == 1
     again = load_file(str(out / "bundle" / "model.safetensors"))
-    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)  # nothing retrained
+    assert again.keys() == weights.keys() and all(
+        torch.equal(again[k], weights[k]) for k in weights
+    )  # nothing retrained
     with open(out / "log.csv", newline="") as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1"]

@@ -23,8 +23,13 @@ CLASSES = ["pallor", "necrolysis", "parakeratosis", "epidermis"]
 
 
 def _train(*args, timeout=600):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -61,18 +66,24 @@ def test_cli_typo_exit_code(tmp_path):
 
 
 def _feature(name, ring, holes=()):
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring, *holes]},
-            "properties": {"objectType": "annotation", "classification": {"name": name, "color": [1, 2, 3]}}}
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring, *holes]},
+        "properties": {"objectType": "annotation", "classification": {"name": name, "color": [1, 2, 3]}},
+    }
 
 
 def test_annotation_coverage_and_labels(tmp_path):
     sq = lambda x0, y0, s: [[x0, y0], [x0 + s, y0], [x0 + s, y0 + s], [x0, y0 + s], [x0, y0]]  # noqa: E731
-    gj = {"type": "FeatureCollection", "features": [
-        _feature("pallor", sq(0, 0, 224)),  # exactly tile (0, 0)
-        _feature("Parakeratosis", sq(224, 0, 112)),  # a quarter of tile (224, 0), via class_map
-        _feature("epidermis", sq(0, 0, 448), holes=[sq(0, 224, 224)]),  # hole over tile (0, 224)
-        _feature("Tissue", sq(0, 0, 1000)),  # ignored class
-    ]}
+    gj = {
+        "type": "FeatureCollection",
+        "features": [
+            _feature("pallor", sq(0, 0, 224)),  # exactly tile (0, 0)
+            _feature("Parakeratosis", sq(224, 0, 112)),  # a quarter of tile (224, 0), via class_map
+            _feature("epidermis", sq(0, 0, 448), holes=[sq(0, 224, 224)]),  # hole over tile (0, 224)
+            _feature("Tissue", sq(0, 0, 1000)),  # ignored class
+        ],
+    }
     path = tmp_path / "a.geojson"
     path.write_text(json.dumps(gj))
     anns = read_annotations(path, CLASSES, class_map={"Parakeratosis": "parakeratosis"}, ignore_classes=["Tissue"])
@@ -91,9 +102,15 @@ def test_annotation_coverage_and_labels(tmp_path):
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        ({"type": "FeatureCollection", "features": [_feature("mystery", [[0, 0], [1, 0], [1, 1], [0, 0]])]}, "unknown annotation class"),
+        (
+            {"type": "FeatureCollection", "features": [_feature("mystery", [[0, 0], [1, 0], [1, 1], [0, 0]])]},
+            "unknown annotation class",
+        ),
         ({"type": "FeatureCollection", "features": [_feature("pallor", [[0, 0], [1, 1]])]}, "invalid polygon ring"),
-        ({"type": "FeatureCollection", "features": [_feature("pallor", [[0, 0], [1, "x"], [1, 1], [0, 0]])]}, "not numbers"),
+        (
+            {"type": "FeatureCollection", "features": [_feature("pallor", [[0, 0], [1, "x"], [1, 1], [0, 0]])]},
+            "not numbers",
+        ),
         ({"hello": 1}, "not GeoJSON annotations"),
     ],
 )
@@ -110,16 +127,31 @@ def tiny_set(tmp_path_factory) -> Path:
     from pipeline.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("train_data")
-    generate_dataset(root, n=12, seed=41, mpp=0.5, classes=["nme", "normal", "psoriasiform"], size_um=(2000, 1500), overwrite=True)
+    generate_dataset(
+        root, n=12, seed=41, mpp=0.5, classes=["nme", "normal", "psoriasiform"], size_um=(2000, 1500), overwrite=True
+    )
     return root
 
 
 def _tiny_config(tmp_path: Path, root: Path, **train) -> Path:
-    cfg = {"task": "patch", "name": "tiny", "output_dir": str(tmp_path / "run"),
-           "data": {"root": str(root)}, "split": {"val_fraction": 0.34, "k_folds": 2},
-           "model": {"backbone": "mobilenet_v3_small"},
-           "train": {"epochs": 2, "tiles_per_epoch": 48, "batch_size": 8, "max_val_tiles": 50, "num_workers": 0,
-                     "checkpoint_every": 1, "threads": 1, **train}}
+    cfg = {
+        "task": "patch",
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "data": {"root": str(root)},
+        "split": {"val_fraction": 0.34, "k_folds": 2},
+        "model": {"backbone": "mobilenet_v3_small"},
+        "train": {
+            "epochs": 2,
+            "tiles_per_epoch": 48,
+            "batch_size": 8,
+            "max_val_tiles": 50,
+            "num_workers": 0,
+            "checkpoint_every": 1,
+            "threads": 1,
+            **train,
+        },
+    }
     return _write(tmp_path / "tiny.yaml", cfg)
 
 
@@ -137,8 +169,13 @@ def test_labels_naming_missing_slides(tmp_path, tiny_set):
 def test_killed_mid_epoch_resumes(tmp_path, tiny_set):
     cfg = _tiny_config(tmp_path, tiny_set)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = run / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and not last.exists() and proc.poll() is None:
@@ -171,14 +208,23 @@ def test_balanced_sample_draws_epidermal_hard_negatives():
     targets[:120, 3] = 1  # 80 epidermal tiles negative for every pattern, 280 dermis/other tiles
     mask = np.ones_like(targets, bool)
     mask[40:50, :3] = False  # ambiguous coverage: never a clean negative
-    slide = SlideTiles(record=None, coords=rng.integers(0, 10000, (n, 2)), targets=targets, mask=mask,
-                       coverage=targets.copy(), plan=None, tile_size_l0=224.0)
+    slide = SlideTiles(
+        record=None,
+        coords=rng.integers(0, 10000, (n, 2)),
+        targets=targets,
+        mask=mask,
+        coverage=targets.copy(),
+        plan=None,
+        tile_size_l0=224.0,
+    )
     plain = balanced_sample([slide], 1000, 3, seed=1)
     hard = balanced_sample([slide], 1000, 3, seed=1, epidermis_col=3, epidermal_negative_fraction=0.6)
     is_epi_neg = lambda items: ((items[:, 1] >= 50) & (items[:, 1] < 120)).mean()  # noqa: E731
     assert is_epi_neg(hard) == pytest.approx(0.5 * 0.6 + 0.5 * 0.4 * 70 / 360, abs=0.05)
     assert is_epi_neg(hard) > 2 * is_epi_neg(plain)
-    assert np.array_equal(hard, balanced_sample([slide], 1000, 3, seed=1, epidermis_col=3, epidermal_negative_fraction=0.6))
+    assert np.array_equal(
+        hard, balanced_sample([slide], 1000, 3, seed=1, epidermis_col=3, epidermal_negative_fraction=0.6)
+    )
 
 
 def test_a_synthetic_set_is_reused_only_when_it_matches_the_config():
@@ -187,7 +233,9 @@ def test_a_synthetic_set_is_reused_only_when_it_matches_the_config():
 
     made = {"n": 8, "seed": 3, "mpp": [0.5], "size_um": [4000.0, 3000.0], "classes": ["normal", "nme"]}
     assert _same_synthetic_set(made, SyntheticData(n=8, seed=3, mpp=0.5))
-    assert _same_synthetic_set(made, SyntheticData(n=8, seed=3, mpp=0.5, size_um=(4000, 3000), classes=["normal", "nme"]))
+    assert _same_synthetic_set(
+        made, SyntheticData(n=8, seed=3, mpp=0.5, size_um=(4000, 3000), classes=["normal", "nme"])
+    )
     for changed in ({"n": 9}, {"seed": 4}, {"mpp": 0.25}, {"size_um": (2000, 1000)}, {"classes": ["nme"]}):
         assert not _same_synthetic_set(made, SyntheticData(**{"n": 8, "seed": 3, "mpp": 0.5, **changed})), changed
     assert not _same_synthetic_set({}, SyntheticData(n=8, seed=3))  # no manifest: regenerate

@@ -50,8 +50,10 @@ class StageThreads:
                 self._shutdown()
             if self._pools is None:
                 init = lower_thread_priority if low_priority else None
-                self._pools = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-prepare", initializer=init),
-                               ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-outputs", initializer=init))
+                self._pools = (
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-prepare", initializer=init),
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="nme-outputs", initializer=init),
+                )
                 self._low_priority = low_priority
             return self._pools
 
@@ -103,9 +105,16 @@ class InferenceContext:
     def model_info(self) -> ResultModel:
         """The model and backend as each result records them."""
         c = self.bundle.contract
-        return ResultModel(name=c.name, version=c.version, sha256=self.bundle.sha256, label=c.label,
-                           backbone=c.architecture.backbone, aggregator=c.aggregator.type if c.aggregator else None,
-                           backend=self.backend, batch_size=self.batch_size)
+        return ResultModel(
+            name=c.name,
+            version=c.version,
+            sha256=self.bundle.sha256,
+            label=c.label,
+            backbone=c.architecture.backbone,
+            aggregator=c.aggregator.type if c.aggregator else None,
+            backend=self.backend,
+            batch_size=self.batch_size,
+        )
 
     def produced_by(self) -> ProducedBy:
         return ProducedBy(engine="ray" if self.engine == "ray" else "local", host=socket.gethostname(), pid=os.getpid())
@@ -122,9 +131,23 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob], engine: str = "local
     if opts.clinical is not None:
         clinical = load_clinical(opts.clinical, slide_ids={j.slide_id for j in jobs})
     runner, backend = make_runner(bundle, device, opts.precision, opts.backend, batch_size=opts.batch_size)
-    analyser = SlideAnalyser.for_bundle(bundle.contract, runner, predictor, model_sha256=bundle.sha256,
-                             batch_size=opts.batch_size or default_batch_size(runner.device),
-                             reader_threads=max(1, opts.reader_threads), cache_dir=opts.out_dir / ".cache")
-    return InferenceContext(bundle=bundle, analyser=analyser, ruleset=ruleset, clinical=clinical, out_dir=opts.out_dir,
-                            backend=backend, heatmap_mpp=opts.heatmap_mpp, heatmap_format=opts.heatmap_format,
-                            engine=engine)
+    analyser = SlideAnalyser.for_bundle(
+        bundle.contract,
+        runner,
+        predictor,
+        model_sha256=bundle.sha256,
+        batch_size=opts.batch_size or default_batch_size(runner.device),
+        reader_threads=max(1, opts.reader_threads),
+        cache_dir=opts.out_dir / ".cache",
+    )
+    return InferenceContext(
+        bundle=bundle,
+        analyser=analyser,
+        ruleset=ruleset,
+        clinical=clinical,
+        out_dir=opts.out_dir,
+        backend=backend,
+        heatmap_mpp=opts.heatmap_mpp,
+        heatmap_format=opts.heatmap_format,
+        engine=engine,
+    )

@@ -50,7 +50,13 @@ def discover(root: Path, exclude: Path | None = None) -> list[SlideJob]:
             continue
         if any(s in d.parents or s == d for s in skip_dirs):
             continue
-        if d != root and _is_dicom_folder(d) and not any(f.suffix.lower() != ".dcm" and f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES for f in d.iterdir()):
+        if (
+            d != root
+            and _is_dicom_folder(d)
+            and not any(
+                f.suffix.lower() != ".dcm" and f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES for f in d.iterdir()
+            )
+        ):
             jobs.append(SlideJob(d.name, d))
             skip_dirs.add(d)
             continue

@@ -49,7 +49,9 @@ class BatchOptions:
     clinical: Path | None = None
     mpp: float | None = None
     slides_table: Path | None = None
-    workers: int | None = None  # slides processed in parallel: local engine 1; ray: actors (None = sized to the cluster)
+    workers: int | None = (
+        None  # slides processed in parallel: local engine 1; ray: actors (None = sized to the cluster)
+    )
     reader_threads: int = 2  # tile reader threads per slide (both engines)
     batch_size: int | None = None  # tiles per model batch; None: DEFAULT_BATCH_SIZE for the device
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of the heatmap images and the report thumbnail
@@ -68,6 +70,7 @@ class BatchOptions:
 
 ENGINES = ("local", "ray")
 
+
 @dataclass(frozen=True)
 class RunFacts:
     """What ``run.json`` records about the model and the device that ran it.
@@ -85,10 +88,13 @@ class RunFacts:
     @classmethod
     def of(cls, ctx: Any) -> RunFacts:
         """From an :class:`~pipeline.batch.context.InferenceContext`."""
-        return cls(model_info=ctx.model_info().model_dump(mode="json"), model_label=ctx.bundle.contract.label,
-                   ruleset_version=getattr(ctx.ruleset, "ruleset_version", None),
-                   device=str(ctx.runner.device) if hasattr(ctx.runner, "device") else "cpu",
-                   reader_threads=ctx.reader_threads)
+        return cls(
+            model_info=ctx.model_info().model_dump(mode="json"),
+            model_label=ctx.bundle.contract.label,
+            ruleset_version=getattr(ctx.ruleset, "ruleset_version", None),
+            device=str(ctx.runner.device) if hasattr(ctx.runner, "device") else "cpu",
+            reader_threads=ctx.reader_threads,
+        )
 
 
 def check_options(opts: BatchOptions) -> None:
@@ -103,15 +109,22 @@ def check_options(opts: BatchOptions) -> None:
     if not opts.heatmap_mpp > 0:
         raise ConfigError(f"--heatmap-mpp must be a positive µm/px (got {opts.heatmap_mpp})")
     if opts.heatmap_format not in HEATMAP_FORMATS:
-        raise ConfigError(f"unknown --heatmap-format {opts.heatmap_format!r}; choose one of {', '.join(HEATMAP_FORMATS)}")
+        raise ConfigError(
+            f"unknown --heatmap-format {opts.heatmap_format!r}; choose one of {', '.join(HEATMAP_FORMATS)}"
+        )
     if opts.workers is not None and opts.workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {opts.workers})")
     if opts.engine == "local":
         if opts.workers not in (None, 1):
-            raise ConfigError(f"--workers {opts.workers}: the local engine processes one slide at a time; use --engine ray "
-                              "for parallel slide workers (tile reader threads per slide are --reader-threads)")
-        ray_only = {"--address": opts.address is not None, "--gpus-per-worker": bool(opts.gpus_per_worker),
-                    "--cpus-per-worker": opts.cpus_per_worker is not None}
+            raise ConfigError(
+                f"--workers {opts.workers}: the local engine processes one slide at a time; use --engine ray "
+                "for parallel slide workers (tile reader threads per slide are --reader-threads)"
+            )
+        ray_only = {
+            "--address": opts.address is not None,
+            "--gpus-per-worker": bool(opts.gpus_per_worker),
+            "--cpus-per-worker": opts.cpus_per_worker is not None,
+        }
         given = [k for k, v in ray_only.items() if v]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to --engine ray")
@@ -138,17 +151,30 @@ def check_inputs(opts: BatchOptions) -> list[SlideJob]:
         if not src.is_dir():
             raise DataError(f"{opts.slides_dir}: not a folder")
         if out == src or src in out.parents:
-            raise ConfigError(f"{opts.out_dir}: output folder is inside the input folder {opts.slides_dir}; choose another --out")
+            raise ConfigError(
+                f"{opts.out_dir}: output folder is inside the input folder {opts.slides_dir}; choose another --out"
+            )
         jobs = discover(src)
         if not jobs:
-            raise DataError(f"{opts.slides_dir}: no slide files found (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)")
+            raise DataError(
+                f"{opts.slides_dir}: no slide files found (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)"
+            )
     if opts.mpp is not None:
         jobs = [SlideJob(j.slide_id, j.path, j.mpp if j.mpp is not None else opts.mpp, j.patient_id) for j in jobs]
     return jobs
 
 
-def write_summary(opts: BatchOptions, ctx: Any, results: list[SlideResult], started: datetime,
-                  elapsed: float, processed: int, skipped: int, n_tiles: int, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_summary(
+    opts: BatchOptions,
+    ctx: Any,
+    results: list[SlideResult],
+    started: datetime,
+    elapsed: float,
+    processed: int,
+    skipped: int,
+    n_tiles: int,
+    engine: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write summary.csv, index.html and run.json (atomically); returns the run record.
 
     ``ctx``: the run's :class:`RunFacts`, or an InferenceContext to take them from.
@@ -167,14 +193,21 @@ def write_summary(opts: BatchOptions, ctx: Any, results: list[SlideResult], star
         "ruleset_version": facts.ruleset_version,
         "engine": engine or {"name": "local", "workers": 1, "reader_threads": facts.reader_threads},
         "versions": versions(),
-        "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                 "device": facts.device},
+        "host": {
+            "name": socket.gethostname(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "device": facts.device,
+        },
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(elapsed, 3),
         "counts": {"slides": len(results), **counts, "processed_this_run": processed, "skipped_done": skipped},
-        "throughput": {"tiles": n_tiles, "tiles_per_s": round(n_tiles / elapsed, 2) if elapsed > 0 else None,
-                       "slides_per_hour": round(processed / elapsed * 3600, 2) if elapsed > 0 and processed else None},
+        "throughput": {
+            "tiles": n_tiles,
+            "tiles_per_s": round(n_tiles / elapsed, 2) if elapsed > 0 else None,
+            "slides_per_hour": round(processed / elapsed * 3600, 2) if elapsed > 0 and processed else None,
+        },
     }
     atomic_write_json(opts.out_dir / "run.json", record)
     return record

@@ -47,13 +47,22 @@ CALIBRATION_NOTE = (
 )
 
 
-def new_result(job: SlideJob, ctx: InferenceContext, status: Status = "failed", error: str | None = None) -> SlideResult:
+def new_result(
+    job: SlideJob, ctx: InferenceContext, status: Status = "failed", error: str | None = None
+) -> SlideResult:
     """A slide's result before any step ran (``failed`` until a step says otherwise)."""
     return SlideResult(
-        slide_id=job.slide_id, slide_path=str(job.path), patient_id=job.patient_id, status=status,
-        error=error, mpp=ResultMPP(slide=job.mpp, requested=ctx.bundle.contract.input.mpp), model=ctx.model_info(),
-        versions=versions(), produced_by=ctx.produced_by(),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        slide_id=job.slide_id,
+        slide_path=str(job.path),
+        patient_id=job.patient_id,
+        status=status,
+        error=error,
+        mpp=ResultMPP(slide=job.mpp, requested=ctx.bundle.contract.input.mpp),
+        model=ctx.model_info(),
+        versions=versions(),
+        produced_by=ctx.produced_by(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
 @dataclass
@@ -167,8 +176,9 @@ def model_stage(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Futur
             raise prep.error
         assert prep.slide is not None
         classes = ctx.analyser.classes
-        gallery = TopTiles({p: classes.index(p) for p in ("pallor", "necrolysis", "parakeratosis") if p in classes},
-                           GALLERY_SIZE)
+        gallery = TopTiles(
+            {p: classes.index(p) for p in ("pallor", "necrolysis", "parakeratosis") if p in classes}, GALLERY_SIZE
+        )
         analysis = ctx.analyser.analyse(job.path, job.mpp, job.slide_id, prepared=prep.slide, observer=gallery)
         if "patch_model.model" in analysis.timings:
             ctx.heap.note_model_done()  # activations and tile batches: kept for the next slide
@@ -179,8 +189,9 @@ def model_stage(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Futur
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         _mark_failed(result, job, exc)
     failed = result.status == "failed"
-    return ModelledSlide(job, result, slide_dir, time.perf_counter() - t_start,
-                         None if failed else analysis, None if failed else gallery)
+    return ModelledSlide(
+        job, result, slide_dir, time.perf_counter() - t_start, None if failed else analysis, None if failed else gallery
+    )
 
 
 def _record_slide(result: SlideResult, prep: PreparedSlide) -> None:
@@ -195,8 +206,9 @@ def _record_analysis(result: SlideResult, analysis: SlideAnalysis, ctx: Inferenc
     mask, q = analysis.prepared.mask, analysis.quality
     result.timings.update({k: v for k, v in analysis.timings.items() if k not in ("open", "tissue_tiling")})
     result.n_tiles = len(analysis.prepared.grid)
-    result.tissue = TissueSummary(fraction=round(mask.tissue_fraction, 5), area_mm2=round(mask.tissue_area_mm2, 4),
-                                  flags=list(mask.flags))
+    result.tissue = TissueSummary(
+        fraction=round(mask.tissue_fraction, 5), area_mm2=round(mask.tissue_area_mm2, 4), flags=list(mask.flags)
+    )
     result.quality = QualitySummary(flags=list(q.flags), reasons=list(q.reasons), metrics=_finite_metrics(q.metrics))
     pred = analysis.prediction
     if pred is not None:
@@ -255,8 +267,11 @@ def output_stage(m: ModelledSlide, ctx: InferenceContext) -> SlideResult:
     if m.analysis is not None:
         try:
             cpu0 = time.thread_time()
-            opts = SlideFileOptions(heatmap_mpp=ctx.heatmap_mpp, heatmap_format=ctx.heatmap_format,
-                                    tile_pixels=m.gallery.pixels() if m.gallery is not None else {})
+            opts = SlideFileOptions(
+                heatmap_mpp=ctx.heatmap_mpp,
+                heatmap_format=ctx.heatmap_format,
+                tile_pixels=m.gallery.pixels() if m.gallery is not None else {},
+            )
             write_slide_files(result, m.analysis, slide_dir, opts, result.timings)
             # CPU of this thread: when the stage overlaps the next slide's model, its wall time says little
             result.timings["outputs.cpu"] = round(time.thread_time() - cpu0, 4)

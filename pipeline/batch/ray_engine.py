@@ -65,8 +65,10 @@ LOCAL_OBJECT_STORE_BYTES = 100 * 1024 * 1024
 CRASH_HOOK_ENV = "NME_TEST_RAY_CRASH"
 INSTALL_HINT = "pip install '.[ray]'"
 PROBE_PREFIX = ".ray-probe-"
-SHARED_FS_NOTE = ("assumed: slides, model bundle and output folder are at the same paths on every worker; "
-                  "checked at start with a probe file written by the driver and read back by every actor")
+SHARED_FS_NOTE = (
+    "assumed: slides, model bundle and output folder are at the same paths on every worker; "
+    "checked at start with a probe file written by the driver and read back by every actor"
+)
 
 
 class ClusterError(PipelineError):
@@ -78,8 +80,9 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT} "
-                          "(or pip install 'ray>=2.30')") from None
+        raise ConfigError(
+            f"--engine ray needs Ray, which is not installed: {INSTALL_HINT} (or pip install 'ray>=2.30')"
+        ) from None
     return ray
 
 
@@ -95,7 +98,7 @@ def parse_address(address: str) -> tuple[str, int] | None:
     """``(host, port)`` of ``HOST:PORT`` or ``ray://HOST:PORT``; None for ``auto``. Raises ConfigError otherwise."""
     if address == "auto":
         return None
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -206,8 +209,13 @@ def connect(ray, address: str | None) -> Connection:
         t = time.perf_counter()
         try:
             with _local_instance_env():
-                ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                         object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+                ray.init(
+                    num_cpus=n,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                )
         except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; the user needs one line
             raise ClusterError(f"could not start a local Ray instance: {_one_line(exc)}") from None
         log.info("started a local Ray instance with %d CPU(s) in %.1f s", n, time.perf_counter() - t)
@@ -282,11 +290,15 @@ def plan_workers(opts: BatchOptions, shape: ClusterShape) -> WorkerPlan:
     if g > 0:
         gpu_fit = _fits(shape.node_gpus, g)
         if gpu_fit == 0:
-            raise ClusterError(f"--gpus-per-worker {g:g}: no node of the Ray cluster has that many GPUs ({shape.describe()})")
+            raise ClusterError(
+                f"--gpus-per-worker {g:g}: no node of the Ray cluster has that many GPUs ({shape.describe()})"
+            )
         workers = opts.workers or gpu_fit
         if workers > gpu_fit:
-            raise ClusterError(f"--workers {workers} with --gpus-per-worker {g:g}: the Ray cluster holds only {gpu_fit} "
-                               f"such worker(s) ({shape.describe()})")
+            raise ClusterError(
+                f"--workers {workers} with --gpus-per-worker {g:g}: the Ray cluster holds only {gpu_fit} "
+                f"such worker(s) ({shape.describe()})"
+            )
         cpus = float(opts.cpus_per_worker) if opts.cpus_per_worker else float(max(1, opts.reader_threads))
     else:
         workers = opts.workers or max(1, int(shape.cpus // 2))
@@ -294,16 +306,19 @@ def plan_workers(opts: BatchOptions, shape: ClusterShape) -> WorkerPlan:
             cpus = float(opts.cpus_per_worker)
         else:
             # the largest reservation (at most one node's CPUs) that still places every actor
-            candidates = sorted({_ray_quantity(c / k) for c in shape.node_cpus if c > 0 for k in range(1, workers + 1)},
-                                reverse=True)
+            candidates = sorted(
+                {_ray_quantity(c / k) for c in shape.node_cpus if c > 0 for k in range(1, workers + 1)}, reverse=True
+            )
             fitting = [c for c in candidates if c > 0 and _fits(shape.node_cpus, c) >= workers]
             cpus = fitting[0] if fitting else _ray_quantity(shape.cpus / workers)
     cpus = _ray_quantity(cpus)
     if cpus <= 0:
         raise ClusterError(f"--workers {workers}: too many workers for the Ray cluster ({shape.describe()})")
     if _fits(shape.node_cpus, cpus) < workers:
-        raise ClusterError(f"--workers {workers} with {cpus:g} CPU(s) each do not fit on the Ray cluster ({shape.describe()}); "
-                           "lower --workers or --cpus-per-worker")
+        raise ClusterError(
+            f"--workers {workers} with {cpus:g} CPU(s) each do not fit on the Ray cluster ({shape.describe()}); "
+            "lower --workers or --cpus-per-worker"
+        )
     return WorkerPlan(workers=workers, cpus=cpus, gpus=g, threads=max(1, int(cpus)))
 
 
@@ -330,10 +345,16 @@ def _driver_failed_result(job: SlideJob, out_dir: Path, error: str) -> None:
     """Minimal failed result.json when no worker is left to write the full one."""
     slide_dir = out_dir / job.slide_id
     slide_dir.mkdir(parents=True, exist_ok=True)
-    SlideResult(slide_id=job.slide_id, slide_path=str(job.path), patient_id=job.patient_id, status="failed",
-                error=" ".join(error.split()), mpp=ResultMPP(slide=job.mpp),
-                produced_by=ProducedBy(engine="ray", host=socket.gethostname(), pid=os.getpid()),
-                created_at=datetime.now(UTC).isoformat(timespec="seconds")).write(slide_dir)
+    SlideResult(
+        slide_id=job.slide_id,
+        slide_path=str(job.path),
+        patient_id=job.patient_id,
+        status="failed",
+        error=" ".join(error.split()),
+        mpp=ResultMPP(slide=job.mpp),
+        produced_by=ProducedBy(engine="ray", host=socket.gethostname(), pid=os.getpid()),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    ).write(slide_dir)
 
 
 class SlideWorker:
@@ -358,8 +379,10 @@ class SlideWorker:
         except OSError:
             seen = None
         if seen != token:
-            problems.append(f"cannot see the output folder {out} (the probe file the driver wrote there is "
-                            f"{'missing' if seen is None else 'different'}): it must be on storage shared by all workers")
+            problems.append(
+                f"cannot see the output folder {out} (the probe file the driver wrote there is "
+                f"{'missing' if seen is None else 'different'}): it must be on storage shared by all workers"
+            )
         else:
             mine = out / f"{Path(token_file).name}-{socket.gethostname()}-{os.getpid()}"
             try:
@@ -374,7 +397,9 @@ class SlideWorker:
         known_missing = set(driver_missing)
         missing = [str(j.path) for j in self.jobs if str(j.path) not in known_missing and not Path(j.path).exists()]
         if missing:
-            problems.append(f"cannot see {len(missing)} of the {len(self.jobs)} slide(s) the driver sees (e.g. {missing[0]})")
+            problems.append(
+                f"cannot see {len(missing)} of the {len(self.jobs)} slide(s) the driver sees (e.g. {missing[0]})"
+            )
         return {**self.identity(), "problems": problems}
 
     def load(self) -> RunFacts:
@@ -409,7 +434,9 @@ class _Slot:
 class WorkerPool:
     """The actors of one run: started (probed + loaded) together, replaced one by one when they die."""
 
-    def __init__(self, ray, opts: BatchOptions, jobs: list[SlideJob], plan: WorkerPlan, token_file: Path, token: str) -> None:
+    def __init__(
+        self, ray, opts: BatchOptions, jobs: list[SlideJob], plan: WorkerPlan, token_file: Path, token: str
+    ) -> None:
         self.ray, self.opts, self.jobs, self.plan = ray, opts, jobs, plan
         self.token_file, self.token = token_file, token
         self.driver_missing = [str(j.path) for j in jobs if not Path(j.path).exists()]
@@ -422,16 +449,19 @@ class WorkerPool:
     def _new_actor(self):
         p = self.plan
         return self.remote_cls.options(num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0, max_task_retries=0).remote(
-            self.opts, self.jobs, p.threads, self.crash_hook)
+            self.opts, self.jobs, p.threads, self.crash_hook
+        )
 
     def _get(self, refs, what: str):
         ray = self.ray
         try:
             return ray.get(refs, timeout=WORKER_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise ClusterError(f"Ray did not {what} within {WORKER_START_TIMEOUT_S:g} s "
-                               f"({self.plan.cpus:g} CPU + {self.plan.gpus:g} GPU each; cluster: "
-                               f"{cluster_shape(ray).describe()})") from None
+            raise ClusterError(
+                f"Ray did not {what} within {WORKER_START_TIMEOUT_S:g} s "
+                f"({self.plan.cpus:g} CPU + {self.plan.gpus:g} GPU each; cluster: "
+                f"{cluster_shape(ray).describe()})"
+            ) from None
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, PipelineError):  # e.g. a bad clinical file: the local engine's message
@@ -442,14 +472,18 @@ class WorkerPool:
                 raise err from None
             raise ClusterError(f"a Ray worker failed to {what}: {_one_line(cause or exc)}") from None
         except ray.exceptions.RayActorError as exc:
-            raise ClusterError(f"a Ray worker died while trying to {what} (is this package installed on every node? "
-                               f"{INSTALL_HINT}): {_one_line(exc)}") from None
+            raise ClusterError(
+                f"a Ray worker died while trying to {what} (is this package installed on every node? "
+                f"{INSTALL_HINT}): {_one_line(exc)}"
+            ) from None
 
     def _start(self, n: int) -> list[_Slot]:
         actors = [self._new_actor() for _ in range(n)]
         try:
-            reports = self._get([a.probe.remote(str(self.token_file), self.token, self.driver_missing) for a in actors],
-                                f"start {n} worker(s)")
+            reports = self._get(
+                [a.probe.remote(str(self.token_file), self.token, self.driver_missing) for a in actors],
+                f"start {n} worker(s)",
+            )
             for r in reports:
                 if r["problems"]:
                     more = f" (and {len(r['problems']) - 1} more problem(s))" if len(r["problems"]) > 1 else ""
@@ -502,14 +536,21 @@ class WorkerPool:
 
 def _absolute(opts: BatchOptions) -> BatchOptions:
     """Paths as every worker must see them (workers do not share the driver's working directory)."""
+
     def a(p: Path | None) -> Path | None:
         return None if p is None else Path(p).expanduser().resolve()
 
     def req(p: Path) -> Path:
         return Path(p).expanduser().resolve()
 
-    return dataclasses.replace(opts, slides_dir=a(opts.slides_dir), out_dir=req(opts.out_dir), model=req(opts.model),
-                               clinical=a(opts.clinical), slides_table=a(opts.slides_table))
+    return dataclasses.replace(
+        opts,
+        slides_dir=a(opts.slides_dir),
+        out_dir=req(opts.out_dir),
+        model=req(opts.model),
+        clinical=a(opts.clinical),
+        slides_table=a(opts.slides_table),
+    )
 
 
 def _worker_options(opts: BatchOptions) -> BatchOptions:
@@ -517,7 +558,9 @@ def _worker_options(opts: BatchOptions) -> BatchOptions:
     dev = opts.device
     if opts.gpus_per_worker > 0:
         if dev not in ("auto", "cuda"):
-            raise ConfigError(f"--device {dev} with --gpus-per-worker: use auto or cuda (Ray assigns each worker its GPU)")
+            raise ConfigError(
+                f"--device {dev} with --gpus-per-worker: use auto or cuda (Ray assigns each worker its GPU)"
+            )
         return dataclasses.replace(opts, device="cuda")
     if dev.startswith("cuda"):
         raise ConfigError(f"--device {dev} with --engine ray needs --gpus-per-worker (e.g. 1)")
@@ -538,8 +581,15 @@ def run_batch_ray(opts: BatchOptions) -> dict[str, Any]:
         conn.close()
 
 
-def _run(ray, conn: Connection, opts: BatchOptions, wopts: BatchOptions, jobs: list[SlideJob], plan: WorkerPlan,
-         shape: ClusterShape) -> dict[str, Any]:
+def _run(
+    ray,
+    conn: Connection,
+    opts: BatchOptions,
+    wopts: BatchOptions,
+    jobs: list[SlideJob],
+    plan: WorkerPlan,
+    shape: ClusterShape,
+) -> dict[str, Any]:
     out = wopts.out_dir
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -564,25 +614,51 @@ def _run(ray, conn: Connection, opts: BatchOptions, wopts: BatchOptions, jobs: l
         pool.start(n_actors)
         ready = True
         setup_s = time.perf_counter() - t0
-        log.info("%d Ray worker(s) ready on %s in %.1f s (%g CPU, %g GPU each)", n_actors, ", ".join(sorted(pool.hosts)),
-                 setup_s, plan.cpus, plan.gpus)
+        log.info(
+            "%d Ray worker(s) ready on %s in %.1f s (%g CPU, %g GPU each)",
+            n_actors,
+            ", ".join(sorted(pool.hosts)),
+            setup_s,
+            plan.cpus,
+            plan.gpus,
+        )
         retries, n_tiles, lost = _schedule(ray, pool, todo, wopts)
         elapsed = time.perf_counter() - t0
         results = [r for r in (read_result_or_none(out / j.slide_id) for j in jobs) if r is not None]
         engine = {
-            "name": "ray", "address": conn.label, "ray_version": getattr(ray, "__version__", None),
-            "workers": n_actors, "workers_planned": plan.workers, "cpus_per_worker": plan.cpus,
-            "gpus_per_worker": plan.gpus, "torch_threads_per_worker": plan.threads, "reader_threads": wopts.reader_threads,
+            "name": "ray",
+            "address": conn.label,
+            "ray_version": getattr(ray, "__version__", None),
+            "workers": n_actors,
+            "workers_planned": plan.workers,
+            "cpus_per_worker": plan.cpus,
+            "gpus_per_worker": plan.gpus,
+            "torch_threads_per_worker": plan.threads,
+            "reader_threads": wopts.reader_threads,
             "cluster": {"nodes": len(shape.node_cpus), "cpus": shape.cpus, "gpus": shape.gpus},
-            "worker_hosts": sorted(pool.hosts), "shared_filesystem": SHARED_FS_NOTE, "max_attempts": MAX_ATTEMPTS,
-            "retries": retries, "setup_seconds": round(setup_s, 3),
+            "worker_hosts": sorted(pool.hosts),
+            "shared_filesystem": SHARED_FS_NOTE,
+            "max_attempts": MAX_ATTEMPTS,
+            "retries": retries,
+            "setup_seconds": round(setup_s, 3),
         }
         assert pool.facts is not None
-        record = write_summary(opts, pool.facts, results, started, elapsed, processed=len(todo) - len(lost), skipped=skipped,
-                               n_tiles=n_tiles, engine=engine)
+        record = write_summary(
+            opts,
+            pool.facts,
+            results,
+            started,
+            elapsed,
+            processed=len(todo) - len(lost),
+            skipped=skipped,
+            n_tiles=n_tiles,
+            engine=engine,
+        )
         if lost:
-            raise ClusterError(f"every Ray worker is gone; {len(lost)} slide(s) not processed (e.g. {lost[0].slide_id}); "
-                               "finished slides are kept: run again to continue")
+            raise ClusterError(
+                f"every Ray worker is gone; {len(lost)} slide(s) not processed (e.g. {lost[0].slide_id}); "
+                "finished slides are kept: run again to continue"
+            )
         return record
     finally:
         if pool is not None:
@@ -596,7 +672,9 @@ def _run(ray, conn: Connection, opts: BatchOptions, wopts: BatchOptions, jobs: l
                 pass
 
 
-def _schedule(ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions) -> tuple[list[dict[str, Any]], int, list[SlideJob]]:
+def _schedule(
+    ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions
+) -> tuple[list[dict[str, Any]], int, list[SlideJob]]:
     """Keep every actor busy with one slide; retry slides whose actor died. Returns (retries, tiles, slides lost)."""
     queue: deque[tuple[SlideJob, int]] = deque((j, 1) for j in todo)
     pending: dict[Any, tuple[int, SlideJob, int]] = {}
@@ -639,8 +717,15 @@ def _schedule(ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions) -
                 what = "worker died" if died else "worker error"
                 reason = f"{what} while processing this slide (attempt {attempt}/{MAX_ATTEMPTS}, {who}): {_one_line(exc, 200)}"
                 log.warning("%s: %s", job.slide_id, reason)
-                retries.append({"slide_id": job.slide_id, "attempt": attempt, "worker": who, "reason": _one_line(exc, 200),
-                                "retried": attempt < MAX_ATTEMPTS})
+                retries.append(
+                    {
+                        "slide_id": job.slide_id,
+                        "attempt": attempt,
+                        "worker": who,
+                        "reason": _one_line(exc, 200),
+                        "retried": attempt < MAX_ATTEMPTS,
+                    }
+                )
                 # a fresh actor for this slot (the dead one is gone; an erroring one is not trusted)
                 replaced = pool.replace(i)
                 if attempt < MAX_ATTEMPTS and replaced:
@@ -649,8 +734,11 @@ def _schedule(ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions) -
                 if attempt < MAX_ATTEMPTS:
                     queue.appendleft((job, attempt + 1))  # no fresh actor here: any remaining worker takes it
                 else:
-                    give_up(i if replaced else next(iter(pool.alive()), None), job,
-                            f"{what}: gave up after {MAX_ATTEMPTS} attempts ({who}): {_one_line(exc, 200)}")
+                    give_up(
+                        i if replaced else next(iter(pool.alive()), None),
+                        job,
+                        f"{what}: gave up after {MAX_ATTEMPTS} attempts ({who}): {_one_line(exc, 200)}",
+                    )
                     bar.update(1)
                 if replaced:
                     idle.append(i)

@@ -75,7 +75,7 @@ def run_batch_local(opts: BatchOptions) -> dict[str, Any]:
         bar.close()
         elapsed = time.perf_counter() - t0
         results = [r for r in (read_result_or_none(opts.out_dir / j.slide_id) for j in jobs) if r is not None]
-        record = write_summary(opts, ctx, results, started, elapsed, processed=len(todo), skipped=skipped, n_tiles=n_tiles)
+        record = write_summary(
+            opts, ctx, results, started, elapsed, processed=len(todo), skipped=skipped, n_tiles=n_tiles
+        )
     return record
-
-

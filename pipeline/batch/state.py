@@ -58,8 +58,10 @@ class OutputLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 if host not in (None, socket.gethostname()):
-                    raise LockError(f"{self.path}: output folder locked by a run on host {host} (pid {pid}); "
-                                    "if that run is dead, delete the lock file") from None
+                    raise LockError(
+                        f"{self.path}: output folder locked by a run on host {host} (pid {pid}); "
+                        "if that run is dead, delete the lock file"
+                    ) from None
                 raise LockError(f"{self.path}: another run (pid {pid}) is writing this output folder") from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)

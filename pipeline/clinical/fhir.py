@@ -40,8 +40,11 @@ from pipeline.result import Recommendations, SlideResult
 log = logging.getLogger(__name__)
 
 LOINC = "http://loinc.org"
-AIAST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
-         "display": "Artificial Intelligence asserted"}
+AIAST = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
 LOCAL_OBSERVATIONS = "urn:nme-pathology:local-observations"
 BAND_SYSTEM = "urn:nme-pathology:nme-pattern-band"
 SLIDE_ID_SYSTEM = "urn:nme-pathology:slide-id"
@@ -119,8 +122,11 @@ def _codeable(code: dict[str, Any], text: str | None = None) -> dict[str, Any]:
 def _subject(result: dict, recommendation: dict) -> dict[str, Any]:
     pid = result.get("patient_id") or recommendation.get("patient_id")
     if pid not in (None, ""):
-        return {"type": "Patient", "identifier": {"system": PATIENT_ID_SYSTEM, "value": str(pid)},
-                "display": f"Patient {pid}"}
+        return {
+            "type": "Patient",
+            "identifier": {"system": PATIENT_ID_SYSTEM, "value": str(pid)},
+            "display": f"Patient {pid}",
+        }
     return {"type": "Patient", "display": f"Patient of slide {result['slide_id']} (patient identifier not supplied)"}
 
 
@@ -171,7 +177,9 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
         raise DataError(f"recommendation is for slide {recommendation.get('slide_id')!r}, result for {sid!r}")
     model = result.get("model")
     if not isinstance(model, dict) or not model.get("name") or model.get("version") in (None, ""):
-        raise DataError(f"result (slide {sid}): model {{name, version}} is required for the FHIR Device (got {model!r})")
+        raise DataError(
+            f"result (slide {sid}): model {{name, version}} is required for the FHIR Device (got {model!r})"
+        )
 
     ts = _timestamp(result)
     digest = _digest(result, recommendation)
@@ -193,13 +201,19 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
     device: dict[str, Any] = {
         "resourceType": "Device",
         "status": "active",
-        "deviceName": [{"name": model_name, "type": "model-name"},
-                       {"name": "NME-pattern decision support (AI)", "type": "user-friendly-name"}],
-        "type": {"text": "AI software: NME-pattern classifier for skin-biopsy whole-slide images, with a clinical rule layer"},
+        "deviceName": [
+            {"name": model_name, "type": "model-name"},
+            {"name": "NME-pattern decision support (AI)", "type": "user-friendly-name"},
+        ],
+        "type": {
+            "text": "AI software: NME-pattern classifier for skin-biopsy whole-slide images, with a clinical rule layer"
+        },
         "version": [{"type": {"text": "model"}, "value": str(model["version"])}],
     }
     if recommendation.get("ruleset_version"):
-        device["version"].append({"type": {"text": "clinical ruleset"}, "value": str(recommendation["ruleset_version"])})
+        device["version"].append(
+            {"type": {"text": "clinical ruleset"}, "value": str(recommendation["ruleset_version"])}
+        )
     if model.get("sha256"):
         device["identifier"] = [{"system": MODEL_SHA_SYSTEM, "value": str(model["sha256"])}]
     if label:
@@ -217,8 +231,17 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
             "resourceType": "Observation",
             "meta": security(),
             "status": "preliminary",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                      "code": "laboratory", "display": "Laboratory"}]}],
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory",
+                            "display": "Laboratory",
+                        }
+                    ]
+                }
+            ],
             "code": {"coding": [{"system": LOCAL_OBSERVATIONS, "code": code, "display": text}], "text": text},
             "subject": subject,
             "issued": ts,
@@ -228,9 +251,10 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
             o["valueQuantity"] = {"value": float(value), "unit": "score (0-1)", "system": UCUM, "code": "1"}
         else:
             absent = "error" if status == "failed" else "not-performed"
-            o["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
-                                                 "code": absent}],
-                                     "text": "analysis failed" if status == "failed" else "slide not diagnostic"}
+            o["dataAbsentReason"] = {
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": absent}],
+                "text": "analysis failed" if status == "failed" else "slide not diagnostic",
+            }
         if label:
             o["note"] = [{"text": f"Model {model_name}: {label}."}]
         o.update(extra or {})
@@ -241,29 +265,56 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
     band = recommendation.get("band")
     interp = {}
     if band:
-        interp = {"interpretation": [{"coding": [{"system": BAND_SYSTEM, "code": band, "display": f"{band} NME-pattern band"}],
-                                      "text": f"{band} NME-pattern band (source: {recommendation.get('band_source')})"}]}
-    observation("probability", "nme-pattern-probability",
-                "Calibrated slide-level NME-pattern probability (AI)", recommendation.get("nme_probability"), interp)
+        interp = {
+            "interpretation": [
+                {
+                    "coding": [{"system": BAND_SYSTEM, "code": band, "display": f"{band} NME-pattern band"}],
+                    "text": f"{band} NME-pattern band (source: {recommendation.get('band_source')})",
+                }
+            ]
+        }
+    observation(
+        "probability",
+        "nme-pattern-probability",
+        "Calibrated slide-level NME-pattern probability (AI)",
+        recommendation.get("nme_probability"),
+        interp,
+    )
     for name, score in (recommendation.get("patterns") or {}).items():
         observation(name, f"nme-pattern-{name}", _PATTERN_TEXT.get(name, f"{name} score (AI)"), score)
 
     # DiagnosticReport -----------------------------------------------------------------------
     dr_url = url("DiagnosticReport")
-    entries.append({"fullUrl": dr_url, "resource": {
-        "resourceType": "DiagnosticReport",
-        "meta": security(),
-        "identifier": [{"system": SLIDE_ID_SYSTEM, "value": sid}],
-        "status": "preliminary",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "SP",
-                                  "display": "Surgical Pathology"}]}],
-        "code": {"coding": [{"system": LOINC, "code": "11526-1", "display": "Pathology study"}],
-                 "text": "AI-assisted NME-pattern analysis of a skin biopsy (preliminary)"},
-        "subject": subject,
-        "issued": ts,
-        "result": [_ref(u) for u in obs_urls],
-        "conclusion": _conclusion(result, recommendation, label),
-    }})
+    entries.append(
+        {
+            "fullUrl": dr_url,
+            "resource": {
+                "resourceType": "DiagnosticReport",
+                "meta": security(),
+                "identifier": [{"system": SLIDE_ID_SYSTEM, "value": sid}],
+                "status": "preliminary",
+                "category": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                "code": "SP",
+                                "display": "Surgical Pathology",
+                            }
+                        ]
+                    }
+                ],
+                "code": {
+                    "coding": [{"system": LOINC, "code": "11526-1", "display": "Pathology study"}],
+                    "text": "AI-assisted NME-pattern analysis of a skin biopsy (preliminary)",
+                },
+                "subject": subject,
+                "issued": ts,
+                "result": [_ref(u) for u in obs_urls],
+                "conclusion": _conclusion(result, recommendation, label),
+            },
+        }
+    )
 
     # ServiceRequests ------------------------------------------------------------------------
     sr_urls: list[str] = []
@@ -273,10 +324,14 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
         if order.get("note"):
             notes.append(order["note"])
         if order.get("additional_codes"):
-            notes.append("Component or alternative codes: " + "; ".join(
-                f"{c['code']} {c['display']} ({c['system']})" for c in order["additional_codes"]))
+            notes.append(
+                "Component or alternative codes: "
+                + "; ".join(f"{c['code']} {c['display']} ({c['system']})" for c in order["additional_codes"])
+            )
         if not order.get("code_verified", True):
-            notes.append(f"Code {order['code']['code']} is a local code ({order['code']['system']}): no verified LOINC.")
+            notes.append(
+                f"Code {order['code']['code']} is a local code ({order['code']['system']}): no verified LOINC."
+            )
         notes.append(recommendation.get("disclaimer", "Decision support: a clinician confirms every order."))
         cat = _SR_CATEGORY.get(order.get("category", "laboratory"), _SR_CATEGORY["laboratory"])
         sr = {
@@ -299,16 +354,39 @@ def build_bundle(result: SlideResult | dict, recommendation: Recommendations | d
         entries.append({"fullUrl": u, "resource": sr})
 
     # Provenance -----------------------------------------------------------------------------
-    entries.append({"fullUrl": url("Provenance"), "resource": {
-        "resourceType": "Provenance",
-        "target": [_ref(u) for u in [dr_url, *obs_urls, *sr_urls]],
-        "recorded": ts,
-        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE",
-                                 "display": "create"}]},
-        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                        "code": "author", "display": "Author"}]},
-                   "who": device_ref}],
-    }})
+    entries.append(
+        {
+            "fullUrl": url("Provenance"),
+            "resource": {
+                "resourceType": "Provenance",
+                "target": [_ref(u) for u in [dr_url, *obs_urls, *sr_urls]],
+                "recorded": ts,
+                "activity": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                            "code": "CREATE",
+                            "display": "create",
+                        }
+                    ]
+                },
+                "agent": [
+                    {
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                    "code": "author",
+                                    "display": "Author",
+                                }
+                            ]
+                        },
+                        "who": device_ref,
+                    }
+                ],
+            },
+        }
+    )
 
     bundle = {
         "resourceType": "Bundle",

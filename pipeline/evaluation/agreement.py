@@ -59,6 +59,7 @@ def _sig(x: float, digits: int = 4) -> float:
     """``x`` to ``digits`` significant figures (monotonic, so a mean never rounds above its max)."""
     return float(f"{float(x):.{digits}g}")
 
+
 DEFAULT_BACKENDS = ("torch-bf16", "onnx-fp32", "onnx-int8")
 
 
@@ -131,8 +132,14 @@ def _auroc(p: list[float], y: list[int]) -> float | None:
     return auroc(np.asarray(p), np.asarray(y)) if 0 < sum(y) < len(y) else None
 
 
-def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], device: str = "auto",
-                    batch_size: int | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+def check_agreement(
+    bundle_dir: Path,
+    slides_root: Path,
+    backends: list[str],
+    device: str = "auto",
+    batch_size: int | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
     """Measure each of ``backends`` against torch-fp32 on the labelled slides under ``slides_root``.
 
     Returns the agreement record (see the module docstring); writes nothing.
@@ -151,8 +158,10 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
             raise ConfigError("--backends: name concrete backends, not auto")
     backends = [b for b in dict.fromkeys(backends) if b != REFERENCE]
     if not (slides_root / "labels.csv").is_file():
-        raise DataError(f"{slides_root}: no labels.csv; make a labelled synthetic set with "
-                        f"python -m pipeline.synthetic --out {slides_root} --n 20 --seed 909")
+        raise DataError(
+            f"{slides_root}: no labels.csv; make a labelled synthetic set with "
+            f"python -m pipeline.synthetic --out {slides_root} --n 20 --seed 909"
+        )
     dev = resolve_device(device)
     keep_freed_memory()  # as infer.py runs: the speeds below are the ones a batch run gets
     if batch_size is None:
@@ -196,8 +205,14 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
     speeds = model_speeds(runners, random_tiles(batch_size, inp.tile_size_px))
     versions = runtime_versions()
     mid = machine_id(dev)
-    data = {"slides": str(slides_root), "n_slides": len(labels), "n_positive": int(sum(labels)), "n_tiles": fan.tiles,
-            "label_column": "nme_pattern", "batch_size": batch_size}
+    data = {
+        "slides": str(slides_root),
+        "n_slides": len(labels),
+        "n_positive": int(sum(labels)),
+        "n_tiles": fan.tiles,
+        "label_column": "nme_pattern",
+        "batch_size": batch_size,
+    }
     dtype = dev.type
     entries: dict[str, Any] = {}
     for b in backends:
@@ -207,28 +222,40 @@ def check_agreement(bundle_dir: Path, slides_root: Path, backends: list[str], de
         au = _auroc(t.slide_p, labels)
         passed, reasons = judge(agree, au, ref_auroc)
         entries[b] = {
-            "passed": passed, "reasons": reasons, "device_type": dtype, "runtime": runtime_of(b, versions),
-            "band_agreement": round(agree, 6), "slide_auroc": None if au is None else round(au, 6),
+            "passed": passed,
+            "reasons": reasons,
+            "device_type": dtype,
+            "runtime": runtime_of(b, versions),
+            "band_agreement": round(agree, 6),
+            "slide_auroc": None if au is None else round(au, 6),
             "auroc_diff": None if au is None or ref_auroc is None else round(abs(au - ref_auroc), 6),
             "slide_prob_abs_diff": {"max": _sig(dp.max()), "mean": _sig(dp.mean())},
             "tile_prob_abs_diff": t.tile_summary(),
             "embedding_abs_diff": {"max": _sig(t.emb_max), "mean": _sig(t.emb_sum / max(t.emb_n, 1))},
             "model_tiles_per_s": round(speeds[b], 1),
-            "machine_id": mid, "data": data,
+            "machine_id": mid,
+            "data": data,
         }
     return {
         "format": RECORD_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "bundle": {"path": str(bundle_dir), "name": bundle.contract.name, "version": bundle.contract.version,
-                   "weights_sha256": bundle.weights_sha256, "bundle_sha256": bundle.sha256},
+        "bundle": {
+            "path": str(bundle_dir),
+            "name": bundle.contract.name,
+            "version": bundle.contract.version,
+            "weights_sha256": bundle.weights_sha256,
+            "bundle_sha256": bundle.sha256,
+        },
         "reference": REFERENCE,
         "rule": {"min_band_agreement": MIN_BAND_AGREEMENT, "max_auroc_diff": MAX_AUROC_DIFF},
         "data": data,
         "machine": {"cpu": cpu_description(), "device": str(dev), "machine_id": mid},
         "versions": versions,
-        "reference_result": {"slide_auroc": None if ref_auroc is None else round(ref_auroc, 6),
-                             "model_tiles_per_s": round(speeds[REFERENCE], 1),
-                             "bands": {k: ref_bands.count(k) for k in ("LOW", "INDETERMINATE", "HIGH")}},
+        "reference_result": {
+            "slide_auroc": None if ref_auroc is None else round(ref_auroc, 6),
+            "model_tiles_per_s": round(speeds[REFERENCE], 1),
+            "bands": {k: ref_bands.count(k) for k in ("LOW", "INDETERMINATE", "HIGH")},
+        },
         "backends": entries,
     }
 
@@ -239,40 +266,62 @@ def merge_into_existing(bundle_dir: Path, record: dict[str, Any]) -> dict[str, A
     if not old or (old.get("bundle") or {}).get("weights_sha256") != record["bundle"]["weights_sha256"]:
         return record
     merged = dict(record)
-    merged["backends"] = {**{k: v for k, v in old["backends"].items() if k not in record["backends"]}, **record["backends"]}
+    merged["backends"] = {
+        **{k: v for k, v in old["backends"].items() if k not in record["backends"]},
+        **record["backends"],
+    }
     return merged
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.core.cli import setup_logging
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluation.agreement", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluation.agreement",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
     ap.add_argument("--slides", type=Path, required=True, help="folder with labels.csv and slides/")
-    ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                    help=f"comma-separated, compared with {REFERENCE} (default {','.join(DEFAULT_BACKENDS)}; "
-                         f"choices {', '.join(b for b in CONCRETE_BACKENDS if b != REFERENCE)})")
+    ap.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"comma-separated, compared with {REFERENCE} (default {','.join(DEFAULT_BACKENDS)}; "
+        f"choices {', '.join(b for b in CONCRETE_BACKENDS if b != REFERENCE)})",
+    )
     ap.add_argument("--write", action="store_true", help="store the record as <bundle>/agreement.json")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="tiles per batch, also for the speeds (default: infer.py's for the device, CPU 32, GPU 64)")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="ONNX/int8 model cache (default ~/.cache/nme-pipeline)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per batch, also for the speeds (default: infer.py's for the device, CPU 32, GPU 64)",
+    )
+    ap.add_argument(
+        "--cache-dir", type=Path, default=None, help="ONNX/int8 model cache (default ~/.cache/nme-pipeline)"
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(quiet=args.quiet)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not names:
         raise ConfigError("--backends: name at least one backend")
-    record = check_agreement(args.bundle, args.slides, names, device=args.device, batch_size=args.batch_size,
-                             cache_dir=args.cache_dir)
+    record = check_agreement(
+        args.bundle, args.slides, names, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir
+    )
     if args.write:
         path = write_record(args.bundle, merge_into_existing(args.bundle, record))
         log.info("wrote %s", path)
     for name, e in record["backends"].items():
-        log.info("%s: %s (band agreement %.3f, AUROC %s vs fp32 %s, max |slide p diff| %.4f)", name,
-                 "PASSED" if e["passed"] else "FAILED: " + "; ".join(e["reasons"]), e["band_agreement"],
-                 e["slide_auroc"], record["reference_result"]["slide_auroc"], e["slide_prob_abs_diff"]["max"])
+        log.info(
+            "%s: %s (band agreement %.3f, AUROC %s vs fp32 %s, max |slide p diff| %.4f)",
+            name,
+            "PASSED" if e["passed"] else "FAILED: " + "; ".join(e["reasons"]),
+            e["band_agreement"],
+            e["slide_auroc"],
+            record["reference_result"]["slide_auroc"],
+            e["slide_prob_abs_diff"]["max"],
+        )
     sys.stdout.write(json.dumps(record) + "\n")
     return 0
 

@@ -31,8 +31,16 @@ log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 64
 
 
-def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tuple[float, float] | None,
-             real: list[Path], n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
+def evaluate(
+    bundle_dir: Path,
+    data_root: Path,
+    n: int,
+    seed: int,
+    size_um: tuple[float, float] | None,
+    real: list[Path],
+    n_boot: int = 1000,
+    backend: str = "auto",
+) -> dict[str, Any]:
     from models.bundle import load_bundle
     from models.patch import PATTERN_CLASSES
     from pipeline.core.runtime import resolve_device
@@ -62,7 +70,9 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
         feats, grid, mpp = a.features, a.prepared.grid, a.prepared.slide_mpp
         assert r.annotation is not None  # require_annotations=True above
         anns = read_annotations(r.annotation, classes)
-        cov = tile_coverage(rasterise(anns, classes, a.prepared.dimensions, mpp), classes, grid.coords, grid.tile_size_l0, mpp)
+        cov = tile_coverage(
+            rasterise(anns, classes, a.prepared.dimensions, mpp), classes, grid.coords, grid.tile_size_l0, mpp
+        )
         epi_cov.append(cov[:, classes.index("epidermis")])
         for j, c in enumerate(classes):
             if c in tile_probs:
@@ -83,20 +93,30 @@ def evaluate(bundle_dir: Path, data_root: Path, n: int, seed: int, size_um: tupl
         pos_e = (rel >= 0.5) & (epi >= 0.05)
         keep_e = pos_e | (cv == 0)
         ye = pos_e[keep_e].astype(int)
-        tile[c] = {"auroc": auroc(p[keep], y) if 0 < y.sum() < len(y) else None, "n_pos": int(y.sum()),
-                   "n_neg": int(len(y) - y.sum()),
-                   "auroc_epidermal": auroc(p[keep_e], ye) if 0 < ye.sum() < len(ye) else None,
-                   "n_pos_epidermal": int(ye.sum())}
+        tile[c] = {
+            "auroc": auroc(p[keep], y) if 0 < y.sum() < len(y) else None,
+            "n_pos": int(y.sum()),
+            "n_neg": int(len(y) - y.sum()),
+            "auroc_epidermal": auroc(p[keep_e], ye) if 0 < ye.sum() < len(ye) else None,
+            "n_pos_epidermal": int(ye.sum()),
+        }
     probs, ys = np.array(slide_p), np.array(slide_y)
     slide = evaluate_slides(probs, ys, patient_ids=patients, n_boot=n_boot, seed=0)
     table = per_group_table(probs, ys, groups, bands=predictor.bands)
     real_out = {}
     for path in real:
         real_out[str(path)] = _real_slide(path, analyser, bundle.contract.thresholds)
-    return {"bundle": str(bundle_dir), "bundle_sha256": bundle.sha256, "label": bundle.contract.label, "backend": backend,
-            "data": {"root": str(data_root), "seed": seed, "n_slides": len(records)}, "tile_auroc": tile,
-            "slide": {k: slide[k] for k in ("auroc", "auprc", "ece", "brier", "balanced_accuracy") if k in slide},
-            "per_diagnosis": table, "real_slides": real_out}
+    return {
+        "bundle": str(bundle_dir),
+        "bundle_sha256": bundle.sha256,
+        "label": bundle.contract.label,
+        "backend": backend,
+        "data": {"root": str(data_root), "seed": seed, "n_slides": len(records)},
+        "tile_auroc": tile,
+        "slide": {k: slide[k] for k in ("auroc", "auprc", "ece", "brier", "balanced_accuracy") if k in slide},
+        "per_diagnosis": table,
+        "real_slides": real_out,
+    }
 
 
 def _real_slide(path: Path, analyser: SlideAnalyser, thresholds: dict[str, float]) -> dict[str, Any]:
@@ -106,9 +126,14 @@ def _real_slide(path: Path, analyser: SlideAnalyser, thresholds: dict[str, float
     assert analyser.predictor is not None
     pred = a.prediction or (analyser.predictor.predict(feats) if len(feats) else None)
     above = {p: int((feats.column(p) >= thresholds[p]).sum()) for p in ("pallor", "necrolysis", "parakeratosis")}
-    return {"quality": a.quality.status, "probability": pred.probability if pred else None,
-            "band": pred.band if pred else None, "n_tiles": len(feats), "tiles_above_threshold": above,
-            "patterns": pred.patterns if pred else None}
+    return {
+        "quality": a.quality.status,
+        "probability": pred.probability if pred else None,
+        "band": pred.band if pred else None,
+        "n_tiles": len(feats),
+        "tiles_above_threshold": above,
+        "patterns": pred.patterns if pred else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.io import atomic_write_json
     from pipeline.core.paths import DEMO_BUNDLE, REPO_ROOT
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
     ap.add_argument("--seed", type=int, default=909, help="synthetic seed never used in training")
     ap.add_argument("--n", type=int, default=40, help="number of synthetic slides")
@@ -130,15 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     setup_logging(quiet=args.quiet)
     data_root = args.out / f"synthetic_seed{args.seed}_n{args.n}"
-    res = evaluate(args.bundle, data_root, args.n, args.seed, tuple(args.size_um) if args.size_um else None, args.real,
-                   args.bootstrap, args.backend)
+    res = evaluate(
+        args.bundle,
+        data_root,
+        args.n,
+        args.seed,
+        tuple(args.size_um) if args.size_um else None,
+        args.real,
+        args.bootstrap,
+        args.backend,
+    )
     atomic_write_json(args.out / "evaluation.json", res)
-    sys.stdout.write(json.dumps({"tile_auroc": {k: v["auroc"] for k, v in res["tile_auroc"].items()},
-                                 "tile_auroc_epidermal": {k: v["auroc_epidermal"] for k, v in res["tile_auroc"].items()},
-                                 "tile_n_pos": {k: v["n_pos"] for k, v in res["tile_auroc"].items()},
-                                 "slide_auroc": res["slide"]["auroc"], "ece": res["slide"]["ece"]["value"],
-                                 "per_diagnosis_mean": {r.get("group"): r.get("mean_probability") for r in res["per_diagnosis"]},
-                                 "real": {k: v["band"] for k, v in res["real_slides"].items()}}) + "\n")
+    sys.stdout.write(
+        json.dumps(
+            {
+                "tile_auroc": {k: v["auroc"] for k, v in res["tile_auroc"].items()},
+                "tile_auroc_epidermal": {k: v["auroc_epidermal"] for k, v in res["tile_auroc"].items()},
+                "tile_n_pos": {k: v["n_pos"] for k, v in res["tile_auroc"].items()},
+                "slide_auroc": res["slide"]["auroc"],
+                "ece": res["slide"]["ece"]["value"],
+                "per_diagnosis_mean": {r.get("group"): r.get("mean_probability") for r in res["per_diagnosis"]},
+                "real": {k: v["band"] for k, v in res["real_slides"].items()},
+            }
+        )
+        + "\n"
+    )
     return 0
 
 

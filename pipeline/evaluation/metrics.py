@@ -34,8 +34,13 @@ log = logging.getLogger(__name__)
 
 #: Metrics that need both classes in the (re)sample.
 RANKING_METRICS = (
-    "auroc", "auprc", "balanced_accuracy", "sensitivity_at_threshold", "specificity_at_threshold",
-    "sensitivity_at_90_specificity", "sensitivity_at_95_specificity",
+    "auroc",
+    "auprc",
+    "balanced_accuracy",
+    "sensitivity_at_threshold",
+    "specificity_at_threshold",
+    "sensitivity_at_90_specificity",
+    "sensitivity_at_95_specificity",
 )
 #: Metrics defined with one class too.
 CALIBRATION_METRICS = ("ece", "brier")
@@ -112,7 +117,9 @@ def _ece(p: np.ndarray, y: np.ndarray, edges: np.ndarray) -> float:
     idx = bin_index(p, edges)
     nb = edges.size - 1
     count = np.bincount(idx, minlength=nb)
-    gap = np.abs(np.bincount(idx, weights=p, minlength=nb) - np.bincount(idx, weights=y.astype(np.float64), minlength=nb))
+    gap = np.abs(
+        np.bincount(idx, weights=p, minlength=nb) - np.bincount(idx, weights=y.astype(np.float64), minlength=nb)
+    )
     return float(gap.sum() / max(1, count.sum()))  # sum_b n_b |mean_p - mean_y| / N
 
 
@@ -122,15 +129,17 @@ def _all_metrics(p: np.ndarray, y: np.ndarray, threshold: float, edges: np.ndarr
     if 0 < n_pos < y.size:
         tp, fp, fn, tn = _confusion(p, y, threshold)
         sens, spec = tp / (tp + fn), tn / (tn + fp)
-        out.update({
-            "auroc": _auroc(p, y),
-            "auprc": _average_precision(p, y),
-            "balanced_accuracy": (sens + spec) / 2.0,
-            "sensitivity_at_threshold": sens,
-            "specificity_at_threshold": spec,
-            "sensitivity_at_90_specificity": _sens_at_spec(p, y, 0.90)[0],
-            "sensitivity_at_95_specificity": _sens_at_spec(p, y, 0.95)[0],
-        })
+        out.update(
+            {
+                "auroc": _auroc(p, y),
+                "auprc": _average_precision(p, y),
+                "balanced_accuracy": (sens + spec) / 2.0,
+                "sensitivity_at_threshold": sens,
+                "specificity_at_threshold": spec,
+                "sensitivity_at_90_specificity": _sens_at_spec(p, y, 0.90)[0],
+                "sensitivity_at_95_specificity": _sens_at_spec(p, y, 0.95)[0],
+            }
+        )
     out["ece"] = _ece(p, y, edges)
     out["brier"] = float(np.mean((p - y) ** 2))
     return out
@@ -211,8 +220,9 @@ def _resample_units(n: int, patient_ids: Sequence[Any] | None) -> list[np.ndarra
     return [np.asarray(v) for v in groups.values()]
 
 
-def bootstrap_samples(n: int, patient_ids: Sequence[Any] | None = None, n_boot: int = 1000,
-                      seed: int = 0) -> list[np.ndarray]:
+def bootstrap_samples(
+    n: int, patient_ids: Sequence[Any] | None = None, n_boot: int = 1000, seed: int = 0
+) -> list[np.ndarray]:
     """``n_boot`` index arrays into the N slides, resampled with replacement.
 
     With ``patient_ids`` each resample draws as many patients as there are (with replacement)
@@ -229,8 +239,9 @@ def bootstrap_samples(n: int, patient_ids: Sequence[Any] | None = None, n_boot: 
     return out
 
 
-def _ci_entry(value: float | None, boots: list[float], n_boot: int, reason: str | None,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _ci_entry(
+    value: float | None, boots: list[float], n_boot: int, reason: str | None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"value": value, "ci95": None, "n_boot_used": len(boots)}
     if value is None:
         entry["reason"] = reason or "undefined on these data"
@@ -246,8 +257,15 @@ def _ci_entry(value: float | None, boots: list[float], n_boot: int, reason: str 
     return entry
 
 
-def evaluate_slides(probs: Any, y: Any, patient_ids: Sequence[Any] | None = None, threshold: float = 0.5,
-                    n_boot: int = 1000, seed: int = 0, n_bins: int = 10) -> dict[str, Any]:
+def evaluate_slides(
+    probs: Any,
+    y: Any,
+    patient_ids: Sequence[Any] | None = None,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> dict[str, Any]:
     """Slide-level metrics with 95 % percentile-bootstrap intervals (JSON-safe, no NaN).
 
     Args:
@@ -319,8 +337,14 @@ def evaluate_slides(probs: Any, y: Any, patient_ids: Sequence[Any] | None = None
 TOTAL_GROUP = "(all)"
 
 
-def per_group_table(probs: Any, y: Any | None, groups: Sequence[Any], threshold: float = 0.5,
-                    bands: Bands | None = None, include_total: bool = True) -> list[dict[str, Any]]:
+def per_group_table(
+    probs: Any,
+    y: Any | None,
+    groups: Sequence[Any],
+    threshold: float = 0.5,
+    bands: Bands | None = None,
+    include_total: bool = True,
+) -> list[dict[str, Any]]:
     """One row per group (e.g. diagnosis), sorted by group name, plus an ``(all)`` row.
 
     Columns: ``group``, ``n``, ``n_label_positive`` (``None`` if ``y`` is None),
@@ -396,8 +420,9 @@ def write_table_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns
 # --------------------------------------------------------------------------------------------
 # tile level, multi-label
 # --------------------------------------------------------------------------------------------
-def _multilabel_arrays(probs: Any, targets: Any, mask: Any | None,
-                       class_names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def _multilabel_arrays(
+    probs: Any, targets: Any, mask: Any | None, class_names: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2:
         raise InvalidInputError(f"probs: expected shape (N, C), got {p.shape}")
@@ -465,9 +490,15 @@ def _best_threshold(p: np.ndarray, y: np.ndarray, rule: str, specificity: float 
     return float(thr[i])
 
 
-def pick_thresholds(probs: Any, targets: Any, mask: Any | None = None, class_names: Sequence[str] | None = None,
-                    rule: Literal["f1", "youden", "specificity"] = "f1", default: float = 0.5,
-                    specificity: float = 0.98) -> dict[str, float]:
+def pick_thresholds(
+    probs: Any,
+    targets: Any,
+    mask: Any | None = None,
+    class_names: Sequence[str] | None = None,
+    rule: Literal["f1", "youden", "specificity"] = "f1",
+    default: float = 0.5,
+    specificity: float = 0.98,
+) -> dict[str, float]:
     """Per-class probability thresholds chosen on validation tiles.
 
     Args:
@@ -503,9 +534,14 @@ def pick_thresholds(probs: Any, targets: Any, mask: Any | None = None, class_nam
     return out
 
 
-def multilabel_tile_metrics(probs: Any, targets: Any, mask: Any | None = None, class_names: Sequence[str] | None = None,
-                            thresholds: Mapping[str, float | None] | Sequence[float | None] | None = None,
-                            default_threshold: float = 0.5) -> dict[str, Any]:
+def multilabel_tile_metrics(
+    probs: Any,
+    targets: Any,
+    mask: Any | None = None,
+    class_names: Sequence[str] | None = None,
+    thresholds: Mapping[str, float | None] | Sequence[float | None] | None = None,
+    default_threshold: float = 0.5,
+) -> dict[str, Any]:
     """Per-class tile metrics for a multi-label patch model (JSON-safe).
 
     Args:
@@ -548,19 +584,35 @@ def multilabel_tile_metrics(probs: Any, targets: Any, mask: Any | None = None, c
         thr = float(thr)
         if not (math.isfinite(thr) and 0.0 <= thr <= 1.0):
             raise InvalidInputError(f"thresholds: {name}: {thr} is not in [0, 1]")
-        entry: dict[str, Any] = {"n": int(yc.size), "n_pos": n_pos, "n_neg": n_neg, "threshold": thr,
-                                 "threshold_source": source}
+        entry: dict[str, Any] = {
+            "n": int(yc.size),
+            "n_pos": n_pos,
+            "n_neg": n_neg,
+            "threshold": thr,
+            "threshold_source": source,
+        }
         reason = _one_class_reason(n_pos, n_neg)
         if reason is not None:
-            entry.update({"auroc": None, "auprc": None, "f1": None, "precision": None, "recall": None, "reason": reason})
+            entry.update(
+                {"auroc": None, "auprc": None, "f1": None, "precision": None, "recall": None, "reason": reason}
+            )
         else:
             tp, fp, fn, _ = _confusion(pc, yc, thr)
             precision = tp / (tp + fp) if tp + fp else None
             recall = tp / (tp + fn)
             f1 = 2 * tp / (2 * tp + fp + fn)
-            entry.update({"auroc": _auroc(pc, yc), "auprc": _average_precision(pc, yc), "f1": f1,
-                          "precision": precision, "recall": recall,
-                          "reason": None if precision is not None else "no tile at or above the threshold; precision undefined"})
+            entry.update(
+                {
+                    "auroc": _auroc(pc, yc),
+                    "auprc": _average_precision(pc, yc),
+                    "f1": f1,
+                    "precision": precision,
+                    "recall": recall,
+                    "reason": None
+                    if precision is not None
+                    else "no tile at or above the threshold; precision undefined",
+                }
+            )
         per_class[name] = entry
 
     def macro(key: str) -> float | None:
@@ -569,13 +621,27 @@ def multilabel_tile_metrics(probs: Any, targets: Any, mask: Any | None = None, c
 
     return {
         "per_class": per_class,
-        "macro": {"auroc": macro("auroc"), "auprc": macro("auprc"), "f1": macro("f1"),
-                  "n_classes": sum(1 for e in per_class.values() if e["auroc"] is not None)},
+        "macro": {
+            "auroc": macro("auroc"),
+            "auprc": macro("auprc"),
+            "f1": macro("f1"),
+            "n_classes": sum(1 for e in per_class.values() if e["auroc"] is not None),
+        },
     }
 
 
 __all__ = [
-    "auroc", "average_precision", "roc_curve", "sensitivity_at_specificity", "balanced_accuracy",
-    "bootstrap_samples", "evaluate_slides", "per_group_table", "write_table_csv", "pick_thresholds",
-    "multilabel_tile_metrics", "RANKING_METRICS", "CALIBRATION_METRICS",
+    "auroc",
+    "average_precision",
+    "roc_curve",
+    "sensitivity_at_specificity",
+    "balanced_accuracy",
+    "bootstrap_samples",
+    "evaluate_slides",
+    "per_group_table",
+    "write_table_csv",
+    "pick_thresholds",
+    "multilabel_tile_metrics",
+    "RANKING_METRICS",
+    "CALIBRATION_METRICS",
 ]

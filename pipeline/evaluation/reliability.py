@@ -70,8 +70,16 @@ class ReliabilityCurve:
         return {
             "strategy": self.strategy,
             "bins": [
-                {"lower": float(lo), "upper": float(hi), "mean_predicted": float(mp), "observed_frequency": float(of), "count": int(c)}
-                for lo, hi, mp, of, c in zip(self.bin_lower, self.bin_upper, self.mean_predicted, self.observed_frequency, self.count)
+                {
+                    "lower": float(lo),
+                    "upper": float(hi),
+                    "mean_predicted": float(mp),
+                    "observed_frequency": float(of),
+                    "count": int(c),
+                }
+                for lo, hi, mp, of, c in zip(
+                    self.bin_lower, self.bin_upper, self.mean_predicted, self.observed_frequency, self.count
+                )
             ],
             "ece": self.ece(),
         }

@@ -31,8 +31,10 @@ DEFAULT_CALIBRATION_NOTE = (
 DASH = "\u2014"
 
 #: No network at all: images only from data: URIs, inline style and script only.
-CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-       "base-uri 'none'; form-action 'none'")
+CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
 
 
 def esc(value: Any) -> str:
@@ -125,9 +127,9 @@ def rich_text(value: Any) -> str:
             return DASH
         if len(items) == 1:
             return rich_text(items[0])
-        return "<ul class=\"plain\">" + "".join(f"<li>{rich_text(v)}</li>" for v in items) + "</ul>"
+        return '<ul class="plain">' + "".join(f"<li>{rich_text(v)}</li>" for v in items) + "</ul>"
     if isinstance(value, Mapping):
-        return "<br>".join(f"<span class=\"k\">{esc(k)}:</span> {esc(plain_text(v))}" for k, v in value.items()) or DASH
+        return "<br>".join(f'<span class="k">{esc(k)}:</span> {esc(plain_text(v))}' for k, v in value.items()) or DASH
     return esc(value)
 
 
@@ -219,10 +221,10 @@ def page(title: str, body: str, css: str = "", script: str = "") -> str:
     """A complete HTML document (``title`` is escaped here; ``body``/``css``/``script`` are trusted HTML)."""
     js = f"<script>{script}</script>" if script else ""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        "<meta name=\"referrer\" content=\"no-referrer\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="referrer" content="no-referrer">\n'
         f"<title>{esc(title)}</title>\n<style>{BASE_CSS}{css}</style>\n</head>\n"
         f"<body>\n{body}\n{js}\n</body>\n</html>\n"
     )

@@ -27,7 +27,7 @@ class TopTiles:
             scores, kept = self._best.get(name, (np.zeros(0, np.float32), np.zeros(0, np.int64)))
             scores = np.concatenate([scores, probs[:, col].astype(np.float32)])
             kept = np.concatenate([kept, np.asarray(idx, np.int64)])
-            order = np.argsort(-scores, kind="stable")[:self.keep]
+            order = np.argsort(-scores, kind="stable")[: self.keep]
             self._best[name] = (scores[order], kept[order])
         wanted = {int(i) for _, kept in self._best.values() for i in kept}
         self._slot = {i: s for i, s in self._slot.items() if i in wanted}

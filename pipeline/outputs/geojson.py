@@ -87,7 +87,7 @@ def _num(v: float) -> int | float:
 
 def _nums(values: np.ndarray) -> list[int | float]:
     """:func:`_num` of each value of a 1-D float array; all at once when all are whole (the usual case)."""
-    if np.all(np.abs(values) < 2.0 ** 52) and np.all(values == np.floor(values)):
+    if np.all(np.abs(values) < 2.0**52) and np.all(values == np.floor(values)):
         return values.astype(np.int64).tolist()
     return [_num(v) for v in values.tolist()]
 
@@ -207,8 +207,10 @@ def tiles_feature_collection(
 
 
 #: One tile feature as compact JSON: id, ring corners (a, b, c, d = x0, y0, x1, y1), classification, measurements.
-_TILE_JSON = ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[[%s,%s],[%s,%s],[%s,%s],'
-              '[%s,%s],[%s,%s]]]},"properties":{"objectType":"tile","isLocked":true%s,"measurements":{%s}}}')
+_TILE_JSON = (
+    '{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[[%s,%s],[%s,%s],[%s,%s],'
+    '[%s,%s],[%s,%s]]]},"properties":{"objectType":"tile","isLocked":true%s,"measurements":{%s}}}'
+)
 
 
 def _tiles_json(parts: _TileParts) -> str:
@@ -220,11 +222,15 @@ def _tiles_json(parts: _TileParts) -> str:
         raise ValueError("Out of range float values are not JSON compliant")
     cls = f',"classification":{_compact(parts.cls)}' if parts.cls is not None else ""
     n = len(parts.ids)
-    cells = [[None if v is None else f"{key}:{v}" for v in col]
-             for key, col in ((_compact(name), col) for name, col in parts.columns)]
+    cells = [
+        [None if v is None else f"{key}:{v}" for v in col]
+        for key, col in ((_compact(name), col) for name, col in parts.columns)
+    ]
     meas = [",".join([c for c in row if c is not None]) for row in zip(*cells)] if cells else [""] * n
-    feats = [_TILE_JSON % (fid, a, b, c, b, c, d, a, d, a, b, cls, m)
-             for fid, a, b, c, d, m in zip(parts.ids, *parts.corners, meas)]
+    feats = [
+        _TILE_JSON % (fid, a, b, c, b, c, d, a, d, a, b, cls, m)
+        for fid, a, b, c, d, m in zip(parts.ids, *parts.corners, meas)
+    ]
     return '{"type":"FeatureCollection","features":[' + ",".join(feats) + "]}\n"
 
 
@@ -251,7 +257,7 @@ def _ring(points: np.ndarray, ox: float, oy: float, what: str) -> list[list[int 
     if not _has_3_distinct(pts):
         return None
     rel = pts - np.array([ox, oy])
-    if np.all(np.abs(rel) < 2.0 ** 52) and np.all(rel == np.floor(rel)):
+    if np.all(np.abs(rel) < 2.0**52) and np.all(rel == np.floor(rel)):
         ring = rel.astype(np.int64).tolist()  # whole level-0 pixels (the usual case): what _num gives, at once
     else:
         ring = [[_num(x), _num(y)] for x, y in rel.tolist()]
@@ -331,8 +337,10 @@ def tissue_feature_collection(
 
 
 #: One tissue feature as compact JSON: id, rings (compact JSON), classification (compact JSON).
-_TISSUE_JSON = ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":%s},'
-                '"properties":{"objectType":"annotation","isLocked":false,"classification":%s}}')
+_TISSUE_JSON = (
+    '{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":%s},'
+    '"properties":{"objectType":"annotation","isLocked":false,"classification":%s}}'
+)
 
 
 def _tissue_json(kept: list[tuple[str, list[list[list[int | float]]], str]], cls: dict[str, Any]) -> str:
@@ -368,8 +376,11 @@ def write_tiles_geojson(
     """
     parts = _tile_parts(coords, tile_size_l0, measurements, offset, classification, slide_id)
     if len({name for name, _ in parts.columns}) < len(parts.columns):  # names equal as text: the dict's rules
-        text = _dump(tiles_feature_collection(coords, tile_size_l0, measurements, offset=offset,
-                                              classification=classification, slide_id=slide_id))
+        text = _dump(
+            tiles_feature_collection(
+                coords, tile_size_l0, measurements, offset=offset, classification=classification, slide_id=slide_id
+            )
+        )
     else:
         text = _tiles_json(parts)
     out = atomic_write_text(path, text)

@@ -125,7 +125,7 @@ def _coverage(shape: tuple[int, int], corners: np.ndarray) -> tuple[np.ndarray, 
     # 2-D prefix sum (OpenCV's integral image: row/column 0 are zeros) turns the corner marks into areas
     c = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)
     del acc
-    c = np.rint(c[1:h + 1, 1:w + 1])
+    c = np.rint(c[1 : h + 1, 1 : w + 1])
     covered = c > 0
     return covered, c[covered].astype(np.float32)  # whole numbers: exact in float32
 
@@ -188,9 +188,10 @@ class TileCoverage:
             h, w = self.shape
             k = self._corners.shape[1]
             num = np.arange(1, k + 1, dtype=np.float64)
-            acc = np.bincount(self._corners.ravel(), weights=np.concatenate([num, -num, -num, num]),
-                              minlength=(h + 1) * (w + 1))
-            s = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1][self.covered]
+            acc = np.bincount(
+                self._corners.ravel(), weights=np.concatenate([num, -num, -num, num]), minlength=(h + 1) * (w + 1)
+            )
+            s = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)[1 : h + 1, 1 : w + 1][self.covered]
             self._label = np.rint(s).astype(np.intp) - 1  # whole numbers 1..k: exact in float64
         return self._label
 
@@ -223,7 +224,7 @@ class TileCoverage:
         acc = np.bincount(corners.ravel(), weights=np.concatenate([v, -v, -v, v]), minlength=(h + 1) * (w + 1))
         s = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)
         del acc
-        s = s[1:h + 1, 1:w + 1][covered]
+        s = s[1 : h + 1, 1 : w + 1][covered]
         out[covered] = (s / count).astype(np.float32)
         return out
 
@@ -319,7 +320,7 @@ def _legend_band(cw: int, legend_label: str, vmin: float, vmax: float) -> np.nda
     bar_w = max(int(min(cw - 2 * pad, round(720 * fs))), 16)
     y_bar = y + cb + pad // 2
     ramp = values_to_rgb(np.linspace(vmin, vmax, bar_w), vmin, vmax)
-    band[y_bar:y_bar + bar_h, pad:pad + bar_w] = ramp[None, :, :]
+    band[y_bar : y_bar + bar_h, pad : pad + bar_w] = ramp[None, :, :]
     cv2.rectangle(band, (pad, y_bar), (pad + bar_w - 1, y_bar + bar_h - 1), _INK, 1)
     tick_len = int(round(6 * fs))
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -347,12 +348,12 @@ def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax
     canvas = np.empty((title_h + h + legend.shape[0], cw, 3), dtype=np.uint8)  # each pixel written once
     canvas[:title_h] = 255
     x_off = (cw - w) // 2
-    canvas[title_h:title_h + h, :x_off] = 255  # margins of a body narrower than the canvas
-    canvas[title_h:title_h + h, x_off + w:] = 255
-    canvas[title_h:title_h + h, x_off:x_off + w] = body
+    canvas[title_h : title_h + h, :x_off] = 255  # margins of a body narrower than the canvas
+    canvas[title_h : title_h + h, x_off + w :] = 255
+    canvas[title_h : title_h + h, x_off : x_off + w] = body
     cv2.putText(canvas, title_txt, (pad, pad + th), font, title_fs, _INK, thick + 1, cv2.LINE_AA)
     cv2.line(canvas, (0, title_h - 1), (cw - 1, title_h - 1), (210, 214, 220), max(1, thick // 2))
-    canvas[title_h + h:] = legend
+    canvas[title_h + h :] = legend
     return canvas
 
 
@@ -435,7 +436,9 @@ def heatmap_base(
     small = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
     mask = None
     if tissue_mask is not None:
-        mask = cv2.resize(np.asarray(tissue_mask).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = cv2.resize(np.asarray(tissue_mask).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST).astype(
+            bool
+        )
     return small, float(thumb_mpp) * w / tw, mask
 
 
@@ -480,9 +483,20 @@ def render_heatmap(
         uint8 RGB image: title band, the blended thumbnail (:func:`overlay_values`, unchanged
         size, centred on a canvas at least 560 px wide), legend band.
     """
-    body = overlay_values(thumbnail, thumb_mpp, slide_mpp, coords, tile_size_l0, values,
-                          tissue_mask=tissue_mask, origin=origin, vmin=vmin, vmax=vmax, alpha=alpha,
-                          coverage=coverage)
+    body = overlay_values(
+        thumbnail,
+        thumb_mpp,
+        slide_mpp,
+        coords,
+        tile_size_l0,
+        values,
+        tissue_mask=tissue_mask,
+        origin=origin,
+        vmin=vmin,
+        vmax=vmax,
+        alpha=alpha,
+        coverage=coverage,
+    )
     return _decorate(body, title, legend_label, vmin, vmax)
 
 
@@ -531,13 +545,13 @@ def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
     rows = img.reshape(h, w * bpp)
     raw = np.empty((h, 1 + w * bpp), dtype=np.uint8)  # filter byte 1 ("sub"), then byte[x] - byte[x - bpp] mod 256
     raw[:, 0] = 1
-    raw[:, 1:1 + bpp] = rows[:, :bpp]
-    np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, 1 + bpp:])
+    raw[:, 1 : 1 + bpp] = rows[:, :bpp]
+    np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, 1 + bpp :])
     data = _zlib_stream(raw, min(max(int(compression), 0), 9))
     del raw
     header = struct.pack(">IIBBBBB", w, h, 8, 0 if bpp == 1 else 2, 0, 0, 0)  # colour type 0 grey / 2 RGB
     step = 1 << 30  # a chunk holds under 2**31 bytes: one IDAT but for huge images
-    idat = [_png_chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step)]
+    idat = [_png_chunk(b"IDAT", data[i : i + step]) for i in range(0, len(data), step)]
     return b"".join([b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), *idat, _png_chunk(b"IEND", b"")])
 
 

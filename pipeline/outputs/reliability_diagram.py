@@ -28,12 +28,26 @@ _POINT = (40, 40, 40)
 
 def _ascii(text: str) -> str:
     """OpenCV's Hershey fonts draw ASCII only."""
-    return text.replace("µ", "u").replace("—", "-").replace("–", "-").replace("≥", ">=").replace("≤", "<=").encode(
-        "ascii", "replace").decode("ascii")
+    return (
+        text.replace("µ", "u")
+        .replace("—", "-")
+        .replace("–", "-")
+        .replace("≥", ">=")
+        .replace("≤", "<=")
+        .encode("ascii", "replace")
+        .decode("ascii")
+    )
 
 
-def _put(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.55, color=_BLACK, thick: int = 1,
-         anchor: str = "left") -> None:
+def _put(
+    img: np.ndarray,
+    text: str,
+    org: tuple[int, int],
+    scale: float = 0.55,
+    color=_BLACK,
+    thick: int = 1,
+    anchor: str = "left",
+) -> None:
     text = _ascii(text)
     (w, h), _ = cv2.getTextSize(text, _FONT, scale, thick)
     x, y = org
@@ -54,8 +68,9 @@ def _wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def render_reliability_diagram(probs: Any, y: Any, n_bins: int = 10, title: str = "Reliability diagram",
-                               strategy: str = "uniform", size: int = 900) -> np.ndarray:
+def render_reliability_diagram(
+    probs: Any, y: Any, n_bins: int = 10, title: str = "Reliability diagram", strategy: str = "uniform", size: int = 900
+) -> np.ndarray:
     """Reliability diagram as a BGR uint8 image (size x size).
 
     Bars: observed frequency of positives per bin (bin width on the x axis); black dot: the mean
@@ -85,8 +100,13 @@ def render_reliability_diagram(probs: Any, y: Any, n_bins: int = 10, title: str 
 
     # title
     _put(img, title, (W // 2, 34), 0.8, thick=2, anchor="center")
-    _put(img, f"ECE = {ece:.3f} ({strategy}, {n_bins} bins)   Brier = {brier:.3f}   n = {p.size} ({int(t.sum())} positive)",
-         (W // 2, 64), 0.55, anchor="center")
+    _put(
+        img,
+        f"ECE = {ece:.3f} ({strategy}, {n_bins} bins)   Brier = {brier:.3f}   n = {p.size} ({int(t.sum())} positive)",
+        (W // 2, 64),
+        0.55,
+        anchor="center",
+    )
 
     # grid + ticks
     for k in range(6):
@@ -95,7 +115,9 @@ def render_reliability_diagram(probs: Any, y: Any, n_bins: int = 10, title: str 
         cv2.line(img, (left, Y(v)), (right, Y(v)), _LIGHT, 1)
         _put(img, f"{v:.1f}", (left - 10, Y(v) + 6), 0.5, anchor="right")
     # bars
-    for lo, hi, _mp, of, _c in zip(curve.bin_lower, curve.bin_upper, curve.mean_predicted, curve.observed_frequency, curve.count):
+    for lo, hi, _mp, of, _c in zip(
+        curve.bin_lower, curve.bin_upper, curve.mean_predicted, curve.observed_frequency, curve.count
+    ):
         x0, x1 = X(lo) + 2, X(hi) - 2
         cv2.rectangle(img, (x0, Y(of)), (x1, bottom), _BAR, -1)
         cv2.rectangle(img, (x0, Y(of)), (x1, bottom), _BAR_EDGE, 1)
@@ -126,7 +148,13 @@ def render_reliability_diagram(probs: Any, y: Any, n_bins: int = 10, title: str 
     for k, c in enumerate(counts):
         if c:
             hh = int(round((hist_bottom - hist_top) * c / cmax))
-            cv2.rectangle(img, (X(curve.edges[k]) + 2, hist_bottom - hh), (X(curve.edges[k + 1]) - 2, hist_bottom), (170, 170, 170), -1)
+            cv2.rectangle(
+                img,
+                (X(curve.edges[k]) + 2, hist_bottom - hh),
+                (X(curve.edges[k + 1]) - 2, hist_bottom),
+                (170, 170, 170),
+                -1,
+            )
     cv2.rectangle(img, (left, hist_top), (right, hist_bottom), _BLACK, 1)
     _put(img, "slides", (left - 10, (hist_top + hist_bottom) // 2 + 5), 0.45, anchor="right")
     _put(img, str(cmax), (left - 10, hist_top + 12), 0.4, anchor="right")
@@ -144,7 +172,7 @@ def render_reliability_diagram(probs: Any, y: Any, n_bins: int = 10, title: str 
     strip = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
     sy = max(0, (top + bottom) // 2 - strip.shape[0] // 2)
     sx = 22
-    img[sy:sy + strip.shape[0], sx:sx + strip.shape[1]] = strip[: H - sy, : W - sx]
+    img[sy : sy + strip.shape[0], sx : sx + strip.shape[1]] = strip[: H - sy, : W - sx]
 
     # legend: two rows above the plot, never over the data
     lx, ly = left, 96
@@ -161,13 +189,17 @@ def render_reliability_diagram(probs: Any, y: Any, n_bins: int = 10, title: str 
     return img
 
 
-def write_reliability_diagram(path: str | Path, probs: Any, y: Any, n_bins: int = 10,
-                              title: str = "Reliability diagram", strategy: str = "uniform") -> Path:
+def write_reliability_diagram(
+    path: str | Path,
+    probs: Any,
+    y: Any,
+    n_bins: int = 10,
+    title: str = "Reliability diagram",
+    strategy: str = "uniform",
+) -> Path:
     """Draw :func:`render_reliability_diagram` and write it as a PNG, atomically. Returns the path."""
     img = render_reliability_diagram(probs, y, n_bins=n_bins, title=title, strategy=strategy)
     ok, buf = cv2.imencode(".png", img)
     if not ok:  # pragma: no cover - cv2 failure
         raise RuntimeError("cv2.imencode failed for the reliability diagram")
     return atomic_write_bytes(path, buf.tobytes())
-
-

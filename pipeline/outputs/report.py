@@ -143,8 +143,9 @@ def _banners(result: Mapping[str, Any]) -> str:
     label = model.get("label")
     if label is not None and str(label).strip():
         cls = "banner-demo" if is_demo_label(label) else "banner-warn"
-        parts.append(f'<div class="banner {cls}" id="model-label" role="alert">'
-                     f"<strong>Model:</strong>{esc(label)}</div>")
+        parts.append(
+            f'<div class="banner {cls}" id="model-label" role="alert"><strong>Model:</strong>{esc(label)}</div>'
+        )
     status = str(result.get("status") or "").strip().lower()
     if status != "ok":
         quality = as_dict(result.get("quality"))
@@ -158,13 +159,15 @@ def _banners(result: Mapping[str, Any]) -> str:
             head, cls = f"Status {status or 'unknown'}: no probability is reported.", "banner-warn"
         detail = []
         if error is not None and str(error).strip():
-            detail.append(f"<div><span class=\"k\">Reason:</span> {esc(error)}</div>")
+            detail.append(f'<div><span class="k">Reason:</span> {esc(error)}</div>')
         if reasons:
-            detail.append("<ul class=\"plain\">" + "".join(f"<li>{esc(r)}</li>" for r in reasons) + "</ul>")
+            detail.append('<ul class="plain">' + "".join(f"<li>{esc(r)}</li>" for r in reasons) + "</ul>")
         if not detail:
             detail.append("<div>No reason was recorded.</div>")
-        parts.append(f'<div class="banner {cls}" id="status-reason" role="alert">'
-                     f'<strong>{esc(head)}</strong>{"".join(detail)}</div>')
+        parts.append(
+            f'<div class="banner {cls}" id="status-reason" role="alert">'
+            f"<strong>{esc(head)}</strong>{''.join(detail)}</div>"
+        )
     parts.append(f'<div class="banner banner-info disclaimer-top">{esc(DECISION_SUPPORT_DISCLAIMER)}</div>')
     return "\n".join(parts)
 
@@ -197,9 +200,11 @@ def _summary(result: Mapping[str, Any]) -> str:
     meter = ""
     if prob is not None:
         pct = min(max(prob, 0.0), 1.0) * 100
-        meter = (f'<div class="meter" aria-hidden="true">'
-                 f'<span class="mark" style="left:calc({pct:.1f}% - 1px)"></span></div>'
-                 '<div class="meter-scale"><span>0</span><span>0.5</span><span>1</span></div>')
+        meter = (
+            f'<div class="meter" aria-hidden="true">'
+            f'<span class="mark" style="left:calc({pct:.1f}% - 1px)"></span></div>'
+            '<div class="meter-scale"><span>0</span><span>0.5</span><span>1</span></div>'
+        )
     band_txt = esc(band) if band else ("not reported" if not ok else DASH)
     note = result.get("calibration_note") or DEFAULT_CALIBRATION_NOTE
     calib = f'<p class="calib" id="calibration-note">{esc(note)}</p>' if ok else ""
@@ -218,13 +223,17 @@ def _summary(result: Mapping[str, Any]) -> str:
         '<div class="prob"><div class="prob-label">Calibrated NME-pattern probability</div>'
         f'<div class="prob-value" id="probability">{prob_txt}</div>'
         f'<span class="pill band {band_class(band)}" id="band">{band_txt}</span></div>'
-        f'{meter}{calib}'
+        f"{meter}{calib}"
         f'<dl class="facts">{dl}</dl></section>'
     )
 
 
-def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Mapping[str, bytes],
-            image_src: _ImageSrc = data_uri) -> str:
+def _viewer(
+    result: Mapping[str, Any],
+    thumbnail_png: bytes | None,
+    overlays: Mapping[str, bytes],
+    image_src: _ImageSrc = data_uri,
+) -> str:
     ok = _is_ok(result)
     views: list[tuple[str, str, str]] = []  # (button label, data uri, caption)
     if ok:
@@ -232,10 +241,11 @@ def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Ma
             uri = image_src(png)
             if uri is None:
                 continue
-            caption = ("Attention of the slide aggregator, relative within this slide (1 = most attended tile)."
-                       if str(name).lower().startswith("attention")
-                       else f"Tile probability of {_pretty(name).lower()} on a fixed 0-1 scale "
-                            "(same colours on every slide).")
+            caption = (
+                "Attention of the slide aggregator, relative within this slide (1 = most attended tile)."
+                if str(name).lower().startswith("attention")
+                else f"Tile probability of {_pretty(name).lower()} on a fixed 0-1 scale (same colours on every slide)."
+            )
             views.append((_pretty(name), uri, caption))
     elif overlays:
         log.info("%s: status %s, overlays not shown", result.get("slide_id"), result.get("status"))
@@ -243,9 +253,11 @@ def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Ma
     if thumb is not None:
         views.append(("Slide only", thumb, "Slide thumbnail without overlay."))
     if not views:
-        return ('<section class="card viewer" id="viewer"><h2>Slide overview</h2>'
-                '<div class="ov-stage"><div class="placeholder">No image available for this slide.</div></div>'
-                "</section>")
+        return (
+            '<section class="card viewer" id="viewer"><h2>Slide overview</h2>'
+            '<div class="ov-stage"><div class="placeholder">No image available for this slide.</div></div>'
+            "</section>"
+        )
     buttons, figs = [], []
     for i, (label, uri, caption) in enumerate(views):
         active = i == 0
@@ -256,10 +268,13 @@ def _viewer(result: Mapping[str, Any], thumbnail_png: bytes | None, overlays: Ma
         figs.append(
             f'<figure class="ov-fig" data-ov="{i}"{"" if active else " hidden"}>'
             f'<img src="{uri}" alt="{esc(label)} overlay for slide {esc(result.get("slide_id"))}">'
-            f'<figcaption>{esc(caption)}</figcaption></figure>'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
         )
-    hint = ('<div class="small muted" style="margin-top:6px">Switch views with the buttons or keys 1–9.</div>'
-            if len(views) > 1 else "")
+    hint = (
+        '<div class="small muted" style="margin-top:6px">Switch views with the buttons or keys 1–9.</div>'
+        if len(views) > 1
+        else ""
+    )
     return (
         '<section class="card viewer" id="viewer"><h2>Slide overview</h2>'
         f'<div class="ov-buttons" role="group" aria-label="Overlay">{"".join(buttons)}</div>'
@@ -279,14 +294,21 @@ def _patterns(result: Mapping[str, Any]) -> str:
         if isinstance(raw, Mapping):  # tolerate {score: ..} or {probability: ..}
             raw = raw.get("score", raw.get("probability", raw.get("value")))
         v = as_float(raw) if ok else None
-        bar = (f'<div class="bar"><span style="width:{min(max(v, 0.0), 1.0) * 100:.1f}%"></span></div>'
-               if v is not None else "")
-        rows.append(f'<tr><td>{esc(_pretty(name))}</td><td class="num">{fmt_num(v, ".2f")}</td>'
-                    f'<td style="width:45%">{bar}</td></tr>')
-    return ('<section class="card" id="patterns"><h2>Pattern scores</h2><table><thead><tr><th>Pattern</th>'
-            '<th class="num">Score</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
-            '<p class="small muted" style="margin:8px 0 0">Slide-level scores of the three NME histological patterns '
-            "(0–1).</p></section>")
+        bar = (
+            f'<div class="bar"><span style="width:{min(max(v, 0.0), 1.0) * 100:.1f}%"></span></div>'
+            if v is not None
+            else ""
+        )
+        rows.append(
+            f'<tr><td>{esc(_pretty(name))}</td><td class="num">{fmt_num(v, ".2f")}</td>'
+            f'<td style="width:45%">{bar}</td></tr>'
+        )
+    return (
+        '<section class="card" id="patterns"><h2>Pattern scores</h2><table><thead><tr><th>Pattern</th>'
+        '<th class="num">Score</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
+        '<p class="small muted" style="margin:8px 0 0">Slide-level scores of the three NME histological patterns '
+        "(0–1).</p></section>"
+    )
 
 
 def _quality(result: Mapping[str, Any]) -> str:
@@ -294,7 +316,7 @@ def _quality(result: Mapping[str, Any]) -> str:
     flags = [f for f in as_list(q.get("flags")) if str(f).strip()]
     flags += [f for f in as_list(as_dict(result.get("tissue")).get("flags")) if str(f).strip() and f not in flags]
     reasons = [r for r in as_list(q.get("reasons")) if str(r).strip()]
-    chips = (_chips(flags, "chip chip-warn") or '<span class="muted">No quality flags.</span>')
+    chips = _chips(flags, "chip chip-warn") or '<span class="muted">No quality flags.</span>'
     items = "".join(f"<li>{esc(plain_text(r))}</li>" for r in reasons)
     rs = f'<ul class="plain">{items}</ul>' if reasons else ""
     return f'<section class="card" id="quality"><h2>Quality</h2><div>{chips}</div>{rs}</section>'
@@ -304,7 +326,7 @@ def _one_code(code: Any) -> str:
     c = as_dict(code)
     if not c:
         return esc(code) if isinstance(code, str) and code.strip() else ""
-    disp = f' <span>{esc(c.get("display"))}</span>' if c.get("display") else ""
+    disp = f" <span>{esc(c.get('display'))}</span>" if c.get("display") else ""
     system = f'<div class="small muted">{esc(c.get("system"))}</div>' if c.get("system") else ""
     return f'<div class="code"><code>{esc(c.get("code"))}</code>{disp}{system}</div>'
 
@@ -327,8 +349,10 @@ def _orders(recs: Mapping[str, Any]) -> str:
     if not orders:
         body = '<p class="muted" id="no-orders">No orders proposed.</p>'
     else:
-        ranked = sorted(enumerate(orders),
-                        key=lambda io: (PRIORITY_RANK.get(str(as_dict(io[1]).get("priority", "")).lower(), 9), io[0]))
+        ranked = sorted(
+            enumerate(orders),
+            key=lambda io: (PRIORITY_RANK.get(str(as_dict(io[1]).get("priority", "")).lower(), 9), io[0]),
+        )
         rows: list[str] = []
         seen: set[str] = set()
         for _, o in ranked:
@@ -350,17 +374,21 @@ def _orders(recs: Mapping[str, Any]) -> str:
                 f'<tr data-order-id="{esc(o.get("id"))}"><td><strong>{esc(o.get("display"))}</strong>'
                 f'<div class="small muted mono">{esc(o.get("id"))}</div>{category}</td>'
                 f'<td><span class="pill {priority_class(prio)}">{esc(prio)}</span></td>'
-                f'<td>{_codes(o)}</td><td>{_chips(o.get("rules")) or DASH}</td>'
-                f'<td>{rat or DASH}</td><td>{rich_text(o.get("note"))}</td></tr>'
+                f"<td>{_codes(o)}</td><td>{_chips(o.get('rules')) or DASH}</td>"
+                f"<td>{rat or DASH}</td><td>{rich_text(o.get('note'))}</td></tr>"
             )
-        body = ('<div style="overflow-x:auto"><table id="orders-table"><thead><tr>'
-                '<th style="width:17%">Order</th><th>Priority</th><th style="width:18%">Code</th><th>Rules</th>'
-                '<th style="width:30%">Rationale</th><th style="width:22%">Note</th>'
-                '</tr></thead><tbody>' + "".join(rows) + "</tbody></table></div>")
-    return ('<section class="card" id="orders"><h2>Proposed orders</h2>'
-            '<p class="small muted" style="margin-top:0">Proposals for the treating clinician, most urgent first; '
-            "nothing is ordered automatically.</p>"
-            f"{body}</section>")
+        body = (
+            '<div style="overflow-x:auto"><table id="orders-table"><thead><tr>'
+            '<th style="width:17%">Order</th><th>Priority</th><th style="width:18%">Code</th><th>Rules</th>'
+            '<th style="width:30%">Rationale</th><th style="width:22%">Note</th>'
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+        )
+    return (
+        '<section class="card" id="orders"><h2>Proposed orders</h2>'
+        '<p class="small muted" style="margin-top:0">Proposals for the treating clinician, most urgent first; '
+        "nothing is ordered automatically.</p>"
+        f"{body}</section>"
+    )
 
 
 def _differential(recs: Mapping[str, Any]) -> str:
@@ -373,12 +401,16 @@ def _differential(recs: Mapping[str, Any]) -> str:
             if isinstance(d, Mapping):
                 entity = d.get("entity") or d.get("name") or d.get("id")
                 rule_chips = f"<div>{_chips(d.get('rules'))}</div>" if d.get("rules") else ""
-                rows.append(f"<tr><td><strong>{esc(entity)}</strong>{rule_chips}</td>"
-                            f"<td>{rich_text(d.get('why'))}</td></tr>")
+                rows.append(
+                    f"<tr><td><strong>{esc(entity)}</strong>{rule_chips}</td><td>{rich_text(d.get('why'))}</td></tr>"
+                )
             else:
-                rows.append(f"<tr><td colspan=\"2\">{esc(d)}</td></tr>")
-        body = ('<table><thead><tr><th style="width:38%">Entity</th><th>Why consider it</th></tr></thead><tbody>'
-                + "".join(rows) + "</tbody></table>")
+                rows.append(f'<tr><td colspan="2">{esc(d)}</td></tr>')
+        body = (
+            '<table><thead><tr><th style="width:38%">Entity</th><th>Why consider it</th></tr></thead><tbody>'
+            + "".join(rows)
+            + "</tbody></table>"
+        )
     return f'<section class="card" id="differential"><h2>Differential diagnosis</h2>{body}</section>'
 
 
@@ -398,8 +430,11 @@ def _flags(recs: Mapping[str, Any]) -> str:
 
 def _list_section(sec_id: str, title: str, items: Any, empty: str) -> str:
     vals = [v for v in as_list(items) if v is not None and str(v).strip()]
-    body = ("<ul class=\"plain\">" + "".join(f"<li>{rich_text(v)}</li>" for v in vals) + "</ul>"
-            if vals else f'<p class="muted">{esc(empty)}</p>')
+    body = (
+        '<ul class="plain">' + "".join(f"<li>{rich_text(v)}</li>" for v in vals) + "</ul>"
+        if vals
+        else f'<p class="muted">{esc(empty)}</p>'
+    )
     return f'<section class="card" id="{sec_id}"><h2>{esc(title)}</h2>{body}</section>'
 
 
@@ -410,16 +445,21 @@ def _clinical_context(recs: Mapping[str, Any]) -> str:
     if not ctx:
         body = '<p class="muted">No clinical context was supplied; proposals rest on the slide alone.</p>'
     else:
-        body = _kv_table([(esc(_pretty(k)), esc(plain_text(v) if not isinstance(v, bool) else ("yes" if v else "no")))
-                          for k, v in ctx.items()])
+        body = _kv_table(
+            [
+                (esc(_pretty(k)), esc(plain_text(v) if not isinstance(v, bool) else ("yes" if v else "no")))
+                for k, v in ctx.items()
+            ]
+        )
     return f'<section class="card" id="clinical-context"><h2>Clinical context used</h2>{body}</section>'
 
 
 def _evidence(recs: Mapping[str, Any]) -> str:
     ev = recs.get("evidence")
     if isinstance(ev, Mapping) and ev:
-        items = "".join(f'<li><span class="mono muted">{esc(k)}</span> {esc(plain_text(v))}</li>'
-                        for k, v in ev.items())
+        items = "".join(
+            f'<li><span class="mono muted">{esc(k)}</span> {esc(plain_text(v))}</li>' for k, v in ev.items()
+        )
     elif isinstance(ev, (list, tuple)) and ev:
         items = "".join(f"<li>{esc(plain_text(v))}</li>" for v in ev)
     else:
@@ -427,8 +467,9 @@ def _evidence(recs: Mapping[str, Any]) -> str:
     return f'<h3>Sources cited by the rules</h3><ul class="plain small">{items}</ul>'
 
 
-def _gallery(result: Mapping[str, Any], gallery: Mapping[str, list[Mapping[str, Any]]],
-             image_src: _ImageSrc = data_uri) -> str:
+def _gallery(
+    result: Mapping[str, Any], gallery: Mapping[str, list[Mapping[str, Any]]], image_src: _ImageSrc = data_uri
+) -> str:
     if not _is_ok(result) or not gallery:
         return ""
     groups = []
@@ -447,14 +488,18 @@ def _gallery(result: Mapping[str, Any], gallery: Mapping[str, list[Mapping[str, 
                 f'<div class="mono muted">{xy}</div></figcaption></figure>'
             )
         if figs:
-            groups.append(f'<div class="gallery-group"><h3>{esc(_pretty(name))}</h3>'
-                          f'<div class="tiles">{"".join(figs)}</div></div>')
+            groups.append(
+                f'<div class="gallery-group"><h3>{esc(_pretty(name))}</h3>'
+                f'<div class="tiles">{"".join(figs)}</div></div>'
+            )
     if not groups:
         return ""
-    return ('<section class="card" id="gallery"><h2>Highest-scoring tiles</h2>'
-            '<p class="small muted" style="margin-top:0">Per pattern, the tiles with the highest scores. '
-            "Coordinates are the "
-            'tile\'s top-left corner in level-0 pixels of the slide.</p>' + "".join(groups) + "</section>")
+    return (
+        '<section class="card" id="gallery"><h2>Highest-scoring tiles</h2>'
+        '<p class="small muted" style="margin-top:0">Per pattern, the tiles with the highest scores. '
+        "Coordinates are the "
+        "tile's top-left corner in level-0 pixels of the slide.</p>" + "".join(groups) + "</section>"
+    )
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:
@@ -468,7 +513,7 @@ def _technical(result: Mapping[str, Any]) -> str:
         ("Name", esc(model.get("name"))),
         ("Version", esc(model.get("version"))),
         ("SHA-256", f'<span class="mono sha">{esc(model.get("sha256"))}</span>'),
-        ("Label", f'<strong>{esc(model.get("label"))}</strong>'),
+        ("Label", f"<strong>{esc(model.get('label'))}</strong>"),
     ]
     timings = as_dict(result.get("timings"))
     t_rows, total = [], 0.0
@@ -487,8 +532,11 @@ def _technical(result: Mapping[str, Any]) -> str:
     slide_rows = [
         ("Reader", esc(result.get("reader"))),
         ("Level-0 size", esc(" × ".join(str(d) for d in dims) + " px") if dims else DASH),
-        ("Level-0 µm/px", fmt_num(mpp.get("slide"), ".4g")
-         + (f' <span class="muted">{esc(mpp.get("source"))}</span>' if mpp.get("source") else "")),
+        (
+            "Level-0 µm/px",
+            fmt_num(mpp.get("slide"), ".4g")
+            + (f' <span class="muted">{esc(mpp.get("source"))}</span>' if mpp.get("source") else ""),
+        ),
         ("Fingerprint", f'<span class="mono sha">{esc(result.get("fingerprint"))}</span>'),
     ]
     versions = as_dict(result.get("versions"))
@@ -497,10 +545,10 @@ def _technical(result: Mapping[str, Any]) -> str:
     return (
         '<section class="card" id="technical"><h2>Model and run details</h2>'
         '<div class="grid" style="grid-template-columns:repeat(auto-fit,minmax(260px,1fr))">'
-        f'<div><h3>Model</h3>{_kv_table(model_rows)}</div>'
-        f'<div><h3>Slide</h3>{_kv_table(slide_rows)}</div>'
-        f'<div><h3>Timings</h3>{_kv_table(t_rows) if t_rows else empty}</div>'
-        f'<div><h3>Software versions</h3>{_kv_table(v_rows) if v_rows else empty}</div>'
+        f"<div><h3>Model</h3>{_kv_table(model_rows)}</div>"
+        f"<div><h3>Slide</h3>{_kv_table(slide_rows)}</div>"
+        f"<div><h3>Timings</h3>{_kv_table(t_rows) if t_rows else empty}</div>"
+        f"<div><h3>Software versions</h3>{_kv_table(v_rows) if v_rows else empty}</div>"
         "</div></section>"
     )
 
@@ -508,9 +556,11 @@ def _technical(result: Mapping[str, Any]) -> str:
 def _disclaimer(recs: Mapping[str, Any]) -> str:
     extra = recs.get("disclaimer")
     extra_html = f'<p id="rules-disclaimer">{rich_text(extra)}</p>' if extra is not None and str(extra).strip() else ""
-    return ('<section class="card disclaimer" id="disclaimer"><h2>Disclaimer</h2>'
-            f'<p id="fixed-disclaimer"><strong>{esc(DECISION_SUPPORT_DISCLAIMER)}</strong></p>{extra_html}'
-            f"{_evidence(recs)}</section>")
+    return (
+        '<section class="card disclaimer" id="disclaimer"><h2>Disclaimer</h2>'
+        f'<p id="fixed-disclaimer"><strong>{esc(DECISION_SUPPORT_DISCLAIMER)}</strong></p>{extra_html}'
+        f"{_evidence(recs)}</section>"
+    )
 
 
 def render_report(
@@ -534,8 +584,11 @@ def _render(
     slide_id = result.get("slide_id")
     recs = as_dict(result.get("recommendations"))
     created = result.get("created_at")
-    footer = (f"nme-pathology {esc(__version__)}" + (f" · generated {esc(created)}" if created else "")
-              + " · self-contained report: opens offline, makes no network requests")
+    footer = (
+        f"nme-pathology {esc(__version__)}"
+        + (f" · generated {esc(created)}" if created else "")
+        + " · self-contained report: opens offline, makes no network requests"
+    )
     body = (
         '<header class="top"><div class="brand">NME pattern analysis · slide report</div>'
         f'<h1>Slide <span class="mono" id="slide-id">{esc(slide_id)}</span></h1>'

@@ -25,6 +25,7 @@ from pipeline.outputs.geojson import write_tiles_geojson, write_tissue_geojson
 from pipeline.outputs.heatmap import (
     ATTENTION_LEGEND,
     HEATMAP_FORMATS,
+    PROBABILITY_LEGEND,
     TileCoverage,
     encode_heatmap,
     encode_jpeg,
@@ -51,8 +52,9 @@ class SlideFileOptions:
     tile_pixels: dict[int, np.ndarray] = field(default_factory=dict)  # gallery candidates kept from the model pass
 
 
-def write_slide_files(result: SlideResult, analysis: SlideAnalysis, slide_dir: Path, opts: SlideFileOptions,
-                      timings: dict[str, float]) -> list[str]:
+def write_slide_files(
+    result: SlideResult, analysis: SlideAnalysis, slide_dir: Path, opts: SlideFileOptions, timings: dict[str, float]
+) -> list[str]:
     """Write GeoJSON, heatmaps, FHIR and the report of a judged slide; returns the file names written.
 
     Sets ``result.heatmap_mpp`` (the report shows it) and adds ``outputs`` and
@@ -68,8 +70,14 @@ def write_slide_files(result: SlideResult, analysis: SlideAnalysis, slide_dir: P
     if "epidermis" in classes:
         meas["epidermis"] = feats.column("epidermis")
     meas["attention"] = attention
-    write_tiles_geojson(slide_dir / "tiles.geojson", feats.coords, feats.tile_size_l0, meas, offset=prep.bounds_origin,
-                        slide_id=slide_id)
+    write_tiles_geojson(
+        slide_dir / "tiles.geojson",
+        feats.coords,
+        feats.tile_size_l0,
+        meas,
+        offset=prep.bounds_origin,
+        slide_id=slide_id,
+    )
     write_tissue_geojson(slide_dir / "tissue.geojson", prep.contours, offset=prep.bounds_origin, slide_id=slide_id)
     files += ["tiles.geojson", "tissue.geojson"]
     view0 = time.thread_time()  # CPU of the heatmaps and the report (the rest: GeoJSON, FHIR)
@@ -78,12 +86,24 @@ def write_slide_files(result: SlideResult, analysis: SlideAnalysis, slide_dir: P
     result.heatmap_mpp = round(base_mpp, 4)
     if ok:
         # the tiles' footprint on the base is the same for every heatmap: fitted once
-        coverage = TileCoverage(base.shape[:2], feats.coords, feats.tile_size_l0, prep.slide_mpp / base_mpp, mask.origin)
+        coverage = TileCoverage(
+            base.shape[:2], feats.coords, feats.tile_size_l0, prep.slide_mpp / base_mpp, mask.origin
+        )
         for name in HEATMAPS:
             values = normalise_attention(attention) if name == "attention" else feats.column(name)
-            legend = {"legend_label": ATTENTION_LEGEND} if name == "attention" else {}
-            img = render_heatmap(base, base_mpp, prep.slide_mpp, feats.coords, feats.tile_size_l0, values, base_mask,
-                                 origin=mask.origin, title=f"{slide_id} - {name}", coverage=coverage, **legend)  # type: ignore[arg-type]
+            img = render_heatmap(
+                base,
+                base_mpp,
+                prep.slide_mpp,
+                feats.coords,
+                feats.tile_size_l0,
+                values,
+                base_mask,
+                origin=mask.origin,
+                title=f"{slide_id} - {name}",
+                coverage=coverage,
+                legend_label=ATTENTION_LEGEND if name == "attention" else PROBABILITY_LEGEND,
+            )
             data = encode_heatmap(img, opts.heatmap_format)
             file = f"heatmap_{name}{HEATMAP_FORMATS[opts.heatmap_format]}"
             atomic_write_bytes(slide_dir / file, data)
@@ -119,12 +139,26 @@ def _gallery(analysis: SlideAnalysis, tile_pixels: dict[int, np.ndarray]) -> dic
     missing = np.array([i for i in all_idx.tolist() if i not in crops], np.int64)  # features from the cache, or ties
     if len(missing):
         grid = prep.grid
-        crops.update(zip(missing.tolist(), read_tiles_at(prep.path, prep.mpp, feats.coords[missing], grid.plan, grid.tile_px),
-                         strict=True))
+        crops.update(
+            zip(
+                missing.tolist(),
+                read_tiles_at(prep.path, prep.mpp, feats.coords[missing], grid.plan, grid.tile_px),
+                strict=True,
+            )
+        )
     jpegs = {i: encode_jpeg(crop) for i, crop in crops.items()}  # once per tile, also when it tops several patterns
-    return {p: [{"png": jpegs[int(i)], "score": float(feats.column(p)[i]),
-                 "x": int(feats.coords[i][0]), "y": int(feats.coords[i][1])} for i in order]
-            for p, order in with_tiles}
+    return {
+        p: [
+            {
+                "png": jpegs[int(i)],
+                "score": float(feats.column(p)[i]),
+                "x": int(feats.coords[i][0]),
+                "y": int(feats.coords[i][1]),
+            }
+            for i in order
+        ]
+        for p, order in with_tiles
+    }
 
 
 def write_failure_report(result: SlideResult, slide_dir: Path) -> list[str]:

@@ -57,8 +57,9 @@ def _is_ok(result: Mapping[str, Any]) -> bool:
 def sorted_orders(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The result's orders (dicts only), most urgent first (stat, asap, urgent, routine, other); stable."""
     orders = [o for o in as_list(as_dict(result.get("recommendations")).get("orders")) if isinstance(o, Mapping)]
-    ranked = sorted(enumerate(orders),
-                    key=lambda io: (PRIORITY_RANK.get(str(io[1].get("priority") or "").lower(), 9), io[0]))
+    ranked = sorted(
+        enumerate(orders), key=lambda io: (PRIORITY_RANK.get(str(io[1].get("priority") or "").lower(), 9), io[0])
+    )
     return [dict(o) for _, o in ranked]
 
 
@@ -181,15 +182,22 @@ def render_index(results: Sequence[SlideResult | Mapping[str, Any]], report_relp
         for label, n, key in cards
     )
 
-    labels = sorted({str(as_dict(r.get("model")).get("label")).strip() for r in items
-                     if as_dict(r.get("model")).get("label") and str(as_dict(r.get("model")).get("label")).strip()})
+    labels = sorted(
+        {
+            str(as_dict(r.get("model")).get("label")).strip()
+            for r in items
+            if as_dict(r.get("model")).get("label") and str(as_dict(r.get("model")).get("label")).strip()
+        }
+    )
     banners = "".join(
         f'<div class="banner {"banner-demo" if is_demo_label(lab) else "banner-warn"}" role="alert" '
         'data-role="model-label">'
-        f'<strong>Model:</strong>{esc(lab)}</div>' for lab in labels
+        f"<strong>Model:</strong>{esc(lab)}</div>"
+        for lab in labels
     )
-    rule_disclaimers = sorted({plain_text(as_dict(r.get("recommendations")).get("disclaimer")).strip()
-                               for r in items} - {""})
+    rule_disclaimers = sorted(
+        {plain_text(as_dict(r.get("recommendations")).get("disclaimer")).strip() for r in items} - {""}
+    )
 
     rows = []
     for r in items:
@@ -199,18 +207,30 @@ def render_index(results: Sequence[SlideResult | Mapping[str, Any]], report_relp
         ok = _is_ok(r)
         prob = as_float(r.get("nme_probability")) if ok else None
         band = r.get("band") if ok else None
-        orders = "".join(
-            f'<span class="pill {priority_class(o.get("priority"))}" style="margin:1px 3px 1px 0">'
-            f'{esc(o.get("display") or o.get("id"))}</span>' for o in sorted_orders(r)
-        ) or DASH
-        flags = "".join(f'<span class="chip chip-warn">{esc(plain_text(f))}</span>'
-                        for f in as_list(as_dict(r.get("quality")).get("flags"))) or DASH
+        orders = (
+            "".join(
+                f'<span class="pill {priority_class(o.get("priority"))}" style="margin:1px 3px 1px 0">'
+                f"{esc(o.get('display') or o.get('id'))}</span>"
+                for o in sorted_orders(r)
+            )
+            or DASH
+        )
+        flags = (
+            "".join(
+                f'<span class="chip chip-warn">{esc(plain_text(f))}</span>'
+                for f in as_list(as_dict(r.get("quality")).get("flags"))
+            )
+            or DASH
+        )
         reason = r.get("error")
         if not ok and not (reason and str(reason).strip()):
             reason = "; ".join(plain_text(x) for x in as_list(as_dict(r.get("quality")).get("reasons"))) or None
         status = r.get("status")
-        band_td = (f'<td data-value="{esc(band)}"><span class="pill {band_class(band)}">{esc(band)}</span></td>' if band
-                   else f'<td data-value="" class="muted">{DASH}</td>')
+        band_td = (
+            f'<td data-value="{esc(band)}"><span class="pill {band_class(band)}">{esc(band)}</span></td>'
+            if band
+            else f'<td data-value="" class="muted">{DASH}</td>'
+        )
         reason_td = f'<td class="err">{esc(reason)}</td>' if reason else f'<td class="muted">{DASH}</td>'
         rows.append(
             f'<tr data-slide="{esc(sid)}"><td data-value="{esc(sid)}">{name}</td>'
@@ -224,11 +244,20 @@ def render_index(results: Sequence[SlideResult | Mapping[str, Any]], report_relp
     def th(label: str, typ: str | None, extra: str = "") -> str:
         if typ is None:
             return f"<th{extra}>{label}</th>"
-        return (f'<th class="sortable{" num" if typ == "num" else ""}" data-type="{typ}" aria-sort="none" tabindex="0"'
-                f' title="Click to sort"{extra}>{label}<span class="arrow"></span></th>')
+        return (
+            f'<th class="sortable{" num" if typ == "num" else ""}" data-type="{typ}" aria-sort="none" tabindex="0"'
+            f' title="Click to sort"{extra}>{label}<span class="arrow"></span></th>'
+        )
 
-    head = (th("Slide", "text") + th("Status", "text") + th("NME-pattern probability", "num", ' id="th-prob"')
-            + th("Band", "text") + th("Proposed orders", None) + th("Quality flags", None) + th("Error / reason", None))
+    head = (
+        th("Slide", "text")
+        + th("Status", "text")
+        + th("NME-pattern probability", "num", ' id="th-prob"')
+        + th("Band", "text")
+        + th("Proposed orders", None)
+        + th("Quality flags", None)
+        + th("Error / reason", None)
+    )
     disc = "".join(f"<p>{esc(d)}</p>" for d in rule_disclaimers)
     body = (
         '<header class="top"><div class="brand">NME pattern analysis · batch index</div>'
@@ -238,9 +267,9 @@ def render_index(results: Sequence[SlideResult | Mapping[str, Any]], report_relp
         f'<div class="counts" id="counts">{counts}</div>'
         '<section class="card"><h2>Slides</h2>'
         '<p class="small muted" style="margin-top:0">Click a column header to sort (probability: highest first, '
-        'click again to reverse); slides without a probability stay at the bottom. Open a slide for its report.</p>'
+        "click again to reverse); slides without a probability stay at the bottom. Open a slide for its report.</p>"
         f'<div style="overflow-x:auto"><table id="slides"><thead><tr>{head}</tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table></div></section>'
+        f"<tbody>{''.join(rows)}</tbody></table></div></section>"
         '<section class="card disclaimer" id="disclaimer"><h2>Disclaimer</h2>'
         f"<p><strong>{esc(DECISION_SUPPORT_DISCLAIMER)}</strong></p>{disc}</section>"
         f"<footer>nme-pathology {esc(__version__)} · self-contained page: opens offline, makes no network requests"

@@ -23,7 +23,9 @@ def cache_path(cache_dir: Path, slide_id: str) -> Path:
     return cache_dir / f"{slide_id}.features.h5"
 
 
-def save_features(path: Path, feats: SlideFeatures, fingerprint: str, model_sha256: str, extra: dict[str, Any] | None = None) -> None:
+def save_features(
+    path: Path, feats: SlideFeatures, fingerprint: str, model_sha256: str, extra: dict[str, Any] | None = None
+) -> None:
     """Write features atomically with the cache key in the attributes."""
     import h5py
 
@@ -48,14 +50,22 @@ def load_features(path: Path, fingerprint: str, model_sha256: str) -> SlideFeatu
         return None
     try:
         with h5py.File(path, "r") as f:
-            if (int(f.attrs.get("cache_version", -1)) != CACHE_VERSION or f.attrs.get("fingerprint") != fingerprint
-                    or f.attrs.get("model_sha256") != model_sha256):
+            if (
+                int(f.attrs.get("cache_version", -1)) != CACHE_VERSION
+                or f.attrs.get("fingerprint") != fingerprint
+                or f.attrs.get("model_sha256") != model_sha256
+            ):
                 log.info("%s: feature cache from another slide version or model; recomputing", path)
                 return None
             return SlideFeatures(
-                coords=f["coords"][:], probs=f["probs"][:], embeddings=f["embeddings"][:], sharpness=f["sharpness"][:],
-                stain=json.loads(str(f.attrs["stain"])), classes=str(f.attrs["classes"]).split(","),
-                tile_size_l0=float(f.attrs["tile_size_l0"]), meta={"cached": True},
+                coords=f["coords"][:],
+                probs=f["probs"][:],
+                embeddings=f["embeddings"][:],
+                sharpness=f["sharpness"][:],
+                stain=json.loads(str(f.attrs["stain"])),
+                classes=str(f.attrs["classes"]).split(","),
+                tile_size_l0=float(f.attrs["tile_size_l0"]),
+                meta={"cached": True},
             )
     except (OSError, KeyError, ValueError) as exc:
         log.warning("%s: unreadable feature cache (%s); recomputing", path, exc)

@@ -67,10 +67,21 @@ def runs_on_cpu(runner) -> bool:
     return getattr(getattr(runner, "device", None), "type", "cpu") == "cpu"
 
 
-def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int, tile_size_l0: float,
-                     runner: Runner, classes: list[str], batch_size: int = 64, reader_threads: int = 2,
-                     progress=None, background_rgb: tuple[int, int, int] = (255, 255, 255),
-                     keep_top: TileObserver | None = None) -> SlideFeatures:
+def extract_features(
+    path: Path,
+    mpp: float | None,
+    coords: np.ndarray,
+    plan: ReadPlan,
+    tile_px: int,
+    tile_size_l0: float,
+    runner: Runner,
+    classes: list[str],
+    batch_size: int = 64,
+    reader_threads: int = 2,
+    progress=None,
+    background_rgb: tuple[int, int, int] = (255, 255, 255),
+    keep_top: TileObserver | None = None,
+) -> SlideFeatures:
     """Stream all tiles of a slide through ``runner``. ``progress(n_done)`` is called per batch.
 
     ``meta`` of the result holds wall seconds: ``seconds`` (all), ``model_seconds`` (in
@@ -88,8 +99,17 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
     t_model = 0.0
     t0 = time.perf_counter()
     t_wait = 0.0
-    reader = TileReader(path, mpp, coords, plan, tile_px, batch_size, threads=reader_threads, background_rgb=background_rgb,
-                        low_priority=runs_on_cpu(runner))
+    reader = TileReader(
+        path,
+        mpp,
+        coords,
+        plan,
+        tile_px,
+        batch_size,
+        threads=reader_threads,
+        background_rgb=background_rgb,
+        low_priority=runs_on_cpu(runner),
+    )
     batches = iter(reader)
     while True:
         t1 = time.perf_counter()
@@ -116,8 +136,13 @@ def extract_features(path: Path, mpp: float | None, coords: np.ndarray, plan: Re
     if not np.isfinite(probs).all():
         raise PipelineError(f"{path}: the patch model produced non-finite outputs")
     total = time.perf_counter() - t0
-    return SlideFeatures(coords=np.asarray(coords, np.int64), probs=probs.astype(np.float32), embeddings=emb.astype(np.float32),
-                         sharpness=stats, stain=reader.stain(), classes=list(classes),
-                         tile_size_l0=float(tile_size_l0),
-                         meta={"seconds": total, "model_seconds": t_model, "wait_seconds": t_wait,
-                               "read_seconds": reader.read_seconds})
+    return SlideFeatures(
+        coords=np.asarray(coords, np.int64),
+        probs=probs.astype(np.float32),
+        embeddings=emb.astype(np.float32),
+        sharpness=stats,
+        stain=reader.stain(),
+        classes=list(classes),
+        tile_size_l0=float(tile_size_l0),
+        meta={"seconds": total, "model_seconds": t_model, "wait_seconds": t_wait, "read_seconds": reader.read_seconds},
+    )

@@ -51,10 +51,21 @@ class TileReader:
     Errors in a reader thread are re-raised in the consumer.
     """
 
-    def __init__(self, path: Path, mpp: float | None, coords: np.ndarray, plan: ReadPlan, tile_px: int,
-                 batch_size: int, threads: int = 2, prefetch_batches: int = 2,
-                 background_rgb: tuple[int, int, int] = (255, 255, 255), low_priority: bool = False,
-                 max_strip_tiles: int = 16, stain_pixel_stride: int = 4) -> None:
+    def __init__(
+        self,
+        path: Path,
+        mpp: float | None,
+        coords: np.ndarray,
+        plan: ReadPlan,
+        tile_px: int,
+        batch_size: int,
+        threads: int = 2,
+        prefetch_batches: int = 2,
+        background_rgb: tuple[int, int, int] = (255, 255, 255),
+        low_priority: bool = False,
+        max_strip_tiles: int = 16,
+        stain_pixel_stride: int = 4,
+    ) -> None:
         self.path, self.mpp, self.coords, self.plan, self.tile_px = path, mpp, coords, plan, tile_px
         self.low_priority = low_priority
         self.max_strip_tiles = max_strip_tiles
@@ -117,8 +128,12 @@ class TileReader:
         while k < len(idx):
             end = k + 1
             if strip_step is not None and xy[k, 0] % (strip_step // px) == 0 and xy[k, 1] % (strip_step // px) == 0:
-                while (end < len(idx) and end - k < self.max_strip_tiles and xy[end, 1] == xy[k, 1]
-                       and xy[end, 0] - xy[end - 1, 0] == strip_step):
+                while (
+                    end < len(idx)
+                    and end - k < self.max_strip_tiles
+                    and xy[end, 1] == xy[k, 1]
+                    and xy[end, 0] - xy[end - 1, 0] == strip_step
+                ):
                     end += 1
             x, y = int(xy[k, 0]), int(xy[k, 1])
             if end - k == 1:
@@ -142,7 +157,10 @@ class TileReader:
         cond = threading.Condition()
         self._next_out = 0
         assignments = [list(range(w, n_batches, self.threads)) for w in range(self.threads)]
-        workers = [threading.Thread(target=self._work, args=(w, a, slots, cond), daemon=True) for w, a in enumerate(assignments)]
+        workers = [
+            threading.Thread(target=self._work, args=(w, a, slots, cond), daemon=True)
+            for w, a in enumerate(assignments)
+        ]
         for t in workers:
             t.start()
         try:

@@ -53,8 +53,17 @@ PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 #: File suffixes recognised as slides when scanning folders (DICOM folders are found separately).
 SLIDE_SUFFIXES = {
-    ".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif", ".dcm",
-    *TIFF_SUFFIXES, *PLAIN_IMAGE_SUFFIXES,
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    *TIFF_SUFFIXES,
+    *PLAIN_IMAGE_SUFFIXES,
 }
 
 
@@ -144,7 +153,9 @@ class OpenSlideReader(SlideReader):
         self.path = path
         self.display = display
         self._handle = self._open()
-        self._tiff: tifffile.TiffFile | None = None  # direct JPEG tile reads (pipeline.reading.tiff_tiles), made on the first read
+        self._tiff: tifffile.TiffFile | None = (
+            None  # direct JPEG tile reads (pipeline.reading.tiff_tiles), made on the first read
+        )
         self._direct: dict[int, Any] | None = None
         self._direct_ok: dict[int, bool] = {}
         self._downsamples: list[float] = []
@@ -267,8 +278,11 @@ class OpenSlideReader(SlideReader):
                 remember_verdict(key, ok)
             self._direct_ok[level] = ok
             if not ok:
-                log.info("%s: level %d read through OpenSlide (direct JPEG tile decoding not identical or not possible)",
-                         self.display, level)
+                log.info(
+                    "%s: level %d read through OpenSlide (direct JPEG tile decoding not identical or not possible)",
+                    self.display,
+                    level,
+                )
         return (source, int(round(ds))) if self._direct_ok[level] else None
 
     def _matches_openslide(self, source, level: int, ds: int) -> bool:
@@ -276,7 +290,10 @@ class OpenSlideReader(SlideReader):
         from pipeline.reading.tiff_tiles import TileDecodeError
 
         w, h = source.width, source.height
-        for lx, ly, rw, rh in ((max(0, w // 2 - 128), max(0, h // 2 - 128), 256, 256), (max(0, w - 96), max(0, h - 64), 160, 112)):
+        for lx, ly, rw, rh in (
+            (max(0, w // 2 - 128), max(0, h // 2 - 128), 256, 256),
+            (max(0, w - 96), max(0, h - 64), 160, 112),
+        ):
             try:
                 mine = source.read(lx, ly, rw, rh)
             except TileDecodeError:

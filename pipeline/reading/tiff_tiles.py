@@ -123,9 +123,15 @@ class TiffLevelSource:
     @staticmethod
     def eligible(page) -> bool:
         """True for a tiled, 8-bit, 3-sample, interleaved JPEG page in RGB or YCbCr."""
-        return bool(page.is_tiled and int(page.compression) == _JPEG and int(page.photometric) in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
-                    and page.samplesperpixel == 3 and page.bitspersample == 8 and int(page.planarconfig) == 1
-                    and getattr(page, "imagedepth", 1) == 1)
+        return bool(
+            page.is_tiled
+            and int(page.compression) == _JPEG
+            and int(page.photometric) in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+            and page.samplesperpixel == 3
+            and page.bitspersample == 8
+            and int(page.planarconfig) == 1
+            and getattr(page, "imagedepth", 1) == 1
+        )
 
     def _tile(self, col: int, row: int) -> np.ndarray:
         """Decoded tile (tile_h, tile_w, 3) uint8 at grid (col, row), from the cache when there."""
@@ -164,12 +170,13 @@ class TiffLevelSource:
             for col in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
                 tx = col * self.tile_w
                 xa, xb = max(x0, tx), min(x1, tx + self.tile_w)
-                out[ya - y:yb - y, xa - x:xb - x] = self._tile(col, row)[ya - ty:yb - ty, xa - tx:xb - tx]
+                out[ya - y : yb - y, xa - x : xb - x] = self._tile(col, row)[ya - ty : yb - ty, xa - tx : xb - tx]
         return out
 
 
-def level_sources(path: Path, vendor: str | None, level_dimensions: list[tuple[int, int]],
-                  cache: TileCache | None = None) -> tuple[tifffile.TiffFile | None, dict[int, TiffLevelSource]]:
+def level_sources(
+    path: Path, vendor: str | None, level_dimensions: list[tuple[int, int]], cache: TileCache | None = None
+) -> tuple[tifffile.TiffFile | None, dict[int, TiffLevelSource]]:
     """(open TiffFile or None, {OpenSlide level: source}) for the levels that are eligible tiled TIFF pages.
 
     A level qualifies when the slide's OpenSlide vendor is one of :data:`TIFF_LEVEL_VENDORS` and

@@ -55,9 +55,17 @@ def calibrator_from_json(data: dict[str, Any] | None):
 class SlidePredictor:
     """Aggregator + calibrator + bands."""
 
-    def __init__(self, kind: str, classes: list[str], mil: BagAggregator | None = None,
-                 stats: PatternStatistics | None = None, stats_clf: PatternStatsClassifier | None = None,
-                 calibrator=None, bands: Bands | None = None, use_embeddings: bool = True) -> None:
+    def __init__(
+        self,
+        kind: str,
+        classes: list[str],
+        mil: BagAggregator | None = None,
+        stats: PatternStatistics | None = None,
+        stats_clf: PatternStatsClassifier | None = None,
+        calibrator=None,
+        bands: Bands | None = None,
+        use_embeddings: bool = True,
+    ) -> None:
         self.kind = kind
         self.classes = list(classes)
         self.mil = mil.eval() if mil is not None else None
@@ -115,7 +123,9 @@ class SlidePredictor:
             assert self.stats is not None and self.stats_clf is not None
             return {"stats": self.stats.to_json(), "classifier": self.stats_clf.to_json()}, None
         assert self.mil is not None
-        return {"hparams": self.mil.hparams, "use_embeddings": self.use_embeddings}, {k: v.detach().cpu() for k, v in self.mil.state_dict().items()}
+        return {"hparams": self.mil.hparams, "use_embeddings": self.use_embeddings}, {
+            k: v.detach().cpu() for k, v in self.mil.state_dict().items()
+        }
 
     @classmethod
     def from_bundle(cls, contract, extra: dict[str, dict[str, torch.Tensor]]) -> SlidePredictor:
@@ -134,5 +144,11 @@ class SlidePredictor:
         if sd is None:
             raise ConfigError(f"bundle {contract.name}: aggregator weights missing")
         mil.load_state_dict({k: v.cpu() for k, v in sd.items()})
-        return cls(agg.type, classes, mil=mil, calibrator=calibrator, bands=bands,
-                   use_embeddings=bool(agg.params.get("use_embeddings", True)))
+        return cls(
+            agg.type,
+            classes,
+            mil=mil,
+            calibrator=calibrator,
+            bands=bands,
+            use_embeddings=bool(agg.params.get("use_embeddings", True)),
+        )

@@ -151,12 +151,16 @@ class Calibrator:
         kind = data["kind"]
         target = Calibrator._registry.get(kind)
         if target is None:
-            raise InvalidInputError(f"calibrator JSON: unknown kind {kind!r}; expected one of {sorted(Calibrator._registry)}")
+            raise InvalidInputError(
+                f"calibrator JSON: unknown kind {kind!r}; expected one of {sorted(Calibrator._registry)}"
+            )
         if cls is not Calibrator and target is not cls:
             raise InvalidInputError(f"calibrator JSON holds kind {kind!r}, not {cls.kind!r}")
         version = data.get("format_version", CALIBRATOR_FORMAT_VERSION)
         if version != CALIBRATOR_FORMAT_VERSION:
-            raise InvalidInputError(f"calibrator JSON: format_version {version!r} is not supported (expected {CALIBRATOR_FORMAT_VERSION})")
+            raise InvalidInputError(
+                f"calibrator JSON: format_version {version!r} is not supported (expected {CALIBRATOR_FORMAT_VERSION})"
+            )
         obj = target()
         obj._set_params(data["params"])
         obj.fitted = True
@@ -252,9 +256,13 @@ class TemperatureScaling(Calibrator):
         beta = float(res.x)
         self.temperature = 1.0 / beta
         if self.temperature >= self.max_temperature * 0.999:
-            log.warning("temperature scaling hit its upper bound T=%.3g: the scores barely rank the classes", self.temperature)
+            log.warning(
+                "temperature scaling hit its upper bound T=%.3g: the scores barely rank the classes", self.temperature
+            )
         elif self.temperature <= self.min_temperature * 1.001:
-            log.warning("temperature scaling hit its lower bound T=%.3g: classes perfectly separated?", self.temperature)
+            log.warning(
+                "temperature scaling hit its lower bound T=%.3g: classes perfectly separated?", self.temperature
+            )
 
     def _transform(self, z: np.ndarray) -> np.ndarray:
         return expit(z / self.temperature)
@@ -303,8 +311,13 @@ class PlattScaling(Calibrator):
             return _nll_logistic(lin, t), np.array([np.mean(r * zs), np.mean(r)])
 
         prior = math.log((n_pos + 1.0) / (n_neg + 1.0))
-        res = minimize(loss_grad, x0=np.array([1.0, prior]), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-14})
+        res = minimize(
+            loss_grad,
+            x0=np.array([1.0, prior]),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-14},
+        )
         a_s, b_s = (float(v) for v in res.x)
         self.a = a_s / sd
         self.b = b_s - a_s * mu / sd
@@ -360,9 +373,13 @@ class IsotonicCalibration(Calibrator):
             x = np.asarray(params["x_thresholds"], dtype=np.float64)
             y = np.asarray(params["y_thresholds"], dtype=np.float64)
         except (KeyError, TypeError, ValueError):
-            raise InvalidInputError("calibrator JSON: isotonic needs numeric 'x_thresholds' and 'y_thresholds'") from None
+            raise InvalidInputError(
+                "calibrator JSON: isotonic needs numeric 'x_thresholds' and 'y_thresholds'"
+            ) from None
         if x.ndim != 1 or x.shape != y.shape or x.size == 0:
-            raise InvalidInputError("calibrator JSON: isotonic thresholds must be two 1-D lists of the same non-zero length")
+            raise InvalidInputError(
+                "calibrator JSON: isotonic thresholds must be two 1-D lists of the same non-zero length"
+            )
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
             raise InvalidInputError("calibrator JSON: isotonic thresholds must be finite")
         if np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0):
@@ -424,14 +441,16 @@ class Bands(StrictModel):
         return out.tolist()
 
     @classmethod
-    def for_target_sensitivity(cls, probs: Any, y: Any, target_sensitivity: float = 0.95,
-                               high_specificity: float = 0.95) -> Bands:
+    def for_target_sensitivity(
+        cls, probs: Any, y: Any, target_sensitivity: float = 0.95, high_specificity: float = 0.95
+    ) -> Bands:
         """See :func:`bands_for_target_sensitivity`."""
         return bands_for_target_sensitivity(probs, y, target_sensitivity, high_specificity)
 
 
-def bands_for_target_sensitivity(probs: Any, y: Any, target_sensitivity: float = 0.95,
-                                 high_specificity: float = 0.95) -> Bands:
+def bands_for_target_sensitivity(
+    probs: Any, y: Any, target_sensitivity: float = 0.95, high_specificity: float = 0.95
+) -> Bands:
     """Bands set on validation / out-of-fold calibrated probabilities.
 
     * ``low``: at least ``target_sensitivity`` of the positives have ``p >= low`` (they are not
@@ -484,12 +503,29 @@ def bands_for_target_sensitivity(probs: Any, y: Any, target_sensitivity: float =
     bands = Bands(low=low, high=high)
     sens = float(np.mean(p[t == 1] >= bands.low))
     spec = float(np.mean(p[t == 0] < bands.high))
-    log.info("bands from %d slides: low=%.4f (sensitivity %.3f, target %.3f), high=%.4f (specificity %.3f, target %.3f)",
-             p.size, bands.low, sens, target_sensitivity, bands.high, spec, high_specificity)
+    log.info(
+        "bands from %d slides: low=%.4f (sensitivity %.3f, target %.3f), high=%.4f (specificity %.3f, target %.3f)",
+        p.size,
+        bands.low,
+        sens,
+        target_sensitivity,
+        bands.high,
+        spec,
+        high_specificity,
+    )
     return bands
 
 
 __all__ = [
-    "PROB_EPS", "InvalidInputError", "Calibrator", "IdentityCalibration", "TemperatureScaling", "PlattScaling",
-    "IsotonicCalibration", "make_calibrator", "calibrator_from_json", "Bands", "bands_for_target_sensitivity",
+    "PROB_EPS",
+    "InvalidInputError",
+    "Calibrator",
+    "IdentityCalibration",
+    "TemperatureScaling",
+    "PlattScaling",
+    "IsotonicCalibration",
+    "make_calibrator",
+    "calibrator_from_json",
+    "Bands",
+    "bands_for_target_sensitivity",
 ]

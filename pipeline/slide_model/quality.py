@@ -42,9 +42,16 @@ from pipeline.tiles.measurements import StainAccumulator, stain_statistics, tile
 log = logging.getLogger(__name__)
 
 #: Flags that make a slide non-diagnostic.
-HARD_FLAGS = frozenset({
-    "no_tissue_tiles", "dark_field", "wrong_resolution", "non_he_stain", "mostly_blurred", "too_little_epidermis",
-})
+HARD_FLAGS = frozenset(
+    {
+        "no_tissue_tiles",
+        "dark_field",
+        "wrong_resolution",
+        "non_he_stain",
+        "mostly_blurred",
+        "too_little_epidermis",
+    }
+)
 
 DARK_FIELD_REASON = "out-of-scope stain: dark-field/fluorescence image, the model reads brightfield H&E"
 
@@ -79,28 +86,44 @@ class QualityConfig(StrictModel):
     mpp_tolerance: float = Field(0.10, ge=0, lt=1, description="Relative tolerance on the tiles' effective µm/px.")
     min_tiles: int = Field(1, ge=1, description="Fewer tissue tiles than this: non-diagnostic.")
     small_biopsy_area_mm2: float = Field(
-        2.0, ge=0, description="Tissue area (mm²) below which 'small_biopsy' is flagged (soft; a 4 mm punch section is about 4-8 mm²)."
+        2.0,
+        ge=0,
+        description="Tissue area (mm²) below which 'small_biopsy' is flagged (soft; a 4 mm punch section is about 4-8 mm²).",
     )
-    epidermis_prob_threshold: float = Field(0.5, gt=0, lt=1, description="A tile counts as epidermis when its epidermis probability is above this.")
+    epidermis_prob_threshold: float = Field(
+        0.5, gt=0, lt=1, description="A tile counts as epidermis when its epidermis probability is above this."
+    )
     min_epidermis_tiles: int = Field(3, ge=0, description="Fewer epidermis tiles than this: non-diagnostic.")
     min_epidermis_fraction: float = Field(
-        0.005, ge=0, le=1,
+        0.005,
+        ge=0,
+        le=1,
         description="Fraction of tissue tiles that are epidermis below which the slide is non-diagnostic "
-                    "(a punch biopsy has about 5 %, a large excision 1-2 %).",
+        "(a punch biopsy has about 5 %, a large excision 1-2 %).",
     )
     blur_threshold: float = Field(
-        120.0, gt=0, description="Tile sharpness (variance of the Laplacian, grey levels², at 0.5 µm/px) below which a tile is blurred."
+        120.0,
+        gt=0,
+        description="Tile sharpness (variance of the Laplacian, grey levels², at 0.5 µm/px) below which a tile is blurred.",
     )
-    max_blurred_fraction: float = Field(0.5, ge=0, le=1, description="More blurred tiles than this fraction: non-diagnostic.")
-    some_blur_fraction: float = Field(0.10, ge=0, le=1, description="More blurred tiles than this fraction: soft flag 'some_blur'.")
+    max_blurred_fraction: float = Field(
+        0.5, ge=0, le=1, description="More blurred tiles than this fraction: non-diagnostic."
+    )
+    some_blur_fraction: float = Field(
+        0.10, ge=0, le=1, description="More blurred tiles than this fraction: soft flag 'some_blur'."
+    )
     min_he_like_fraction: float = Field(
         0.6, ge=0, le=1, description="Fewer H&E-like stained pixels than this fraction: non-diagnostic (CMU H&E: 0.93)."
     )
     max_dark_pixel_fraction: float = Field(
-        0.5, ge=0, le=1, description="More near-black tile pixels than this fraction: dark-field/fluorescence (CMU H&E: 0.006, DAPI: 0.82)."
+        0.5,
+        ge=0,
+        le=1,
+        description="More near-black tile pixels than this fraction: dark-field/fluorescence (CMU H&E: 0.006, DAPI: 0.82).",
     )
     require_all_measurements: bool = Field(
-        True, description="A measurement that was not supplied (epidermis, sharpness, stain, resolution) makes the slide non-diagnostic."
+        True,
+        description="A measurement that was not supplied (epidermis, sharpness, stain, resolution) makes the slide non-diagnostic.",
     )
 
     @model_validator(mode="after")
@@ -138,8 +161,11 @@ class QualityInputs:
         if not isinstance(self.n_tiles, (int, np.integer)) or self.n_tiles < 0:
             raise InvalidInputError(f"n_tiles must be a non-negative integer, got {self.n_tiles!r}")
         self.n_tiles = int(self.n_tiles)
-        if not (isinstance(self.tissue_area_mm2, (int, float, np.floating)) and math.isfinite(self.tissue_area_mm2)
-                and self.tissue_area_mm2 >= 0):
+        if not (
+            isinstance(self.tissue_area_mm2, (int, float, np.floating))
+            and math.isfinite(self.tissue_area_mm2)
+            and self.tissue_area_mm2 >= 0
+        ):
             raise InvalidInputError(f"tissue_area_mm2 must be a finite number >= 0, got {self.tissue_area_mm2!r}")
         self.tissue_area_mm2 = float(self.tissue_area_mm2)
         self.tissue_flags = [str(f) for f in (self.tissue_flags or [])]
@@ -178,7 +204,12 @@ class QualityReport:
         return self.status == "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "flags": list(self.flags), "reasons": list(self.reasons), "metrics": dict(self.metrics)}
+        return {
+            "status": self.status,
+            "flags": list(self.flags),
+            "reasons": list(self.reasons),
+            "metrics": dict(self.metrics),
+        }
 
 
 def _stat(stats: dict[str, Any] | None, key: str) -> float | None:
@@ -222,15 +253,27 @@ def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -
     if "dark_background" in inputs.tissue_flags:
         hard.append(("dark_field", f"{DARK_FIELD_REASON} (the slide background is dark)"))
     elif dark is not None and dark > cfg.max_dark_pixel_fraction:
-        hard.append(("dark_field", f"{DARK_FIELD_REASON} ({dark:.0%} of tile pixels are near-black, "
-                                   f"limit {cfg.max_dark_pixel_fraction:.0%})"))
+        hard.append(
+            (
+                "dark_field",
+                f"{DARK_FIELD_REASON} ({dark:.0%} of tile pixels are near-black, "
+                f"limit {cfg.max_dark_pixel_fraction:.0%})",
+            )
+        )
 
     # --- resolution --------------------------------------------------------------------
     if inputs.mpp_effective is None:
-        not_assessed.append(("resolution_not_assessed", "resolution not assessed: the tiles' effective µm/px was not given"))
+        not_assessed.append(
+            ("resolution_not_assessed", "resolution not assessed: the tiles' effective µm/px was not given")
+        )
     elif abs(inputs.mpp_effective - cfg.expected_mpp) > cfg.mpp_tolerance * cfg.expected_mpp:
-        hard.append(("wrong_resolution", f"tiles were read at {inputs.mpp_effective:.3f} µm/px; the model reads "
-                                         f"{cfg.expected_mpp:g} µm/px ±{cfg.mpp_tolerance:.0%}"))
+        hard.append(
+            (
+                "wrong_resolution",
+                f"tiles were read at {inputs.mpp_effective:.3f} µm/px; the model reads "
+                f"{cfg.expected_mpp:g} µm/px ±{cfg.mpp_tolerance:.0%}",
+            )
+        )
 
     # --- tiles ---------------------------------------------------------------------------
     if n < cfg.min_tiles:
@@ -246,8 +289,13 @@ def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -
         elif he < cfg.min_he_like_fraction and not any(f == "dark_field" for f, _ in hard):
             dab = m["dab_like_fraction"]
             dab_txt = f", {dab:.0%} DAB-like (brown)" if dab is not None else ""
-            hard.append(("non_he_stain", f"out-of-scope stain: only {he:.0%} of stained pixels have H&E-like colour "
-                                         f"(minimum {cfg.min_he_like_fraction:.0%}{dab_txt}); the model reads H&E"))
+            hard.append(
+                (
+                    "non_he_stain",
+                    f"out-of-scope stain: only {he:.0%} of stained pixels have H&E-like colour "
+                    f"(minimum {cfg.min_he_like_fraction:.0%}{dab_txt}); the model reads H&E",
+                )
+            )
 
         # --- blur -----------------------------------------------------------------------
         if inputs.tile_blur is None:
@@ -256,8 +304,10 @@ def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -
             blurred = float(np.mean(inputs.tile_blur < cfg.blur_threshold))
             m["blurred_fraction"] = blurred
             m["median_sharpness"] = float(np.median(inputs.tile_blur))
-            detail = (f"{blurred:.0%} of {n} tiles are below the sharpness threshold {cfg.blur_threshold:g} "
-                      f"(median sharpness {m['median_sharpness']:.0f})")
+            detail = (
+                f"{blurred:.0%} of {n} tiles are below the sharpness threshold {cfg.blur_threshold:g} "
+                f"(median sharpness {m['median_sharpness']:.0f})"
+            )
             if blurred > cfg.max_blurred_fraction:
                 hard.append(("mostly_blurred", f"mostly blurred: {detail}; rescan the slide"))
             elif blurred > cfg.some_blur_fraction:
@@ -265,21 +315,32 @@ def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -
 
         # --- epidermis ------------------------------------------------------------------
         if inputs.epidermis_probs is None:
-            not_assessed.append(("epidermis_not_assessed", "epidermis not assessed: no per-tile epidermis probabilities were given"))
+            not_assessed.append(
+                ("epidermis_not_assessed", "epidermis not assessed: no per-tile epidermis probabilities were given")
+            )
         else:
             k = int(np.sum(inputs.epidermis_probs > cfg.epidermis_prob_threshold))
             frac = k / n
             m["n_epidermis_tiles"], m["epidermis_fraction"] = k, frac
             if k < cfg.min_epidermis_tiles or frac < cfg.min_epidermis_fraction:
-                hard.append(("too_little_epidermis",
-                             f"too little epidermis to judge upper-epidermal patterns: {k} of {n} tiles ({frac:.1%}) "
-                             f"have epidermis probability > {cfg.epidermis_prob_threshold:g} (need at least "
-                             f"{cfg.min_epidermis_tiles} tiles and {cfg.min_epidermis_fraction:.1%})"))
+                hard.append(
+                    (
+                        "too_little_epidermis",
+                        f"too little epidermis to judge upper-epidermal patterns: {k} of {n} tiles ({frac:.1%}) "
+                        f"have epidermis probability > {cfg.epidermis_prob_threshold:g} (need at least "
+                        f"{cfg.min_epidermis_tiles} tiles and {cfg.min_epidermis_fraction:.1%})",
+                    )
+                )
 
     # --- soft: biopsy size, tissue-detector flags --------------------------------------------
     if n >= cfg.min_tiles and inputs.tissue_area_mm2 < cfg.small_biopsy_area_mm2:
-        soft.append(("small_biopsy", f"small biopsy: {inputs.tissue_area_mm2:.2f} mm² of tissue "
-                                     f"(below {cfg.small_biopsy_area_mm2:g} mm²), fewer tiles to judge from"))
+        soft.append(
+            (
+                "small_biopsy",
+                f"small biopsy: {inputs.tissue_area_mm2:.2f} mm² of tissue "
+                f"(below {cfg.small_biopsy_area_mm2:g} mm²), fewer tiles to judge from",
+            )
+        )
     for flag in inputs.tissue_flags:
         if flag == "dark_background":
             continue
@@ -301,6 +362,14 @@ def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -
 
 
 __all__ = [
-    "HARD_FLAGS", "DARK_FIELD_REASON", "tile_sharpness", "tile_sharpness_many", "StainAccumulator", "stain_statistics",
-    "QualityConfig", "QualityInputs", "QualityReport", "assess_quality",
+    "HARD_FLAGS",
+    "DARK_FIELD_REASON",
+    "tile_sharpness",
+    "tile_sharpness_many",
+    "StainAccumulator",
+    "stain_statistics",
+    "QualityConfig",
+    "QualityInputs",
+    "QualityReport",
+    "assess_quality",
 ]

@@ -78,11 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--n", required=True, type=_positive_int, help="number of slides")
     p.add_argument("--seed", required=True, type=_seed, help="dataset seed (same seed, same bytes)")
-    p.add_argument("--mpp", type=_mpp, default=[0.5], help="level-0 µm/px, or a comma list to mix scanners (default 0.5)")
-    p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
-                   help="diagnoses to draw, space- or comma-separated: " + ", ".join(DIAGNOSES))
-    p.add_argument("--size", type=_size, default=None, metavar="WxH",
-                   help=f"glass area per slide in µm (default {DEFAULT_SIZE_UM[0]:.0f}x{DEFAULT_SIZE_UM[1]:.0f})")
+    p.add_argument(
+        "--mpp", type=_mpp, default=[0.5], help="level-0 µm/px, or a comma list to mix scanners (default 0.5)"
+    )
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        metavar="CLASS",
+        help="diagnoses to draw, space- or comma-separated: " + ", ".join(DIAGNOSES),
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help=f"glass area per slide in µm (default {DEFAULT_SIZE_UM[0]:.0f}x{DEFAULT_SIZE_UM[1]:.0f})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return p
@@ -102,9 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         rows = generate_dataset(
-            args.out, args.n, args.seed,
+            args.out,
+            args.n,
+            args.seed,
             mpp=args.mpp if len(args.mpp) > 1 else args.mpp[0],
-            classes=classes, size_um=args.size, overwrite=args.overwrite, progress=progress,
+            classes=classes,
+            size_um=args.size,
+            overwrite=args.overwrite,
+            progress=progress,
         )
     except PipelineError as exc:
         sys.stderr.write(f"error: {exc}\n")

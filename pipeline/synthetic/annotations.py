@@ -69,13 +69,15 @@ def feature_collection(layout: SlideLayout, mpp: float) -> dict:
             px = np.round(ring / mpp, 2)
             coords = px.tolist()
             coords.append(coords[0])
-            features.append({
-                "type": "Feature",
-                "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
-                "geometry": {"type": "Polygon", "coordinates": [coords]},
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": name, "color": list(CLASS_COLORS[name])},
-                },
-            })
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+                    "geometry": {"type": "Polygon", "coordinates": [coords]},
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": {"name": name, "color": list(CLASS_COLORS[name])},
+                    },
+                }
+            )
     return {"type": "FeatureCollection", "features": features}

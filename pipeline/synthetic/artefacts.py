@@ -93,7 +93,9 @@ def sample_ink(rng: np.random.Generator) -> list[InkEdge]:
             colour = main if rng.random() < 0.6 else str(rng.choice(colours))
             a = rng.uniform(0.0, 0.5)
             b = rng.uniform(a + 0.3, 1.0) if a < 0.7 else 1.0
-            out.append(InkEdge(edge, colour, a, min(b, 1.0), rng.uniform(6, 30), rng.uniform(4, 25), rng.uniform(0.5, 1.1)))
+            out.append(
+                InkEdge(edge, colour, a, min(b, 1.0), rng.uniform(6, 30), rng.uniform(4, 25), rng.uniform(0.5, 1.1))
+            )
     return out
 
 
@@ -157,7 +159,14 @@ def sample_pen(rng: np.random.Generator, tissue_boxes, pattern_boxes, width: flo
                 continue
             if not _avoids(pattern_boxes, x0, y0, x1, y1):
                 continue
-            out.append(PenMark(tuple(map(tuple, pts.round(2).tolist())), float(w), str(rng.choice(list(PEN_OD))), float(rng.uniform(0.35, 0.9))))
+            out.append(
+                PenMark(
+                    tuple(map(tuple, pts.round(2).tolist())),
+                    float(w),
+                    str(rng.choice(list(PEN_OD))),
+                    float(rng.uniform(0.35, 0.9)),
+                )
+            )
             break
     return out
 
@@ -173,8 +182,12 @@ def sample_dust(rng: np.random.Generator, pattern_boxes, width: float, height: f
             ang = rng.uniform(0, math.pi)
             t = np.linspace(0, 1, 12)[:, None]
             bend = rng.normal(0, 0.25)
-            pts = np.hstack([x + ln * t * math.cos(ang) - bend * ln * t * (1 - t) * math.sin(ang),
-                             y + ln * t * math.sin(ang) + bend * ln * t * (1 - t) * math.cos(ang)])
+            pts = np.hstack(
+                [
+                    x + ln * t * math.cos(ang) - bend * ln * t * (1 - t) * math.sin(ang),
+                    y + ln * t * math.sin(ang) + bend * ln * t * (1 - t) * math.cos(ang),
+                ]
+            )
             size, fibre = rng.uniform(1.5, 4.0), True
         else:
             pts = np.array([[x, y]])
@@ -193,8 +206,16 @@ def sample_blur(rng: np.random.Generator, tissue_boxes) -> list[BlurPatch]:
         return out
     for _ in range(int(rng.integers(1, 3))):
         bx0, by0, bx1, by1 = tissue_boxes[int(rng.integers(len(tissue_boxes)))]
-        out.append(BlurPatch(float(rng.uniform(bx0, bx1)), float(rng.uniform(by0, by1)), float(rng.uniform(150, 600)),
-                             float(rng.uniform(120, 450)), float(rng.uniform(0, 180)), float(rng.uniform(0.7, 1.6))))
+        out.append(
+            BlurPatch(
+                float(rng.uniform(bx0, bx1)),
+                float(rng.uniform(by0, by1)),
+                float(rng.uniform(150, 600)),
+                float(rng.uniform(120, 450)),
+                float(rng.uniform(0, 180)),
+                float(rng.uniform(0.7, 1.6)),
+            )
+        )
     return out
 
 
@@ -218,8 +239,15 @@ def draw_pen(extra: np.ndarray, pens: list[PenMark], mpp: float, ox: int, oy: in
         if hi[0] < 0 or hi[1] < 0 or lo[0] > w or lo[1] > h:
             continue
         mask: np.ndarray = np.zeros((h, w), np.uint8)
-        cv2.polylines(mask, [_to_px(pts, mpp, ox, oy)], False, 255, thickness=max(1, int(round(pen.width / mpp))),
-                      lineType=cv2.LINE_AA, shift=4)
+        cv2.polylines(
+            mask,
+            [_to_px(pts, mpp, ox, oy)],
+            False,
+            255,
+            thickness=max(1, int(round(pen.width / mpp))),
+            lineType=cv2.LINE_AA,
+            shift=4,
+        )
         if not mask.any():
             continue
         mask = cv2.GaussianBlur(mask, (0, 0), max(1.0, 3.0 / mpp))
@@ -240,13 +268,30 @@ def draw_dust(extra: np.ndarray, dust: list[Dust], mpp: float, ox: int, oy: int)
             mask = np.zeros((h, w), np.uint8)
         val = int(min(255, dd.amount * 200))
         if dd.fibre:
-            cv2.polylines(mask, [_to_px(pts, mpp, ox, oy)], False, val, thickness=max(1, int(round(dd.size / mpp))),
-                          lineType=cv2.LINE_AA, shift=4)
+            cv2.polylines(
+                mask,
+                [_to_px(pts, mpp, ox, oy)],
+                False,
+                val,
+                thickness=max(1, int(round(dd.size / mpp))),
+                lineType=cv2.LINE_AA,
+                shift=4,
+            )
         else:
             c = _to_px(pts[:1], mpp, ox, oy)[0]
             r = int(dd.size / mpp * 16)
-            cv2.ellipse(mask, (int(c[0]), int(c[1])), (r, int(r * 0.7)), float(dd.size * 37 % 180), 0, 360, val, -1,
-                        cv2.LINE_AA, 4)
+            cv2.ellipse(
+                mask,
+                (int(c[0]), int(c[1])),
+                (r, int(r * 0.7)),
+                float(dd.size * 37 % 180),
+                0,
+                360,
+                val,
+                -1,
+                cv2.LINE_AA,
+                4,
+            )
     if mask is not None and mask.any():
         extra += (mask.astype(np.float32) / 200.0)[..., None] * np.array([0.75, 0.8, 0.85], np.float32)
 

@@ -13,7 +13,14 @@ PATTERNS: tuple[str, ...] = ("pallor", "necrolysis", "parakeratosis")
 
 #: Biopsy sites recorded in ``labels.csv``.
 SITES: tuple[str, ...] = (
-    "intertriginous", "perioral", "perineal", "acral", "trunk", "extremity", "sun_exposed", "other",
+    "intertriginous",
+    "perioral",
+    "perineal",
+    "acral",
+    "trunk",
+    "extremity",
+    "sun_exposed",
+    "other",
 )
 
 #: QuPath classification colours (RGB) of the annotation classes.
@@ -73,7 +80,14 @@ class DiagnosisSpec:
     sites: dict[str, float] = field(default_factory=dict)
 
 
-_NME_SITES = {"intertriginous": 0.30, "perineal": 0.18, "perioral": 0.14, "extremity": 0.20, "acral": 0.10, "other": 0.08}
+_NME_SITES = {
+    "intertriginous": 0.30,
+    "perineal": 0.18,
+    "perioral": 0.14,
+    "extremity": 0.20,
+    "acral": 0.10,
+    "other": 0.08,
+}
 _ANY_SITE = dict.fromkeys(SITES, 1.0)
 
 DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {

@@ -28,7 +28,24 @@ from pipeline.synthetic.profiles import BIG, DU, Profiles, R
 
 STYLE = {"none": 0, "vesicular": 1, "solid": 2, "pyknotic": 3, "karyorrhexis": 4, "neutrophil": 5, "rbc": 6}
 
-FIELDS = ("x", "y", "rx", "ry", "angle", "dark", "style", "owner", "cyto_e", "cyto_h", "mem_e", "mem_w", "gap", "vac", "halo", "rnd")
+FIELDS = (
+    "x",
+    "y",
+    "rx",
+    "ry",
+    "angle",
+    "dark",
+    "style",
+    "owner",
+    "cyto_e",
+    "cyto_h",
+    "mem_e",
+    "mem_w",
+    "gap",
+    "vac",
+    "halo",
+    "rnd",
+)
 #: Structure kinds: vessel (wall ring + lumen), gland tubule (cuboidal epithelium), vesicle (clear space).
 STRUCT_KIND = {"vessel": 0, "gland": 1, "vesicle": 2}
 STRUCT_FIELDS = ("x", "y", "rx", "ry", "angle", "wall", "kind")
@@ -44,8 +61,22 @@ class CellTable:
         n = len(u)
         if n == 0:
             return
-        defaults = {"rx": 3.5, "ry": 3.5, "angle": 0.0, "dark": 0.7, "style": STYLE["solid"], "owner": 0,
-                    "cyto_e": 0.0, "cyto_h": 0.0, "mem_e": 0.0, "mem_w": 0.0, "gap": 0.0, "vac": 0, "halo": 0.0, "rnd": 0}
+        defaults = {
+            "rx": 3.5,
+            "ry": 3.5,
+            "angle": 0.0,
+            "dark": 0.7,
+            "style": STYLE["solid"],
+            "owner": 0,
+            "cyto_e": 0.0,
+            "cyto_h": 0.0,
+            "mem_e": 0.0,
+            "mem_w": 0.0,
+            "gap": 0.0,
+            "vac": 0,
+            "halo": 0.0,
+            "rnd": 0,
+        }
         self.cols["x"].append(np.asarray(u, np.float64))
         self.cols["y"].append(np.asarray(d, np.float64))
         for k, v in defaults.items():
@@ -155,10 +186,7 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         return dist[idd, iu]
 
     def in_patterns(u, d):
-        return (
-            _in_band(look, "LT", "LB", u, d)
-            | _in_band(look, "NT", "NB", u, d)
-        )
+        return _in_band(look, "LT", "LB", u, d) | _in_band(look, "NT", "NB", u, d)
 
     max_el = float(np.max(t[R["EL"]]))
     s_min, s_max = float(np.min(t[R["S"]])), float(np.max(t[R["S"]]))
@@ -185,11 +213,20 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
     normal_angle = np.degrees(np.arctan2(-1.0, slope))  # local angle of the inward normal
     k = int(ok.sum())
     cells.add(
-        bu2[ok], bd2[ok],
-        rx=rng.uniform(4.2, 5.4, k), ry=rng.uniform(2.6, 3.3, k), angle=normal_angle[ok] + rng.normal(0, 8, k),
-        dark=rng.uniform(1.5, 1.85, k), style=STYLE["solid"], owner=1,
-        cyto_e=rng.uniform(0.6, 0.72, k), cyto_h=rng.uniform(0.42, 0.55, k), mem_e=0.55, mem_w=0.25,
-        gap=_gap(look, bu2[ok], bd2[ok], rng, basal=True), rnd=rng.integers(0, 2**31, k),
+        bu2[ok],
+        bd2[ok],
+        rx=rng.uniform(4.2, 5.4, k),
+        ry=rng.uniform(2.6, 3.3, k),
+        angle=normal_angle[ok] + rng.normal(0, 8, k),
+        dark=rng.uniform(1.5, 1.85, k),
+        style=STYLE["solid"],
+        owner=1,
+        cyto_e=rng.uniform(0.6, 0.72, k),
+        cyto_h=rng.uniform(0.42, 0.55, k),
+        mem_e=0.55,
+        mem_w=0.25,
+        gap=_gap(look, bu2[ok], bd2[ok], rng, basal=True),
+        rnd=rng.integers(0, 2**31, k),
     )
 
     # spinous layer: polygonal cells, round vesicular nuclei, flatter towards the surface
@@ -204,12 +241,20 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
     flat = 0.65 + 0.35 * np.clip(rel / 0.35, 0, 1)
     r0 = rng.uniform(3.0, 4.1, k)
     cells.add(
-        su, sd_abs,
-        rx=r0 * rng.uniform(1.0, 1.3, k), ry=r0 * flat * rng.uniform(0.75, 1.0, k),
-        angle=rng.normal(0, 12, k), dark=rng.uniform(1.0, 1.3, k),
-        style=np.where(rng.random(k) < 0.45, STYLE["vesicular"], STYLE["solid"]), owner=1,
-        cyto_e=rng.uniform(0.72, 0.9, k), cyto_h=rng.uniform(0.3, 0.4, k), mem_e=rng.uniform(0.62, 0.78, k), mem_w=0.25,
-        gap=_gap(look, su, sd_abs, rng), rnd=rng.integers(0, 2**31, k),
+        su,
+        sd_abs,
+        rx=r0 * rng.uniform(1.0, 1.3, k),
+        ry=r0 * flat * rng.uniform(0.75, 1.0, k),
+        angle=rng.normal(0, 12, k),
+        dark=rng.uniform(1.0, 1.3, k),
+        style=np.where(rng.random(k) < 0.45, STYLE["vesicular"], STYLE["solid"]),
+        owner=1,
+        cyto_e=rng.uniform(0.72, 0.9, k),
+        cyto_h=rng.uniform(0.3, 0.4, k),
+        mem_e=rng.uniform(0.62, 0.78, k),
+        mem_w=0.25,
+        gap=_gap(look, su, sd_abs, rng),
+        rnd=rng.integers(0, 2**31, k),
     )
 
     # granular layer: flattened cells (keratohyalin is drawn per pixel)
@@ -223,9 +268,18 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         gu, gd_abs = gu[ok], gd_abs[ok]
         k = gu.size
         cells.add(
-            gu, gd_abs, rx=rng.uniform(3.8, 5.0, k), ry=rng.uniform(1.5, 2.1, k), angle=rng.normal(0, 6, k),
-            dark=rng.uniform(1.4, 1.7, k), style=STYLE["solid"], owner=1,
-            cyto_e=rng.uniform(0.62, 0.74, k), cyto_h=rng.uniform(0.45, 0.55, k), mem_e=0.5, mem_w=0.25,
+            gu,
+            gd_abs,
+            rx=rng.uniform(3.8, 5.0, k),
+            ry=rng.uniform(1.5, 2.1, k),
+            angle=rng.normal(0, 6, k),
+            dark=rng.uniform(1.4, 1.7, k),
+            style=STYLE["solid"],
+            owner=1,
+            cyto_e=rng.uniform(0.62, 0.74, k),
+            cyto_h=rng.uniform(0.45, 0.55, k),
+            mem_e=0.5,
+            mem_w=0.25,
             rnd=rng.integers(0, 2**31, k),
         )
 
@@ -240,10 +294,20 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         style = np.where(kind < 0.6, STYLE["vesicular"], np.where(kind < 0.9, STYLE["pyknotic"], STYLE["none"]))
         r = np.where(style == STYLE["pyknotic"], rng.uniform(1.7, 2.4, k), rng.uniform(3.0, 3.8, k))
         cells.add(
-            pu, pd, rx=r, ry=r * rng.uniform(0.8, 1.0, k), angle=rng.uniform(0, 180, k),
+            pu,
+            pd,
+            rx=r,
+            ry=r * rng.uniform(0.8, 1.0, k),
+            angle=rng.uniform(0, 180, k),
             dark=np.where(style == STYLE["pyknotic"], rng.uniform(1.8, 2.2, k), rng.uniform(0.9, 1.2, k)),
-            style=style, owner=1, cyto_e=rng.uniform(0.2, 0.32, k), cyto_h=rng.uniform(0.06, 0.11, k),
-            mem_e=rng.uniform(0.55, 0.75, k), mem_w=0.45, vac=rng.integers(2, 5, k), rnd=rng.integers(0, 2**31, k),
+            style=style,
+            owner=1,
+            cyto_e=rng.uniform(0.2, 0.32, k),
+            cyto_h=rng.uniform(0.06, 0.11, k),
+            mem_e=rng.uniform(0.55, 0.75, k),
+            mem_w=0.45,
+            vac=rng.integers(2, 5, k),
+            rnd=rng.integers(0, 2**31, k),
         )
 
     # necrolysis: hypereosinophilic necrotic keratinocytes, pyknotic/fragmented or absent nuclei
@@ -256,10 +320,19 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         kind = rng.random(k)
         style = np.where(kind < 0.45, STYLE["pyknotic"], np.where(kind < 0.7, STYLE["karyorrhexis"], STYLE["none"]))
         cells.add(
-            nu, nd, rx=rng.uniform(1.6, 2.5, k), ry=rng.uniform(1.3, 2.2, k), angle=rng.uniform(0, 180, k),
-            dark=rng.uniform(2.0, 2.4, k), style=style, owner=1,
-            cyto_e=rng.uniform(1.0, 1.3, k), cyto_h=rng.uniform(0.08, 0.15, k), mem_e=rng.uniform(0.85, 1.1, k),
-            mem_w=0.25, halo=np.where((style == STYLE["pyknotic"]) & (rng.random(k) < 0.25), rng.uniform(0.3, 0.9, k), 0.0),
+            nu,
+            nd,
+            rx=rng.uniform(1.6, 2.5, k),
+            ry=rng.uniform(1.3, 2.2, k),
+            angle=rng.uniform(0, 180, k),
+            dark=rng.uniform(2.0, 2.4, k),
+            style=style,
+            owner=1,
+            cyto_e=rng.uniform(1.0, 1.3, k),
+            cyto_h=rng.uniform(0.08, 0.15, k),
+            mem_e=rng.uniform(0.85, 1.1, k),
+            mem_w=0.25,
+            halo=np.where((style == STYLE["pyknotic"]) & (rng.random(k) < 0.25), rng.uniform(0.3, 0.9, k), 0.0),
             rnd=rng.integers(0, 2**31, k),
         )
 
@@ -285,12 +358,28 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         ok = ~in_patterns(eu, ed)
         k = int(ok.sum())
         if neutro:
-            cells.add(eu[ok], ed[ok], rx=2.0, ry=2.0, dark=rng.uniform(1.9, 2.3, k), style=STYLE["neutrophil"],
-                      halo=rng.uniform(2.5, 4.0, k), rnd=rng.integers(0, 2**31, k))
+            cells.add(
+                eu[ok],
+                ed[ok],
+                rx=2.0,
+                ry=2.0,
+                dark=rng.uniform(1.9, 2.3, k),
+                style=STYLE["neutrophil"],
+                halo=rng.uniform(2.5, 4.0, k),
+                rnd=rng.integers(0, 2**31, k),
+            )
         else:
-            cells.add(eu[ok], ed[ok], rx=rng.uniform(2.7, 3.3, k), ry=rng.uniform(2.5, 3.1, k),
-                      angle=rng.uniform(0, 180, k), dark=rng.uniform(1.9, 2.3, k), style=STYLE["solid"],
-                      halo=rng.uniform(3.8, 5.0, k), rnd=rng.integers(0, 2**31, k))
+            cells.add(
+                eu[ok],
+                ed[ok],
+                rx=rng.uniform(2.7, 3.3, k),
+                ry=rng.uniform(2.5, 3.1, k),
+                angle=rng.uniform(0, 180, k),
+                dark=rng.uniform(1.9, 2.3, k),
+                style=STYLE["solid"],
+                halo=rng.uniform(3.8, 5.0, k),
+                rnd=rng.integers(0, 2**31, k),
+            )
 
 
 def _gap(look: _Lookup, u: np.ndarray, d: np.ndarray, rng, basal: bool = False) -> np.ndarray:
@@ -323,8 +412,14 @@ def _corneum(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cel
         u = iu * DU + rng.uniform(-DU / 2, DU / 2, n)
         d = pt[iu] + 1.5 + rng.random(n) * np.maximum(thick[iu] - 3.0, 0.1)
         cells.add(
-            u, d, rx=rng.uniform(3.8, 6.5, n), ry=rng.uniform(0.9, 1.6, n), angle=rng.normal(0, 7, n),
-            dark=rng.uniform(1.6, 2.1, n), style=STYLE["solid"], rnd=rng.integers(0, 2**31, n),
+            u,
+            d,
+            rx=rng.uniform(3.8, 6.5, n),
+            ry=rng.uniform(0.9, 1.6, n),
+            angle=rng.normal(0, 7, n),
+            dark=rng.uniform(1.6, 2.1, n),
+            style=STYLE["solid"],
+            rnd=rng.integers(0, 2**31, n),
         )
     # neutrophil collections (Munro microabscesses) inside parakeratosis
     rate = rng.uniform(*spec.neutrophil_clusters_per_mm)
@@ -343,15 +438,30 @@ def _corneum(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cel
         d = cd + rd * rad * np.sin(ang)
         ok = (d > look("PT", u) + 1.5) & (d < look("PB", u) - 1.5)
         k = int(ok.sum())
-        cells.add(u[ok], d[ok], rx=2.0, ry=2.0, dark=rng.uniform(1.9, 2.3, k), style=STYLE["neutrophil"],
-                  rnd=rng.integers(0, 2**31, k))
+        cells.add(
+            u[ok],
+            d[ok],
+            rx=2.0,
+            ry=2.0,
+            dark=rng.uniform(1.9, 2.3, k),
+            style=STYLE["neutrophil"],
+            rnd=rng.integers(0, 2**31, k),
+        )
 
 
 # ----------------------------------------------------------------------------- dermis
 
 
-def _dermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: CellTable, structs: StructTable,
-            inflammation: float, dilation: float) -> None:
+def _dermis(
+    rng,
+    prof: Profiles,
+    spec: DiagnosisSpec,
+    look: _Lookup,
+    cells: CellTable,
+    structs: StructTable,
+    inflammation: float,
+    dilation: float,
+) -> None:
     t = prof.table
     L = prof.length
     s = t[R["S"]].astype(np.float64)
@@ -374,9 +484,14 @@ def _dermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cell
     u, d, pap = u[keep], d[keep], pap[keep]
     k = u.size
     cells.add(
-        u, d, rx=rng.uniform(3.2, 6.5, k), ry=rng.uniform(0.9, 1.5, k),
+        u,
+        d,
+        rx=rng.uniform(3.2, 6.5, k),
+        ry=rng.uniform(0.9, 1.5, k),
         angle=np.where(pap, rng.normal(0, 50, k), rng.normal(0, 18, k)),
-        dark=rng.uniform(1.2, 1.65, k), style=STYLE["solid"], rnd=rng.integers(0, 2**31, k),
+        dark=rng.uniform(1.2, 1.65, k),
+        style=STYLE["solid"],
+        rnd=rng.integers(0, 2**31, k),
     )
 
     # papillary capillaries: one per dermal papilla (between rete ridges)
@@ -391,7 +506,17 @@ def _dermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cell
         rete_env = float(np.max(t[R["EL"]][max(0, int((c - 60) / DU)) : int((c + 60) / DU)])) - e0
         length = max(rete_env * rng.uniform(0.3, 0.8), 10.0)
         r = rng.uniform(3.0, 5.0) * dilation
-        _vessel(rng, structs, cells, c + rng.normal(0, 4), top + length / 2 + r, r, max(length / 2, r) * (1.0 if dilation < 1.5 else 1.3), 90.0, 1.2)
+        _vessel(
+            rng,
+            structs,
+            cells,
+            c + rng.normal(0, 4),
+            top + length / 2 + r,
+            r,
+            max(length / 2, r) * (1.0 if dilation < 1.5 else 1.3),
+            90.0,
+            1.2,
+        )
 
     # superficial plexus at the papillary/reticular border, with perivascular lymphocytes
     pos = rng.uniform(30, 200)
@@ -410,9 +535,16 @@ def _dermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cell
                 ld = d0 + (ry + 4) * rad * np.sin(ang)
                 ok = in_dermis(lu, ld)
                 kk = int(ok.sum())
-                cells.add(lu[ok], ld[ok], rx=rng.uniform(2.7, 3.4, kk), ry=rng.uniform(2.5, 3.2, kk),
-                          angle=rng.uniform(0, 180, kk), dark=rng.uniform(1.9, 2.3, kk), style=STYLE["solid"],
-                          rnd=rng.integers(0, 2**31, kk))
+                cells.add(
+                    lu[ok],
+                    ld[ok],
+                    rx=rng.uniform(2.7, 3.4, kk),
+                    ry=rng.uniform(2.5, 3.2, kk),
+                    angle=rng.uniform(0, 180, kk),
+                    dark=rng.uniform(1.9, 2.3, kk),
+                    style=STYLE["solid"],
+                    rnd=rng.integers(0, 2**31, kk),
+                )
         pos += rng.uniform(110, 320)
 
     # deep vessels
@@ -443,13 +575,26 @@ def _dermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cell
         ok = (fd > look("FAT", fu)) & (fd < look("BOT", fu))
         fu, fd = fu[ok], fd[ok]
         k = fu.size
-        cells.add(fu, fd, rx=rng.uniform(3.5, 5.0, k), ry=rng.uniform(1.0, 1.5, k), angle=rng.uniform(0, 180, k),
-                  dark=np.where(rng.random(k) < 0.2, 1.5, 0.0), style=np.where(rng.random(k) < 0.2, STYLE["solid"], STYLE["none"]),
-                  owner=1, cyto_e=0.0, cyto_h=0.0, mem_e=rng.uniform(0.7, 0.9, k), mem_w=0.6,
-                  rnd=rng.integers(0, 2**31, k))
+        cells.add(
+            fu,
+            fd,
+            rx=rng.uniform(3.5, 5.0, k),
+            ry=rng.uniform(1.0, 1.5, k),
+            angle=rng.uniform(0, 180, k),
+            dark=np.where(rng.random(k) < 0.2, 1.5, 0.0),
+            style=np.where(rng.random(k) < 0.2, STYLE["solid"], STYLE["none"]),
+            owner=1,
+            cyto_e=0.0,
+            cyto_h=0.0,
+            mem_e=rng.uniform(0.7, 0.9, k),
+            mem_w=0.6,
+            rnd=rng.integers(0, 2**31, k),
+        )
 
 
-def _vessel(rng, structs: StructTable, cells: CellTable, u: float, d: float, rx: float, ry: float, angle: float, wall: float) -> None:
+def _vessel(
+    rng, structs: StructTable, cells: CellTable, u: float, d: float, rx: float, ry: float, angle: float, wall: float
+) -> None:
     """A vessel (lumen ellipse + wall), endothelial nuclei on the lumen, red cells inside."""
     structs.add(u, d, rx, ry, angle, wall, "vessel")
     a = math.radians(angle)
@@ -458,9 +603,19 @@ def _vessel(rng, structs: StructTable, cells: CellTable, u: float, d: float, rx:
     th = rng.uniform(0, 2 * math.pi, n_end)
     eu = u + (rx + 0.3) * np.cos(th) * ca - (ry + 0.3) * np.sin(th) * sa
     ed = d + (rx + 0.3) * np.cos(th) * sa + (ry + 0.3) * np.sin(th) * ca
-    tang = np.degrees(np.arctan2(-(rx * np.sin(th)) * sa + ry * np.cos(th) * ca, -(rx * np.sin(th)) * ca - ry * np.cos(th) * sa))
-    cells.add(eu, ed, rx=rng.uniform(3.0, 4.5, n_end), ry=rng.uniform(0.9, 1.3, n_end), angle=tang,
-              dark=rng.uniform(1.4, 1.7, n_end), style=STYLE["solid"], rnd=rng.integers(0, 2**31, n_end))
+    tang = np.degrees(
+        np.arctan2(-(rx * np.sin(th)) * sa + ry * np.cos(th) * ca, -(rx * np.sin(th)) * ca - ry * np.cos(th) * sa)
+    )
+    cells.add(
+        eu,
+        ed,
+        rx=rng.uniform(3.0, 4.5, n_end),
+        ry=rng.uniform(0.9, 1.3, n_end),
+        angle=tang,
+        dark=rng.uniform(1.4, 1.7, n_end),
+        style=STYLE["solid"],
+        rnd=rng.integers(0, 2**31, n_end),
+    )
     fill = rng.uniform(0.35, 0.95)
     n_rbc = int(fill * rx * ry / (3.6**2))
     if n_rbc:
@@ -468,9 +623,16 @@ def _vessel(rng, structs: StructTable, cells: CellTable, u: float, d: float, rx:
         rad = np.sqrt(rng.random(n_rbc)) * 0.85
         ru = u + rx * rad * np.cos(th) * ca - ry * rad * np.sin(th) * sa
         rd = d + rx * rad * np.cos(th) * sa + ry * rad * np.sin(th) * ca
-        cells.add(ru, rd, rx=rng.uniform(3.2, 3.8, n_rbc), ry=rng.uniform(2.8, 3.6, n_rbc),
-                  angle=rng.uniform(0, 180, n_rbc), dark=rng.uniform(1.0, 1.4, n_rbc), style=STYLE["rbc"],
-                  rnd=rng.integers(0, 2**31, n_rbc))
+        cells.add(
+            ru,
+            rd,
+            rx=rng.uniform(3.2, 3.8, n_rbc),
+            ry=rng.uniform(2.8, 3.6, n_rbc),
+            angle=rng.uniform(0, 180, n_rbc),
+            dark=rng.uniform(1.0, 1.4, n_rbc),
+            style=STYLE["rbc"],
+            rnd=rng.integers(0, 2**31, n_rbc),
+        )
 
 
 def _eccrine(rng, structs: StructTable, cells: CellTable, cu: float, cd: float) -> None:
@@ -495,5 +657,13 @@ def _eccrine(rng, structs: StructTable, cells: CellTable, cu: float, cd: float) 
         rr = 0.58
         eu = u + r * rr * np.cos(th) * math.cos(a) - ry * rr * np.sin(th) * math.sin(a)
         ed = d + r * rr * np.cos(th) * math.sin(a) + ry * rr * np.sin(th) * math.cos(a)
-        cells.add(eu, ed, rx=rng.uniform(2.4, 3.0, n_c), ry=rng.uniform(2.2, 2.8, n_c), angle=rng.uniform(0, 180, n_c),
-                  dark=rng.uniform(1.4, 1.65, n_c), style=STYLE["solid"], rnd=rng.integers(0, 2**31, n_c))
+        cells.add(
+            eu,
+            ed,
+            rx=rng.uniform(2.4, 3.0, n_c),
+            ry=rng.uniform(2.2, 2.8, n_c),
+            angle=rng.uniform(0, 180, n_c),
+            dark=rng.uniform(1.4, 1.65, n_c),
+            style=STYLE["solid"],
+            rnd=rng.integers(0, 2**31, n_c),
+        )

@@ -76,7 +76,9 @@ class Frame:
         a = vx * np.float32(tx) + vy * np.float32(ty)
         b = vx * np.float32(nx) + vy * np.float32(ny)
         # cartToPolar(x=-b, y=a): magnitude r, angle atan2(a, -b) in [0, 2pi)
-        mag, ang = cv2.cartToPolar(np.ascontiguousarray(-b, dtype=np.float32), np.ascontiguousarray(a, dtype=np.float32))
+        mag, ang = cv2.cartToPolar(
+            np.ascontiguousarray(-b, dtype=np.float32), np.ascontiguousarray(a, dtype=np.float32)
+        )
         ang = np.where(ang > np.float32(math.pi), ang - np.float32(2 * math.pi), ang)
         u = ang * np.float32(r0) + np.float32(self.length / 2.0)
         d = np.float32(r0) - mag

@@ -87,12 +87,14 @@ def local_outline(prof: Profiles, step_um: float = 8.0) -> np.ndarray:
     d_l = np.linspace(bot[0], top[0], 40)
     jl, _ = prof.jag(d_l)
     _, jr = prof.jag(d_r)
-    ring = np.concatenate([
-        np.stack([u, top], 1),
-        np.stack([prof.length - jr, d_r], 1),
-        np.stack([u[::-1], bot[::-1]], 1),
-        np.stack([jl, d_l], 1),
-    ])
+    ring = np.concatenate(
+        [
+            np.stack([u, top], 1),
+            np.stack([prof.length - jr, d_r], 1),
+            np.stack([u[::-1], bot[::-1]], 1),
+            np.stack([jl, d_l], 1),
+        ]
+    )
     return ring
 
 
@@ -109,8 +111,14 @@ def _dims(rng: np.random.Generator, kind: str) -> tuple[float, float]:
 
 
 def _place(
-    rng: np.random.Generator, ring_local: np.ndarray, prof: Profiles, occupancy: np.ndarray, width: float, height: float,
-    radius: float | None, tries: int = 60,
+    rng: np.random.Generator,
+    ring_local: np.ndarray,
+    prof: Profiles,
+    occupancy: np.ndarray,
+    width: float,
+    height: float,
+    radius: float | None,
+    tries: int = 60,
 ) -> tuple[Frame, np.ndarray] | None:
     """Find a rotation/translation that keeps the section on the glass and off other sections."""
     for _ in range(tries):
@@ -206,7 +214,9 @@ def build_layout(
                 break
         if placed is None:
             if k == 0:
-                raise ConfigError(f"{slide_id}: no room for a tissue section on {width_um:.0f}x{height_um:.0f} µm of glass; use a larger --size")
+                raise ConfigError(
+                    f"{slide_id}: no room for a tissue section on {width_um:.0f}x{height_um:.0f} µm of glass; use a larger --size"
+                )
             continue
         frame, ring = placed
         cell_rng = np.random.default_rng([prof_seed, 0xCE11, k])
@@ -227,8 +237,14 @@ def build_layout(
     dust = art.sample_dust(art_rng, pboxes, width_um, height_um)
     blurs = art.sample_blur(art_rng, tissue_boxes)
     stain = sample_stain(np.random.default_rng(np.random.SeedSequence([layout_seed, 0x57A1])), stain_batch)
-    log.debug("%s: %s, %d section(s) (%s), patterns %s", slide_id, diagnosis, len(sections), kind,
-              [p for s in sections for p, _, _ in s.prof.patches])
+    log.debug(
+        "%s: %s, %d section(s) (%s), patterns %s",
+        slide_id,
+        diagnosis,
+        len(sections),
+        kind,
+        [p for s in sections for p, _, _ in s.prof.patches],
+    )
     return SlideLayout(
         slide_id=slide_id,
         diagnosis=diagnosis,

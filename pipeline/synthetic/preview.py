@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 
 #: Real CMU-1-Small-Region crops (level-0 x, y, caption): epidermis with granular layer and
 #: basket-weave orthokeratin, dermis, margin ink.
-REAL_CROPS = ((1050, 1330, "real: epidermis, granular layer, orthokeratin"), (600, 2440, "real: epidermis and dermis"),
-              (1480, 1650, "real: dermis with margin ink"))
+REAL_CROPS = (
+    (1050, 1330, "real: epidermis, granular layer, orthokeratin"),
+    (600, 2440, "real: epidermis and dermis"),
+    (1480, 1650, "real: dermis with margin ink"),
+)
 SIZE_UM = (4000.0, 3000.0)
 
 
@@ -40,7 +43,9 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
-def find_layout(seed: int, diagnosis: str, want: str | None = None, tries: int = 40, basket: bool = True) -> SlideLayout:
+def find_layout(
+    seed: int, diagnosis: str, want: str | None = None, tries: int = 40, basket: bool = True
+) -> SlideLayout:
     """First layout of ``diagnosis`` (seed, seed+1, ...) that draws ``want`` (a pattern) if given."""
     for k in range(tries):
         plan = plan_dataset(1, seed + k, 0.5, [diagnosis])[0]
@@ -73,7 +78,9 @@ def crop_centre(lay: SlideLayout, what: str, depth_frac: float = 0.35) -> tuple[
     return float(x[0]), float(y[0])
 
 
-def render_crop(lay: SlideLayout, mpp: float, centre_um: tuple[float, float], size: int, outlines: bool = False) -> np.ndarray:
+def render_crop(
+    lay: SlideLayout, mpp: float, centre_um: tuple[float, float], size: int, outlines: bool = False
+) -> np.ndarray:
     """RGB (size, size, 3) crop at ``mpp`` centred on ``centre_um``, optionally with annotation outlines."""
     r = SlideRenderer(lay, mpp)
     x0 = int(round(centre_um[0] / mpp - size / 2))
@@ -101,8 +108,13 @@ def synthetic_vs_real(real: Path, out: Path, size: int = 512) -> Path:
     nme = find_layout(21, "nme", "pallor")
     syn = [
         _label(render_crop(normal, 0.5, crop_centre(normal, "epidermis", 0.2), size), "synthetic: normal epidermis"),
-        _label(render_crop(normal, 0.5, crop_centre(normal, "epidermis", 1.6), size), "synthetic: epidermis and dermis"),
-        _label(render_crop(nme, 0.5, crop_centre(nme, "pallor", 0.3), size), "synthetic: NME (pallor, necrolysis, parakeratosis)"),
+        _label(
+            render_crop(normal, 0.5, crop_centre(normal, "epidermis", 1.6), size), "synthetic: epidermis and dermis"
+        ),
+        _label(
+            render_crop(nme, 0.5, crop_centre(nme, "pallor", 0.3), size),
+            "synthetic: NME (pallor, necrolysis, parakeratosis)",
+        ),
     ]
     rl = [_label(real_crop(real, x, y, size), cap) for x, y, cap in REAL_CROPS]
     gap = np.full((size, 8, 3), 255, np.uint8)
@@ -120,7 +132,12 @@ def pattern_gallery(out: Path, size: int = 448) -> Path:
         ("pallor (NME)", find_layout(21, "nme", "pallor"), "pallor", 0.3),
         ("necrolysis (NME)", find_layout(31, "nme", "necrolysis"), "necrolysis", 0.2),
         ("parakeratosis (NME)", find_layout(41, "nme", "parakeratosis"), "parakeratosis", 0.0),
-        ("mimic: psoriasiform (parakeratosis, no pallor)", find_layout(51, "psoriasiform", "parakeratosis"), "parakeratosis", 0.3),
+        (
+            "mimic: psoriasiform (parakeratosis, no pallor)",
+            find_layout(51, "psoriasiform", "parakeratosis"),
+            "parakeratosis",
+            0.3,
+        ),
         ("mimic: spongiotic (lower/mid oedema, not pallor)", find_layout(61, "spongiotic"), "spongiosis", 0.9),
         ("normal", find_layout(71, "normal"), "epidermis", 0.3),
     ]
@@ -128,7 +145,10 @@ def pattern_gallery(out: Path, size: int = 448) -> Path:
     for caption, lay, what, depth in rows:
         c = crop_centre(lay, what, depth)
         a = _label(render_crop(lay, 0.5, c, size), caption)
-        b = _label(render_crop(lay, 0.5, c, size, outlines=True), "annotations: epidermis / pallor / necrolysis / parakeratosis")
+        b = _label(
+            render_crop(lay, 0.5, c, size, outlines=True),
+            "annotations: epidermis / pallor / necrolysis / parakeratosis",
+        )
         tiles.append(np.hstack([a, np.full((size, 6, 3), 255, np.uint8), b]))
     half = (len(tiles) + 1) // 2
     col1 = np.vstack([np.vstack([t, np.full((6, t.shape[1], 3), 255, np.uint8)]) for t in tiles[:half]])

@@ -93,7 +93,9 @@ def _bump(u: np.ndarray, u0: float, u1: float, ramp: float) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(np.pi * x)
 
 
-def _intervals(rng: np.random.Generator, length: float, plan: PatternPlan, margin: float = END_MARGIN) -> list[tuple[float, float]]:
+def _intervals(
+    rng: np.random.Generator, length: float, plan: PatternPlan, margin: float = END_MARGIN
+) -> list[tuple[float, float]]:
     """Non-overlapping patches (u0, u1) in µm covering ``plan.coverage`` of the section."""
     avail = length - 2 * margin
     if avail < MIN_PATCH:
@@ -114,7 +116,9 @@ def _intervals(rng: np.random.Generator, length: float, plan: PatternPlan, margi
     return out
 
 
-def _sub_intervals(rng: np.random.Generator, parents: list[tuple[float, float]], prob: float) -> list[tuple[float, float]]:
+def _sub_intervals(
+    rng: np.random.Generator, parents: list[tuple[float, float]], prob: float
+) -> list[tuple[float, float]]:
     """Patches nested inside ``parents`` (necrolysis inside pallor): 30-80 % of each, centred randomly."""
     out: list[tuple[float, float]] = []
     for a, b in parents:

@@ -168,7 +168,11 @@ class SlideRenderer:
         ox, oy, W, H = x0 - p, y0 - p, w + 2 * p, h + 2 * p
         mpp = self.mpp
         um = (ox * mpp, oy * mpp, (ox + W) * mpp, (oy + H) * mpp)
-        hit = [s for s in self.layout.sections if not (s.bbox[2] < um[0] or s.bbox[0] > um[2] or s.bbox[3] < um[1] or s.bbox[1] > um[3])]
+        hit = [
+            s
+            for s in self.layout.sections
+            if not (s.bbox[2] < um[0] or s.bbox[0] > um[2] or s.bbox[3] < um[1] or s.bbox[1] > um[3])
+        ]
         amounts = None
         extra = None
         geo = [g for g in (self._geometry(s, ox, oy, W, H) for s in hit) if g is not None]
@@ -267,10 +271,24 @@ class SlideRenderer:
             crease = folded & (np.abs(d - fold_row) < 2.0)
             fold[crease] = 2.4
         return {
-            "sec": sec, "slices": (slice(sy0, sy1), slice(sx0, sx1)), "origin": (sx0, sy0),
-            "u": u, "d": d, "iu": iu, "rho": rho, "S": S, "TC": TC, "EL": EL, "BOT": BOT,
-            "inside": inside, "corneum": corneum, "living": living, "dermis": dermis, "fat": fat,
-            "dist": (dist_l, dist_r, dist_b), "fold": fold,
+            "sec": sec,
+            "slices": (slice(sy0, sy1), slice(sx0, sx1)),
+            "origin": (sx0, sy0),
+            "u": u,
+            "d": d,
+            "iu": iu,
+            "rho": rho,
+            "S": S,
+            "TC": TC,
+            "EL": EL,
+            "BOT": BOT,
+            "inside": inside,
+            "corneum": corneum,
+            "living": living,
+            "dermis": dermis,
+            "fat": fat,
+            "dist": (dist_l, dist_r, dist_b),
+            "fold": fold,
             "need_vor": bool(living.any() or fat.any()),
         }
 
@@ -458,7 +476,9 @@ class SlideRenderer:
             e_c = np.where(para, e_p, e_c)
             h_c = np.where(para, h_p, h_c)
         # the outermost corneum flakes off irregularly
-        top_rag = _clip01((v.rho + v.g["TC"][v.box] + F32(1.5) * self._xy("coarse", v.gx + 11, v.gy + 5, ww, hh)) * F32(0.5))
+        top_rag = _clip01(
+            (v.rho + v.g["TC"][v.box] + F32(1.5) * self._xy("coarse", v.gx + 11, v.gy + 5, ww, hh)) * F32(0.5)
+        )
         return e_c * top_rag, h_c * top_rag
 
     def _ink(self, g: dict, amounts: np.ndarray, extra: np.ndarray | None, gx: int, gy: int) -> np.ndarray | None:
@@ -568,9 +588,16 @@ class SlideRenderer:
         rim = max(1, int(round(0.55 / mpp)))
         S = STYLE
         rows = zip(
-            (px * 16).round().astype(np.int64).tolist(), (py * 16).round().astype(np.int64).tolist(),
-            c["rx"][idx].tolist(), c["ry"][idx].tolist(), c["angle"][idx].tolist(), c["dark"][idx].tolist(),
-            c["style"][idx].tolist(), c["vac"][idx].tolist(), c["halo"][idx].tolist(), c["rnd"][idx].tolist(),
+            (px * 16).round().astype(np.int64).tolist(),
+            (py * 16).round().astype(np.int64).tolist(),
+            c["rx"][idx].tolist(),
+            c["ry"][idx].tolist(),
+            c["angle"][idx].tolist(),
+            c["dark"][idx].tolist(),
+            c["style"][idx].tolist(),
+            c["vac"][idx].tolist(),
+            c["halo"][idx].tolist(),
+            c["rnd"][idx].tolist(),
         )
         ell = cv2.ellipse
         AA = cv2.LINE_AA

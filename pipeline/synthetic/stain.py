@@ -59,7 +59,11 @@ class Stain:
     def matrix(self) -> np.ndarray:
         """(3, 3) float32: rows = OD contributions of H, E and red-cell amounts (scaled)."""
         return np.array(
-            [np.array(self.h_vec) * self.h_scale, np.array(self.e_vec) * self.e_scale, np.array(self.rbc_vec) * self.e_scale],
+            [
+                np.array(self.h_vec) * self.h_scale,
+                np.array(self.e_vec) * self.e_scale,
+                np.array(self.rbc_vec) * self.e_scale,
+            ],
             dtype=np.float32,
         )
 
@@ -70,7 +74,9 @@ def sample_batch_stain(rng: np.random.Generator) -> dict[str, float | np.ndarray
     base_h = {"typical": 1.0, "pale": 0.55, "over": 1.5}[mode]
     base_e = {"typical": 1.0, "pale": 0.6, "over": 1.4}[mode]
     h_vec = _unit(H_REF + rng.normal(0, [0.06, 0.06, 0.05]) + np.array([0.0, 0.0, rng.uniform(-0.05, 0.10)]))
-    e_vec = _unit(E_REF + rng.normal(0, [0.03, 0.04, 0.05]) + np.array([rng.uniform(-0.04, 0.08), 0.0, rng.uniform(-0.08, 0.08)]))
+    e_vec = _unit(
+        E_REF + rng.normal(0, [0.03, 0.04, 0.05]) + np.array([rng.uniform(-0.04, 0.08), 0.0, rng.uniform(-0.08, 0.08)])
+    )
     return {
         "h_vec": np.abs(h_vec),
         "e_vec": np.abs(e_vec),

@@ -105,8 +105,13 @@ def write_pyramid(
     }
     with tifffile.TiffWriter(str(path), bigtiff=width * height * 3 > 3_500_000_000) as tw:
         tw.write(
-            tiles0(), shape=(height, width, 3), dtype=np.uint8, subfiletype=0,
-            resolution=(1e4 / mpp, 1e4 / mpp), description=description, **common,
+            tiles0(),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            subfiletype=0,
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            description=description,
+            **common,
         )
         level = l1
         for k in range(1, n_levels):

@@ -44,7 +44,9 @@ def _features(data: Any, source: str) -> list[Mapping[str, Any]]:
         return feats
     if isinstance(data, dict) and data.get("type") == "Feature":
         return [data]
-    raise DataError(f"{source}: not GeoJSON annotations (expected a FeatureCollection, a Feature or a list of features)")
+    raise DataError(
+        f"{source}: not GeoJSON annotations (expected a FeatureCollection, a Feature or a list of features)"
+    )
 
 
 def _ring(coords: Any, source: str, idx: int) -> np.ndarray:

@@ -90,9 +90,14 @@ class StainAccumulator:
     Use ``update(tiles)`` for each batch, then :meth:`result`.
     """
 
-    def __init__(self, background_rgb: tuple[int, int, int] = (255, 255, 255), stained_od_min: float = STAINED_OD_MIN,
-                 dark_max_value: int = DARK_MAX_VALUE, saturated_min_value: int = SATURATED_MIN_VALUE,
-                 pixel_stride: int = 1) -> None:
+    def __init__(
+        self,
+        background_rgb: tuple[int, int, int] = (255, 255, 255),
+        stained_od_min: float = STAINED_OD_MIN,
+        dark_max_value: int = DARK_MAX_VALUE,
+        saturated_min_value: int = SATURATED_MIN_VALUE,
+        pixel_stride: int = 1,
+    ) -> None:
         if int(pixel_stride) < 1:
             raise InvalidInputError(f"pixel_stride must be >= 1, got {pixel_stride}")
         self.pixel_stride = int(pixel_stride)
@@ -123,16 +128,18 @@ class StainAccumulator:
         if t.ndim == 3:
             t = t[None]
         if t.dtype != np.uint8 or t.ndim != 4 or t.shape[-1] != 3:
-            raise InvalidInputError(f"tiles: expected RGB uint8 (N, H, W, 3) or (H, W, 3), got {t.dtype} {np.asarray(tiles).shape}")
+            raise InvalidInputError(
+                f"tiles: expected RGB uint8 (N, H, W, 3) or (H, W, 3), got {t.dtype} {np.asarray(tiles).shape}"
+            )
         n_tiles = t.shape[0]
         if self.pixel_stride > 1:
-            t = t[:, ::self.pixel_stride, ::self.pixel_stride]
+            t = t[:, :: self.pixel_stride, :: self.pixel_stride]
         # OpenCV kernels, a few tiles at a time: each call stays below OpenCV's size for
         # multi-threading, so reader threads never wake its pool (it would pre-empt the model's threads)
         lut = np.stack(self._lut, axis=1).reshape(256, 1, 3)
         step = max(1, (1 << 18) // max(1, t.shape[1] * t.shape[2]) - 1)
         for i in range(0, t.shape[0], step):
-            self._update_chunk(np.ascontiguousarray(t[i:i + step]).reshape(-1, t.shape[2], 3), lut)
+            self._update_chunk(np.ascontiguousarray(t[i : i + step]).reshape(-1, t.shape[2], 3), lut)
         self.n_tiles += n_tiles
         return self
 
@@ -148,7 +155,9 @@ class StainAccumulator:
         usable = cv2.bitwise_and(cv2.bitwise_and(stained, not_dark), not_saturated)
         g_ge_r = cv2.compare(g, r, cv2.CMP_GE)
         he_like = cv2.bitwise_and(usable, cv2.bitwise_and(g_ge_r, cv2.compare(g, b, cv2.CMP_GE)))
-        dab_like = cv2.bitwise_and(usable, cv2.bitwise_and(cv2.compare(b, g, cv2.CMP_GT), cv2.compare(b, r, cv2.CMP_GT)))
+        dab_like = cv2.bitwise_and(
+            usable, cv2.bitwise_and(cv2.compare(b, g, cv2.CMP_GT), cv2.compare(b, r, cv2.CMP_GT))
+        )
         n = img.shape[0] * img.shape[1]
         n_stained = cv2.countNonZero(stained)
         self.n_pixels += n
@@ -165,8 +174,19 @@ class StainAccumulator:
     def merge(self, other: StainAccumulator) -> StainAccumulator:
         """Add the counts of ``other`` (same thresholds, background and pixel stride) into this accumulator; returns self."""
         if other.pixel_stride != self.pixel_stride:
-            raise InvalidInputError(f"cannot merge stain statistics sampled every {other.pixel_stride} px into every {self.pixel_stride} px")
-        for name in ("n_tiles", "n_pixels", "n_stained", "n_dark", "n_saturated", "n_he_like", "n_dab_like", "n_red_dominant"):
+            raise InvalidInputError(
+                f"cannot merge stain statistics sampled every {other.pixel_stride} px into every {self.pixel_stride} px"
+            )
+        for name in (
+            "n_tiles",
+            "n_pixels",
+            "n_stained",
+            "n_dark",
+            "n_saturated",
+            "n_he_like",
+            "n_dab_like",
+            "n_red_dominant",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self._sum_rgb += other._sum_rgb
         self._sum_od_stained += other._sum_od_stained

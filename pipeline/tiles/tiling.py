@@ -140,7 +140,15 @@ def package_versions() -> dict[str, str]:
     import pipeline
 
     out = {"nme-pathology": pipeline.__version__}
-    for name in ("numpy", "opencv-python-headless", "openslide-python", "openslide-bin", "tifffile", "torch", "torchvision"):
+    for name in (
+        "numpy",
+        "opencv-python-headless",
+        "openslide-python",
+        "openslide-bin",
+        "tifffile",
+        "torch",
+        "torchvision",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -162,7 +170,10 @@ def render_preview(thumbnail: np.ndarray, mask: TissueMask, grid: TileGrid) -> n
     overlay = vis.copy()
     for x, y in grid.coords:
         p0 = (int(round((x - ox) * scale)), int(round((y - oy) * scale)))
-        p1 = (int(round((x - ox + grid.tile_size_l0) * scale)) - 1, int(round((y - oy + grid.tile_size_l0) * scale)) - 1)
+        p1 = (
+            int(round((x - ox + grid.tile_size_l0) * scale)) - 1,
+            int(round((y - oy + grid.tile_size_l0) * scale)) - 1,
+        )
         cv2.rectangle(overlay, p0, p1, (40, 90, 230), 1)
     vis = cv2.addWeighted(overlay, 0.55, vis, 0.45, 0)
     contours, _ = cv2.findContours(mask.mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)

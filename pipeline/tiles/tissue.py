@@ -35,15 +35,21 @@ class TissueConfig(StrictModel):
 
     thumbnail_mpp: float = Field(2.0, gt=0, description="Resolution of the detection thumbnail, µm/px.")
     od_threshold: float = Field(
-        0.045, gt=0, description="Min. summed optical density (R+G+B) above background for tissue; low enough for pale keratin."
+        0.045,
+        gt=0,
+        description="Min. summed optical density (R+G+B) above background for tissue; low enough for pale keratin.",
     )
     texture_threshold: float = Field(
-        3.0, ge=0, description="Min. local grey-level std (0-255 scale) that marks faint textured tissue (lamellar keratin)."
+        3.0,
+        ge=0,
+        description="Min. local grey-level std (0-255 scale) that marks faint textured tissue (lamellar keratin).",
     )
     ink_red_excess: float = Field(
         0.04, ge=0, description="OD_R - OD_G above which a pixel is ink/pen (H&E has OD_G >= OD_R)."
     )
-    black_od: float = Field(1.6, gt=0, description="Summed OD above which a neutral pixel is black ink/pen, not tissue.")
+    black_od: float = Field(
+        1.6, gt=0, description="Summed OD above which a neutral pixel is black ink/pen, not tissue."
+    )
     black_max_chroma: float = Field(0.18, ge=0, description="Max. OD chroma (max-min over channels) of black ink.")
     min_component_um2: float = Field(
         4000.0, ge=0, description="Connected components smaller than this (µm²) are dust/debris and dropped."
@@ -53,7 +59,8 @@ class TissueConfig(StrictModel):
     )
     close_um: float = Field(8.0, ge=0, description="Morphological closing radius, µm (joins basket-weave keratin).")
     dark_background_max: float = Field(
-        120.0, description="Background brightness (0-255) below which the slide is dark-field/fluorescence (no tissue mask)."
+        120.0,
+        description="Background brightness (0-255) below which the slide is dark-field/fluorescence (no tissue mask).",
     )
 
 
@@ -102,7 +109,7 @@ class TissueMask:
 def optical_density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     """OD per channel relative to ``background``: -log10(I / I_bg), float32 (H, W, 3), >= 0."""
     od = rgb.astype(np.float32)  # one float32 (H, W, 3) buffer, updated in place: the same values as
-    od += 1.0                     # -log10((rgb + 1) / (bg + 1)) with temporaries, a third of the memory
+    od += 1.0  # -log10((rgb + 1) / (bg + 1)) with temporaries, a third of the memory
     bg = background.astype(np.float32) + 1.0
     np.divide(od, bg, out=od)
     np.log10(od, out=od)

@@ -45,17 +45,29 @@ class SlideExample:
     feats: SlideFeatures
 
 
-def _new_predictor(cfg: AggregatorConfig, classes: list[str], emb_dim: int, thresholds: dict[str, float]) -> SlidePredictor:
+def _new_predictor(
+    cfg: AggregatorConfig, classes: list[str], emb_dim: int, thresholds: dict[str, float]
+) -> SlidePredictor:
     if cfg.type == "pattern_stats":
         stats = PatternStatistics(classes=classes, thresholds={p: thresholds.get(p, 0.5) for p in PATTERN_CLASSES})
-        return SlidePredictor("pattern_stats", classes, stats=stats, stats_clf=PatternStatsClassifier(stats.feature_names))
-    mil = build_aggregator(cfg.type, {"embedding_dim": emb_dim if cfg.use_embeddings else 0, "tile_prob_dim": len(classes),
-                                      "hidden_dim": cfg.hidden_dim, "dropout": cfg.dropout})
+        return SlidePredictor(
+            "pattern_stats", classes, stats=stats, stats_clf=PatternStatsClassifier(stats.feature_names)
+        )
+    mil = build_aggregator(
+        cfg.type,
+        {
+            "embedding_dim": emb_dim if cfg.use_embeddings else 0,
+            "tile_prob_dim": len(classes),
+            "hidden_dim": cfg.hidden_dim,
+            "dropout": cfg.dropout,
+        },
+    )
     return SlidePredictor(cfg.type, classes, mil=mil, use_embeddings=cfg.use_embeddings)
 
 
-def fit_predictor(cfg: AggregatorConfig, examples: list[SlideExample], classes: list[str], thresholds: dict[str, float],
-                  seed: int) -> SlidePredictor:
+def fit_predictor(
+    cfg: AggregatorConfig, examples: list[SlideExample], classes: list[str], thresholds: dict[str, float], seed: int
+) -> SlidePredictor:
     """Fit one aggregator (no calibration) on ``examples``."""
     ys = np.array([e.y for e in examples])
     if len(set(ys.tolist())) < 2:
@@ -84,7 +96,9 @@ def fit_predictor(cfg: AggregatorConfig, examples: list[SlideExample], classes: 
     for _epoch in range(cfg.epochs):
         for i in rng.permutation(len(bags)):
             out = mil(bags[i])
-            loss = bce(out.logit[None], targets[i : i + 1]) + cfg.pattern_loss_weight * bce_p(out.pattern_logits, pats[i])
+            loss = bce(out.logit[None], targets[i : i + 1]) + cfg.pattern_loss_weight * bce_p(
+                out.pattern_logits, pats[i]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -92,8 +106,15 @@ def fit_predictor(cfg: AggregatorConfig, examples: list[SlideExample], classes: 
     return pred
 
 
-def train_aggregator(cfg: AggregatorConfig, examples: list[SlideExample], folds: list[list[str]], classes: list[str],
-                     thresholds: dict[str, float], out_dir: Path, seed: int = 0) -> tuple[SlidePredictor, dict[str, Any]]:
+def train_aggregator(
+    cfg: AggregatorConfig,
+    examples: list[SlideExample],
+    folds: list[list[str]],
+    classes: list[str],
+    thresholds: dict[str, float],
+    out_dir: Path,
+    seed: int = 0,
+) -> tuple[SlidePredictor, dict[str, Any]]:
     """Cross-validate, calibrate on out-of-fold logits, fit the final model; write the reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     empty = [e.slide_id for e in examples if len(e.feats) == 0]
@@ -150,8 +171,12 @@ def train_aggregator(cfg: AggregatorConfig, examples: list[SlideExample], folds:
     table = per_group_table(calibrated, y, groups, bands=bands)
     write_table_csv(out_dir / "per_diagnosis.csv", table)
     metrics["per_diagnosis"] = table
-    write_reliability_diagram(out_dir / "reliability.png", calibrated, y, n_bins=10, title=f"Out-of-fold, {cal_kind} calibration")
-    write_reliability_diagram(out_dir / "reliability_uncalibrated.png", raw_prob, y, n_bins=10, title="Out-of-fold, uncalibrated")
+    write_reliability_diagram(
+        out_dir / "reliability.png", calibrated, y, n_bins=10, title=f"Out-of-fold, {cal_kind} calibration"
+    )
+    write_reliability_diagram(
+        out_dir / "reliability_uncalibrated.png", raw_prob, y, n_bins=10, title="Out-of-fold, uncalibrated"
+    )
     atomic_write_json(out_dir / "slide_metrics.json", metrics)
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -34,9 +34,7 @@ from pipeline.core.config import StrictModel
 
 # Ruifrok & Johnston (2001) stain vectors as used by skimage.color.rgb2hed: rows are the
 # optical-density RGB signatures of haematoxylin, eosin and DAB.
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
-                         [0.07, 0.99, 0.11],
-                         [0.27, 0.57, 0.78]])
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 _LN10 = math.log(10.0)
@@ -78,9 +76,9 @@ def hed_jitter(image: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.nda
         raise ValueError(f"hed_jitter expects uint8 RGB (..., 3), got {image.dtype} {image.shape}")
     a = np.asarray(alpha, dtype=np.float64).reshape(3)
     b = np.asarray(beta, dtype=np.float64).reshape(3)
-    m = (HED_FROM_RGB * a[None, :]) @ RGB_FROM_HED          # od @ HED_FROM_RGB diag(a) RGB_FROM_HED
-    c = (b @ RGB_FROM_HED) * _LN10                          # shift, converted to natural-log OD
-    od = _OD_LUT[image]                                     # (..., 3) float32, natural-log OD
+    m = (HED_FROM_RGB * a[None, :]) @ RGB_FROM_HED  # od @ HED_FROM_RGB diag(a) RGB_FROM_HED
+    c = (b @ RGB_FROM_HED) * _LN10  # shift, converted to natural-log OD
+    od = _OD_LUT[image]  # (..., 3) float32, natural-log OD
     od = od @ m.astype(np.float32) + c.astype(np.float32)
     out = np.exp(-od, out=od)
     out *= 256.0
@@ -117,14 +115,15 @@ class HEDJitter(A.ImageOnlyTransform):
 
     def get_params(self) -> dict[str, Any]:
         rng = self.random_generator
-        return {"alpha": rng.uniform(1.0 - self.sigma, 1.0 + self.sigma, size=3),
-                "beta": rng.uniform(-self.bias, self.bias, size=3)}
+        return {
+            "alpha": rng.uniform(1.0 - self.sigma, 1.0 + self.sigma, size=3),
+            "beta": rng.uniform(-self.bias, self.bias, size=3),
+        }
 
     def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params: Any) -> np.ndarray:
         return hed_jitter(img, alpha, beta)
 
-    def apply_to_images(self, images: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
-                        **params: Any) -> np.ndarray:
+    def apply_to_images(self, images: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params: Any) -> np.ndarray:
         return hed_jitter(images, alpha, beta)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
@@ -136,9 +135,13 @@ class AugmentConfig(StrictModel):
     augmentation is applied to a tile; strengths are the half-widths of uniform ranges."""
 
     enabled: bool = Field(True, description="false = no augmentation at all (the identity transform)")
-    flip_p: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip, and independently of a vertical flip")
+    flip_p: float = Field(
+        0.5, ge=0, le=1, description="probability of a horizontal flip, and independently of a vertical flip"
+    )
     rot90_p: float = Field(0.5, ge=0, le=1, description="probability of a rotation by a random multiple of 90 degrees")
-    scale_p: float = Field(0.3, ge=0, le=1, description="probability of a small zoom (Affine, tile size kept, reflected borders)")
+    scale_p: float = Field(
+        0.3, ge=0, le=1, description="probability of a small zoom (Affine, tile size kept, reflected borders)"
+    )
     scale_min: float = Field(0.9, gt=0, le=1, description="smallest zoom factor")
     scale_max: float = Field(1.1, ge=1, le=2, description="largest zoom factor")
     hed_p: float = Field(0.8, ge=0, le=1, description="probability of the H&E stain jitter (HEDJitter)")
@@ -177,13 +180,16 @@ def build_train_augmentation(cfg: AugmentConfig | None = None, seed: int | None 
         A.HorizontalFlip(p=cfg.flip_p),
         A.VerticalFlip(p=cfg.flip_p),
         A.RandomRotate90(p=cfg.rot90_p),
-        A.Affine(scale=(cfg.scale_min, cfg.scale_max), keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101,
-                 p=cfg.scale_p),
+        A.Affine(
+            scale=(cfg.scale_min, cfg.scale_max), keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101, p=cfg.scale_p
+        ),
         HEDJitter(sigma=cfg.hed_sigma, bias=cfg.hed_bias, p=cfg.hed_p),
-        A.RandomBrightnessContrast(brightness_limit=cfg.brightness_limit, contrast_limit=cfg.contrast_limit,
-                                   p=cfg.brightness_contrast_p),
-        A.HueSaturationValue(hue_shift_limit=cfg.hue_shift, sat_shift_limit=cfg.sat_shift,
-                             val_shift_limit=cfg.val_shift, p=cfg.hsv_p),
+        A.RandomBrightnessContrast(
+            brightness_limit=cfg.brightness_limit, contrast_limit=cfg.contrast_limit, p=cfg.brightness_contrast_p
+        ),
+        A.HueSaturationValue(
+            hue_shift_limit=cfg.hue_shift, sat_shift_limit=cfg.sat_shift, val_shift_limit=cfg.val_shift, p=cfg.hsv_p
+        ),
         A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, cfg.blur_sigma_max), p=cfg.blur_p),
         A.ImageCompression(quality_range=(cfg.jpeg_quality_min, cfg.jpeg_quality_max), p=cfg.jpeg_p),
     ]
@@ -214,6 +220,6 @@ def seed_transforms(transform: A.BasicTransform | BaseCompose, seed: int) -> Non
 def _seed_tree(t: A.BasicTransform | BaseCompose, seq: np.random.SeedSequence) -> None:
     children = list(t.transforms) if isinstance(t, BaseCompose) else []
     subs = seq.spawn(len(children) + 1)
-    t.set_random_seed(int(subs[0].generate_state(1)[0]))   # a Compose also re-seeds its children here...
-    for child, sub in zip(children, subs[1:]):             # ...so override them afterwards
+    t.set_random_seed(int(subs[0].generate_state(1)[0]))  # a Compose also re-seeds its children here...
+    for child, sub in zip(children, subs[1:]):  # ...so override them afterwards
         _seed_tree(child, sub)

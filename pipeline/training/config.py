@@ -26,17 +26,25 @@ class SyntheticData(StrictModel):
     n: int = Field(32, ge=2, description="Number of synthetic slides.")
     seed: int = Field(1234, ge=0, description="Generator seed.")
     mpp: float = Field(0.5, gt=0, description="Scanner resolution of the synthetic slides, µm/px.")
-    size_um: tuple[float, float] | None = Field(None, description="Slide canvas (width, height) in µm; generator default if null.")
+    size_um: tuple[float, float] | None = Field(
+        None, description="Slide canvas (width, height) in µm; generator default if null."
+    )
     classes: list[str] | None = Field(None, description="Diagnoses to draw (generator default mix if null).")
 
 
 class DataConfig(StrictModel):
     """Where slides, labels and annotations are."""
 
-    root: Path = Field(Path("data/train"), description="Dataset folder: slides/, annotations/, labels.csv (relative to the repo or absolute).")
+    root: Path = Field(
+        Path("data/train"),
+        description="Dataset folder: slides/, annotations/, labels.csv (relative to the repo or absolute).",
+    )
     slides_dir: str = Field("slides", description="Slide folder, relative to root.")
     annotations_dir: str = Field("annotations", description="GeoJSON folder (<slide_id>.geojson), relative to root.")
-    labels_csv: str = Field("labels.csv", description="Slide table: slide_id, patient_id, nme_pattern, diagnosis, ... ; optional mpp column.")
+    labels_csv: str = Field(
+        "labels.csv",
+        description="Slide table: slide_id, patient_id, nme_pattern, diagnosis, ... ; optional mpp column.",
+    )
     synthetic: SyntheticData | None = Field(None, description="If set, generate this synthetic set into root first.")
 
 
@@ -51,10 +59,18 @@ class LabelConfig(StrictModel):
         default_factory=lambda: {"pallor": 0.25, "necrolysis": 0.25, "parakeratosis": 0.1, "epidermis": 0.1},
         description="Fraction of a tile a class polygon must cover for a positive target.",
     )
-    negative_coverage: float = Field(0.0, ge=0, lt=1, description="At or below this coverage a tile is negative (0: does not touch).")
-    mode: Literal["full", "sparse"] = Field("full", description="full: unannotated tissue is negative; sparse: unannotated tiles are ignored.")
-    class_map: dict[str, str] = Field(default_factory=dict, description="Rename annotation classes (e.g. QuPath 'Pallor' -> 'pallor').")
-    ignore_classes: list[str] = Field(default_factory=lambda: ["Tissue", "tissue"], description="Annotation classes to skip.")
+    negative_coverage: float = Field(
+        0.0, ge=0, lt=1, description="At or below this coverage a tile is negative (0: does not touch)."
+    )
+    mode: Literal["full", "sparse"] = Field(
+        "full", description="full: unannotated tissue is negative; sparse: unannotated tiles are ignored."
+    )
+    class_map: dict[str, str] = Field(
+        default_factory=dict, description="Rename annotation classes (e.g. QuPath 'Pallor' -> 'pallor')."
+    )
+    ignore_classes: list[str] = Field(
+        default_factory=lambda: ["Tissue", "tissue"], description="Annotation classes to skip."
+    )
 
     @model_validator(mode="after")
     def _coverage_for_every_class(self) -> LabelConfig:
@@ -82,7 +98,9 @@ class ModelConfig(StrictModel):
 
     backbone: str = Field("mobilenet_v3_small", description="torchvision backbone name.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the head.")
-    init_weights: Path | None = Field(None, description="Local weight file (torchvision state dict or safetensors); nothing is downloaded.")
+    init_weights: Path | None = Field(
+        None, description="Local weight file (torchvision state dict or safetensors); nothing is downloaded."
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -103,31 +121,48 @@ class TrainConfig(StrictModel):
     """Optimisation of the patch model."""
 
     epochs: int = Field(6, ge=1, description="Maximum epochs.")
-    tiles_per_epoch: int = Field(6000, ge=16, description="Tiles sampled per epoch (class-balanced over slides and patterns).")
+    tiles_per_epoch: int = Field(
+        6000, ge=16, description="Tiles sampled per epoch (class-balanced over slides and patterns)."
+    )
     batch_size: int = Field(48, ge=2, description="Tiles per batch.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate (cosine schedule).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     patience: int = Field(3, ge=1, description="Early stopping: epochs without validation macro-AUROC gain.")
     max_val_tiles: int = Field(3000, ge=50, description="Validation tiles (fixed, stratified sample).")
     epidermal_negative_fraction: float = Field(
-        0.0, ge=0, le=1,
-        description="Share of the negative half of each sample drawn from epidermal tiles negative for every pattern (hard negatives; needs an 'epidermis' class).")
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the negative half of each sample drawn from epidermal tiles negative for every pattern (hard negatives; needs an 'epidermis' class).",
+    )
     threshold_rule: Literal["f1", "youden", "specificity"] = Field(
-        "f1", description="How per-pattern tile thresholds are picked on validation: max F1, max Youden J, or the lowest threshold reaching threshold_specificity.")
-    threshold_specificity: float = Field(0.98, gt=0, lt=1, description="Target specificity on validation negatives for threshold_rule=specificity.")
+        "f1",
+        description="How per-pattern tile thresholds are picked on validation: max F1, max Youden J, or the lowest threshold reaching threshold_specificity.",
+    )
+    threshold_specificity: float = Field(
+        0.98, gt=0, lt=1, description="Target specificity on validation negatives for threshold_rule=specificity."
+    )
     num_workers: int = Field(1, ge=0, description="Data-loader worker processes (each opens its own slide handles).")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CPUs with native bf16 / AMP on CUDA.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CPUs with native bf16 / AMP on CUDA."
+    )
     channels_last: bool = Field(True, description="channels_last memory format.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    checkpoint_every: int = Field(50, ge=1, description="Steps between mid-epoch checkpoints (for resume after a kill).")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Steps between mid-epoch checkpoints (for resume after a kill)."
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
 
 
 class CalibrationConfig(StrictModel):
-    method: Literal["temperature", "platt", "isotonic", "none"] = Field("platt", description="Calibration of the slide score, fitted on out-of-fold predictions.")
+    method: Literal["temperature", "platt", "isotonic", "none"] = Field(
+        "platt", description="Calibration of the slide score, fitted on out-of-fold predictions."
+    )
     band_low: float = Field(0.20, gt=0, lt=1, description="LOW below this calibrated probability.")
     band_high: float = Field(0.60, gt=0, lt=1, description="HIGH at or above this calibrated probability.")
-    target_sensitivity: float | None = Field(None, gt=0, le=1, description="If set, re-set band_low on out-of-fold data for this sensitivity.")
+    target_sensitivity: float | None = Field(
+        None, gt=0, le=1, description="If set, re-set band_low on out-of-fold data for this sensitivity."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> CalibrationConfig:
@@ -139,7 +174,9 @@ class CalibrationConfig(StrictModel):
 class AggregatorConfig(StrictModel):
     """Slide aggregator on top of the patch model's tile outputs."""
 
-    type: Literal["gated_attention", "mean", "max", "pattern_stats"] = Field("gated_attention", description="Aggregator kind.")
+    type: Literal["gated_attention", "mean", "max", "pattern_stats"] = Field(
+        "gated_attention", description="Aggregator kind."
+    )
     hidden_dim: int = Field(128, ge=4, description="MIL hidden width.")
     dropout: float = Field(0.1, ge=0, lt=1, description="MIL dropout.")
     use_embeddings: bool = Field(True, description="Feed tile embeddings (else tile probabilities only).")
@@ -151,7 +188,8 @@ class AggregatorConfig(StrictModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     patch_bundle: Path | None = Field(None, description="task=aggregator: the patch bundle to build on.")
     data: DataConfig | None = Field(
-        None, description="Slides for the aggregator (separate from the patch model's training slides); null = reuse data."
+        None,
+        description="Slides for the aggregator (separate from the patch model's training slides); null = reuse data.",
     )
 
 
@@ -161,7 +199,9 @@ class RunConfig(StrictModel):
     task: Literal["patch", "aggregator", "pipeline"] = Field("pipeline", description="What to train.")
     name: str = Field("nme-model", min_length=1, description="Model name written into the bundle.")
     version: str = Field("0.1.0", description="Model version.")
-    label: str = Field("research use only, not for clinical use", description="Intended-use label shown with every result.")
+    label: str = Field(
+        "research use only, not for clinical use", description="Intended-use label shown with every result."
+    )
     seed: int = Field(0, description="Global seed.")
     output_dir: Path = Field(Path("runs/model"), description="Run folder: checkpoints, logs, metrics, splits, bundle/.")
     bundle_dir: Path | None = Field(None, description="Also copy the final bundle here (e.g. models/demo_bundle).")

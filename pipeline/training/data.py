@@ -148,7 +148,9 @@ def make_splits(records: list[SlideRecord], cfg: SplitConfig) -> dict[str, Any]:
             assign[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
             fold_of[pid] = (counter + i) % cfg.k_folds
         counter += n
-    split = {name: sorted(r.slide_id for r in records if assign[r.patient_id] == name) for name in ("train", "val", "test")}
+    split = {
+        name: sorted(r.slide_id for r in records if assign[r.patient_id] == name) for name in ("train", "val", "test")
+    }
     folds = [sorted(r.slide_id for r in records if fold_of[r.patient_id] == k) for k in range(cfg.k_folds)]
     return {**split, "folds": folds, "seed": cfg.seed, "patients": {r.slide_id: r.patient_id for r in records}}
 
@@ -169,7 +171,9 @@ def load_or_make_splits(path: Path, records: list[SlideRecord], cfg: SplitConfig
     splits = make_splits(records, cfg)
     for name in ("train", "val"):
         if not splits[name]:
-            raise DataError(f"empty {name} split: {len(ids)} slides from {len(set(splits['patients'].values()))} patients are too few")
+            raise DataError(
+                f"empty {name} split: {len(ids)} slides from {len(set(splits['patients'].values()))} patients are too few"
+            )
     atomic_write_json(path, splits)
     return splits
 
@@ -247,7 +251,11 @@ class TileDataset(Dataset):
         if self.transform is not None:
             tile = self.transform(image=tile)["image"]
         st = self.slides[si]
-        return torch.from_numpy(np.ascontiguousarray(tile)), torch.from_numpy(st.targets[ti]), torch.from_numpy(st.mask[ti])
+        return (
+            torch.from_numpy(np.ascontiguousarray(tile)),
+            torch.from_numpy(st.targets[ti]),
+            torch.from_numpy(st.mask[ti]),
+        )
 
     def close(self) -> None:
         for s in self._handles.values():
@@ -255,8 +263,14 @@ class TileDataset(Dataset):
         self._handles = {}
 
 
-def balanced_sample(slides: list[SlideTiles], n: int, n_patterns: int, seed: int,
-                    epidermis_col: int | None = None, epidermal_negative_fraction: float = 0.0) -> np.ndarray:
+def balanced_sample(
+    slides: list[SlideTiles],
+    n: int,
+    n_patterns: int,
+    seed: int,
+    epidermis_col: int | None = None,
+    epidermal_negative_fraction: float = 0.0,
+) -> np.ndarray:
     """``n`` (slide, tile) pairs: half from tiles positive for a pattern (each pattern equally), half from the rest.
 
     The negative half draws ``epidermal_negative_fraction`` of its tiles from *epidermal* tiles
@@ -267,7 +281,9 @@ def balanced_sample(slides: list[SlideTiles], n: int, n_patterns: int, seed: int
     resumed epoch replays the same order).
     """
     rng = np.random.default_rng(seed)
-    all_items = np.concatenate([np.stack([np.full(len(s.coords), i), np.arange(len(s.coords))], 1) for i, s in enumerate(slides)])
+    all_items = np.concatenate(
+        [np.stack([np.full(len(s.coords), i), np.arange(len(s.coords))], 1) for i, s in enumerate(slides)]
+    )
     targets = np.concatenate([s.targets for s in slides])
     masks = np.concatenate([s.mask for s in slides])
     pools = [np.nonzero((targets[:, j] > 0) & masks[:, j])[0] for j in range(n_patterns)]

@@ -74,8 +74,10 @@ def env_ranks() -> tuple[int, int, int] | None:
     try:
         w, r, lr = int(world), int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
-        raise ConfigError(f"invalid torchrun variables WORLD_SIZE={world!r} RANK={os.environ.get('RANK')!r} "
-                          f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}") from None
+        raise ConfigError(
+            f"invalid torchrun variables WORLD_SIZE={world!r} RANK={os.environ.get('RANK')!r} "
+            f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}"
+        ) from None
     if w <= 1:
         return None
     if not 0 <= r < w:
@@ -94,8 +96,10 @@ def rank_device(spec: str, local_rank: int):
         return dev
     n = torch.cuda.device_count()
     if local_rank >= n:
-        raise ConfigError(f"LOCAL_RANK {local_rank} but only {n} CUDA device(s) on this node; "
-                          "use --nproc_per_node at most the number of GPUs")
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank} but only {n} CUDA device(s) on this node; "
+            "use --nproc_per_node at most the number of GPUs"
+        )
     if dev.index is not None and dev.index != local_rank:
         log.warning("device %s ignored under torchrun: rank uses cuda:%d (LOCAL_RANK)", spec, local_rank)
     return torch.device("cuda", local_rank)
@@ -142,8 +146,16 @@ def setup(device_spec: str = "auto") -> DistContext:
     root = logging.getLogger()
     for h in root.handlers:
         h.addFilter(_RankTag(rank, world))
-    log.info("joined: rank %d of %d (local rank %d) on %s, backend %s, host %s, pid %d", rank, world, local_rank, device,
-             backend, socket.gethostname(), os.getpid())
+    log.info(
+        "joined: rank %d of %d (local rank %d) on %s, backend %s, host %s, pid %d",
+        rank,
+        world,
+        local_rank,
+        device,
+        backend,
+        socket.gethostname(),
+        os.getpid(),
+    )
     if rank != 0:
         root.setLevel(max(root.level, logging.WARNING))
     return _CTX

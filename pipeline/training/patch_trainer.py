@@ -65,12 +65,26 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return per_class[m.sum(0) > 0].mean() if (m.sum(0) > 0).any() else loss.sum() * 0.0
 
 
-def predict_tiles(model: PatchClassifier, ds: TileDataset, batch_size: int, device: torch.device, precision: str,
-                  channels_last: bool, num_workers: int = 0, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_tiles(
+    model: PatchClassifier,
+    ds: TileDataset,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    num_workers: int = 0,
+    desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities (M, C), targets (M, C), mask (M, C) over a dataset (no augmentation)."""
     model.eval()
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_uint8,
-                        persistent_workers=False)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_uint8,
+        persistent_workers=False,
+    )
     probs, targets, masks = [], [], []
     norm = model_norm()
     with torch.inference_mode():
@@ -100,7 +114,9 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], val: list[SlideTiles]) -> PatchTrainResult:
+def train_patch_model(
+    cfg: RunConfig, run_dir: Path, train: list[SlideTiles], val: list[SlideTiles]
+) -> PatchTrainResult:
     """Train (or resume) the patch classifier; returns the best model with thresholds and metrics."""
     tcfg = cfg.train
     dctx = distributed.current()
@@ -134,12 +150,16 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
         sched.load_state_dict(state["scheduler"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best_score, bad_epochs = float(state["best_score"]), int(state["bad_epochs"])
-        log.info("resuming from %s: epoch %d step %d (best macro AUROC %.4f)", last, start_epoch + 1, start_step, best_score)
+        log.info(
+            "resuming from %s: epoch %d step %d (best macro AUROC %.4f)", last, start_epoch + 1, start_step, best_score
+        )
     if dctx.enabled:
         points = distributed.all_gather_object((start_epoch, start_step))
         if len(set(points)) > 1:
-            raise ConfigError(f"{last}: the ranks resume from different points {points}; the run folder must be on "
-                              "storage shared by every node")
+            raise ConfigError(
+                f"{last}: the ranks resume from different points {points}; the run folder must be on "
+                "storage shared by every node"
+            )
         if dctx.rank:
             torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * dctx.rank)  # own dropout and data-loader seeds per rank
     ddp_model = distributed.wrap_model(model)
@@ -148,12 +168,21 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
 
     epi_col = classes.index("epidermis") if "epidermis" in classes else None
     hard: dict[str, Any] = {"epidermis_col": epi_col, "epidermal_negative_fraction": tcfg.epidermal_negative_fraction}
-    val_items = balanced_sample(val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns,
-                                seed=cfg.seed + 999, **hard)
+    val_items = balanced_sample(
+        val, min(tcfg.max_val_tiles, sum(len(s.coords) for s in val)), n_patterns, seed=cfg.seed + 999, **hard
+    )
     val_ds = TileDataset(val, val_items, cfg.tiling.tile_px)
     augment = build_train_augmentation(cfg.augment)
     log_path = run_dir / "log.csv"
-    fields = ["epoch", "train_loss", "val_loss", *[f"val_auroc_{c}" for c in classes], "val_macro_auroc", "lr", "seconds"]
+    fields = [
+        "epoch",
+        "train_loss",
+        "val_loss",
+        *[f"val_auroc_{c}" for c in classes],
+        "val_macro_auroc",
+        "lr",
+        "seconds",
+    ]
 
     for epoch in range(start_epoch, tcfg.epochs):
         if bad_epochs >= tcfg.patience:
@@ -165,8 +194,15 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
         skip = start_step * tcfg.batch_size if epoch == start_epoch else 0
         seed_transforms(augment, cfg.seed * 1000 + epoch + RANK_SEED_STRIDE * dctx.rank)
         ds = TileDataset(train, items[skip:], cfg.tiling.tile_px, transform=augment)
-        loader = DataLoader(ds, batch_size=tcfg.batch_size, shuffle=False, num_workers=tcfg.num_workers,
-                            collate_fn=collate_uint8, drop_last=False, worker_init_fn=_seed_worker)
+        loader = DataLoader(
+            ds,
+            batch_size=tcfg.batch_size,
+            shuffle=False,
+            num_workers=tcfg.num_workers,
+            collate_fn=collate_uint8,
+            drop_last=False,
+            worker_init_fn=_seed_worker,
+        )
         ddp_model.train()
         losses = []
         step = start_step if epoch == start_epoch else 0
@@ -196,11 +232,22 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
                 ds.close()
                 best_score, bad_epochs = distributed.broadcast_object(None)
                 continue
-            log.info("epoch %d: %d ranks trained on %s tiles", epoch + 1, dctx.world_size, " + ".join(map(str, tiles_per_rank)))
+            log.info(
+                "epoch %d: %d ranks trained on %s tiles",
+                epoch + 1,
+                dctx.world_size,
+                " + ".join(map(str, tiles_per_rank)),
+            )
         # validation (rank 0)
         probs, vt, vm = predict_tiles(model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last)
         with torch.no_grad():
-            val_loss = float(masked_bce(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(vt), torch.from_numpy(vm)))
+            val_loss = float(
+                masked_bce(
+                    torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)),
+                    torch.from_numpy(vt),
+                    torch.from_numpy(vm),
+                )
+            )
         m = multilabel_tile_metrics(probs, vt, vm, classes)
         aurocs = [m["per_class"][c]["auroc"] for c in classes if c in PATTERN_CLASSES]
         aurocs = [a for a in aurocs if a is not None]
@@ -214,15 +261,27 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         else:
             bad_epochs += 1
-        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
-               "val_loss": round(val_loss, 5), "val_macro_auroc": round(macro, 5), "lr": opt.param_groups[0]["lr"],
-               "seconds": round(time.perf_counter() - t0, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(train_loss, 5),
+            "val_loss": round(val_loss, 5),
+            "val_macro_auroc": round(macro, 5),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         for c in classes:
             a = m["per_class"][c]["auroc"]
             row[f"val_auroc_{c}"] = round(a, 5) if a is not None else ""
         _append_csv(log_path, fields, row)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val macro AUROC %.4f%s (%.0f s)", epoch + 1, row["train_loss"],
-                 val_loss, macro, " (best)" if improved else "", row["seconds"])
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val macro AUROC %.4f%s (%.0f s)",
+            epoch + 1,
+            row["train_loss"],
+            val_loss,
+            macro,
+            " (best)" if improved else "",
+            row["seconds"],
+        )
         _save_checkpoint(last, _state(model, opt, sched, epoch + 1, 0, best_score, bad_epochs))
         ds.close()
         if dctx.enabled:
@@ -235,17 +294,25 @@ def train_patch_model(cfg: RunConfig, run_dir: Path, train: list[SlideTiles], va
     # best weights → thresholds on validation → metrics
     if best_path.is_file():
         model.load_state_dict(st_load_file(str(best_path), device=str(device)))
-    probs, vt, vm = predict_tiles(model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last, desc="validation")
-    thresholds = pick_thresholds(probs, vt, vm, classes, rule=tcfg.threshold_rule, specificity=tcfg.threshold_specificity)
+    probs, vt, vm = predict_tiles(
+        model, val_ds, tcfg.batch_size, device, precision, tcfg.channels_last, desc="validation"
+    )
+    thresholds = pick_thresholds(
+        probs, vt, vm, classes, rule=tcfg.threshold_rule, specificity=tcfg.threshold_specificity
+    )
     metrics = multilabel_tile_metrics(probs, vt, vm, classes, thresholds=thresholds)
     val_ds.close()
     model.eval()
     summary: dict[str, Any] = {"validation": metrics, "best_val_macro_auroc": best_score}
     if dctx.enabled:
-        summary["distributed"] = {**dctx.describe(), "tiles_per_rank_last_epoch": tiles_per_rank,
-                                  "batch_size_per_rank": tcfg.batch_size}
-    return PatchTrainResult(model=model.cpu().to(memory_format=torch.contiguous_format), thresholds=thresholds,
-                            metrics=summary)
+        summary["distributed"] = {
+            **dctx.describe(),
+            "tiles_per_rank_last_epoch": tiles_per_rank,
+            "batch_size_per_rank": tcfg.batch_size,
+        }
+    return PatchTrainResult(
+        model=model.cpu().to(memory_format=torch.contiguous_format), thresholds=thresholds, metrics=summary
+    )
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -256,8 +323,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _state(model, opt, sched, epoch: int, step: int, best: float, bad: int) -> dict[str, Any]:
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "best_score": best, "bad_epochs": bad}
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best_score": best,
+        "bad_epochs": bad,
+    }
 
 
 def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
@@ -272,4 +346,3 @@ def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
     for r in [*rows, row]:
         w.writerow({k: r.get(k, "") for k in fields})
     atomic_write_text(path, buf.getvalue())
-

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 def code_version() -> str:
     """Package version plus the git commit when run from a checkout."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
         commit = rev.stdout.strip() if rev.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         commit = ""
@@ -75,8 +77,16 @@ def ensure_synthetic(data: DataConfig) -> None:
         made = json.loads(manifest.read_text()) if manifest.is_file() else {}
         if _same_synthetic_set(made, s):
             return
-        log.info("%s holds another synthetic set (n=%s, seed=%s, mpp=%s); regenerating n=%d seed=%d mpp=%s", root,
-                 made.get("n"), made.get("seed"), made.get("mpp"), s.n, s.seed, s.mpp)
+        log.info(
+            "%s holds another synthetic set (n=%s, seed=%s, mpp=%s); regenerating n=%d seed=%d mpp=%s",
+            root,
+            made.get("n"),
+            made.get("seed"),
+            made.get("mpp"),
+            s.n,
+            s.seed,
+            s.mpp,
+        )
     from pipeline.synthetic import generate_dataset
 
     log.info("generating %d synthetic slides (seed %d) into %s", s.n, s.seed, root)
@@ -107,7 +117,9 @@ def _prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _contract(cfg: RunConfig, model: PatchClassifier, thresholds: dict[str, float], metrics: dict[str, float]) -> BundleContract:
+def _contract(
+    cfg: RunConfig, model: PatchClassifier, thresholds: dict[str, float], metrics: dict[str, float]
+) -> BundleContract:
     return BundleContract(
         name=cfg.name,
         version=cfg.version,
@@ -147,10 +159,15 @@ def patch_data(cfg: RunConfig, run_dir: Path) -> tuple[list, list]:
         n_tiles = sum(len(s.coords) for s in part)
         if n_tiles == 0:
             raise DataError(f"empty {name} split: its {len(part)} slides have no tissue tiles")
-        n_pos = {c: int(sum(((s.targets[:, j] > 0) & s.mask[:, j]).sum() for s in part)) for j, c in enumerate(cfg.labels.classes)}
+        n_pos = {
+            c: int(sum(((s.targets[:, j] > 0) & s.mask[:, j]).sum() for s in part))
+            for j, c in enumerate(cfg.labels.classes)
+        }
         log.info("%s: %d slides, %d tiles, positives %s", name, len(part), n_tiles, n_pos)
         if name == "train" and not any(n_pos[c] for c in PATTERN_CLASSES if c in n_pos):
-            raise DataError("training split has no tile positive for any pattern; check the annotations and labels.positive_coverage")
+            raise DataError(
+                "training split has no tile positive for any pattern; check the annotations and labels.positive_coverage"
+            )
     del by_id
     return train, val
 
@@ -169,37 +186,64 @@ def train_patch(cfg: RunConfig, run_dir: Path):
     return result.model, result.thresholds, result.metrics
 
 
-def compute_features(records: list[SlideRecord], model: PatchClassifier, model_key: str, cfg: RunConfig, cache_dir: Path) -> dict[str, SlideFeatures]:
+def compute_features(
+    records: list[SlideRecord], model: PatchClassifier, model_key: str, cfg: RunConfig, cache_dir: Path
+) -> dict[str, SlideFeatures]:
     """Patch-model features of every slide (the per-slide analysis, patch model only), cached by
     slide fingerprint + model key."""
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(device, cfg.train.precision)
     runner = PatchRunner(model, IMAGENET_MEAN, IMAGENET_STD, device, precision, channels_last=cfg.train.channels_last)
-    analyser = SlideAnalyser(input=InputSpec.from_tiling(cfg.tiling), classes=list(model.classes), runner=runner,
-                             model_name=cfg.name, model_sha256=model_key, batch_size=cfg.train.batch_size,
-                             cache_dir=cache_dir)
-    return {r.slide_id: analyser.analyse(r.path, r.mpp, r.slide_id).features
-            for r in tqdm(records, desc="slide features", leave=False, disable=None)}
+    analyser = SlideAnalyser(
+        input=InputSpec.from_tiling(cfg.tiling),
+        classes=list(model.classes),
+        runner=runner,
+        model_name=cfg.name,
+        model_sha256=model_key,
+        batch_size=cfg.train.batch_size,
+        cache_dir=cache_dir,
+    )
+    return {
+        r.slide_id: analyser.analyse(r.path, r.mpp, r.slide_id).features
+        for r in tqdm(records, desc="slide features", leave=False, disable=None)
+    }
 
 
-def train_slide_aggregator(cfg: RunConfig, run_dir: Path, model: PatchClassifier, thresholds: dict[str, float], model_key: str):
+def train_slide_aggregator(
+    cfg: RunConfig, run_dir: Path, model: PatchClassifier, thresholds: dict[str, float], model_key: str
+):
     """Aggregator stage on ``cfg.aggregator.data`` (or the patch data). Returns (predictor, metrics)."""
     data = cfg.aggregator.data or cfg.data
     if cfg.aggregator.data is None:
-        log.warning("aggregator trained on the patch model's own slides: out-of-fold estimates are optimistic; "
-                    "set aggregator.data to a separate slide set")
+        log.warning(
+            "aggregator trained on the patch model's own slides: out-of-fold estimates are optimistic; "
+            "set aggregator.data to a separate slide set"
+        )
     ensure_synthetic(data)
     records = load_slide_table(data, REPO_ROOT, require_annotations=False)
     feats = compute_features(records, model, model_key, cfg, run_dir / "features")
     splits = make_splits(records, cfg.split)
     atomic_write_json(run_dir / "aggregator_folds.json", {"folds": splits["folds"], "patients": splits["patients"]})
     examples = [
-        SlideExample(r.slide_id, r.patient_id, r.diagnosis, int(r.flags.get("nme_pattern", 0)),
-                     np.array([r.flags.get(p, 0) for p in PATTERN_CLASSES], np.float32), feats[r.slide_id])
+        SlideExample(
+            r.slide_id,
+            r.patient_id,
+            r.diagnosis,
+            int(r.flags.get("nme_pattern", 0)),
+            np.array([r.flags.get(p, 0) for p in PATTERN_CLASSES], np.float32),
+            feats[r.slide_id],
+        )
         for r in records
     ]
-    return train_aggregator(cfg.aggregator, examples, splits["folds"], list(model.classes), thresholds,
-                            run_dir / "aggregator", seed=cfg.seed)
+    return train_aggregator(
+        cfg.aggregator,
+        examples,
+        splits["folds"],
+        list(model.classes),
+        thresholds,
+        run_dir / "aggregator",
+        seed=cfg.seed,
+    )
 
 
 def run_training(cfg: RunConfig) -> Path:
@@ -222,7 +266,9 @@ def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
             log.info("patch stage done on this rank; rank 0 writes the bundle")
             return run_dir / "bundle"
     elif not dctx.is_main:
-        log.warning("task %s has no data-parallel stage: rank %d has nothing to do, rank 0 runs it", cfg.task, dctx.rank)
+        log.warning(
+            "task %s has no data-parallel stage: rank %d has nothing to do, rank 0 runs it", cfg.task, dctx.rank
+        )
         return run_dir / "bundle"
     else:
         if cfg.aggregator.patch_bundle is None:
@@ -237,7 +283,9 @@ def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
     extra = None
     if predictor is not None:
         params, state = predictor.to_bundle_sections()
-        contract.aggregator = AggregatorSpec(type=predictor.kind, params=params, weights="aggregator" if state else None)
+        contract.aggregator = AggregatorSpec(
+            type=predictor.kind, params=params, weights="aggregator" if state else None
+        )
         contract.calibration = predictor.calibrator.to_json() if predictor.calibrator is not None else {"kind": "none"}
         contract.bands = {"low": predictor.bands.low, "high": predictor.bands.high}
         extra = {"aggregator": state} if state else None
@@ -252,8 +300,13 @@ def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
             shutil.rmtree(target)
         tmp.rename(target)
         log.info("bundle copied to %s", target)
-    summary = {"bundle": str(bundle), "sha256": digest, "task": cfg.task, "patch_metrics": patch_metrics,
-               "slide_metrics": slide_metrics}
+    summary = {
+        "bundle": str(bundle),
+        "sha256": digest,
+        "task": cfg.task,
+        "patch_metrics": patch_metrics,
+        "slide_metrics": slide_metrics,
+    }
     if dctx.enabled:
         summary["distributed"] = dctx.describe()
     atomic_write_json(run_dir / "summary.json", summary)

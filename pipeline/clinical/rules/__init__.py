@@ -18,6 +18,13 @@ from pipeline.clinical.rules.engine import parse_result, recommend, resolve_band
 from pipeline.clinical.rules.schema import Ruleset, load_ruleset
 
 __all__ = [
-    "ClinicalContext", "ClinicalTable", "Ruleset", "load_clinical", "load_ruleset", "parse_context", "parse_result",
-    "recommend", "resolve_band",
+    "ClinicalContext",
+    "ClinicalTable",
+    "Ruleset",
+    "load_clinical",
+    "load_ruleset",
+    "parse_context",
+    "parse_result",
+    "recommend",
+    "resolve_band",
 ]

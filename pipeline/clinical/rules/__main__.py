@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.clinical.rules",
         description="Clinical decision support for one slide result: proposed orders, differential, flags "
-                    "(a clinician confirms every order).")
+        "(a clinician confirms every order).",
+    )
     ap.add_argument("result", metavar="RESULT_JSON", help="per-slide result.json written by batch inference")
     ap.add_argument("--clinical", metavar="FILE", help="clinical context: CSV (slide_id/patient_id column) or JSON")
     ap.add_argument("--rules", metavar="YAML", help="ruleset (default: configs/rules.yaml)")

@@ -165,7 +165,7 @@ def _one_line(source: str, exc: ValidationError) -> str:
     loc = ".".join(str(x) for x in err["loc"]) or "(row)"
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown field {loc!r}; allowed: {', '.join(FIELDS)}"
     if "(got " not in msg and not isinstance(err.get("input"), dict):
@@ -214,8 +214,10 @@ class ClinicalTable:
         """
         srow = self.by_slide.get(slide_id)
         if srow is not None and patient_id and srow.patient_id and srow.patient_id != patient_id:
-            raise DataError(f"{self.source}: slide {slide_id!r} has patient_id {srow.patient_id!r} "
-                            f"but the slide result says {patient_id!r}")
+            raise DataError(
+                f"{self.source}: slide {slide_id!r} has patient_id {srow.patient_id!r} "
+                f"but the slide result says {patient_id!r}"
+            )
         pid = patient_id or (srow.patient_id if srow is not None else None)
         prow = self.by_patient.get(pid) if pid else None
         if srow is None and prow is None:
@@ -232,13 +234,17 @@ class ClinicalTable:
         if slide_ids is not None:
             for sid in sorted(self.by_slide):
                 if sid not in slide_ids:
-                    raise DataError(f"{self.source}: clinical row for slide_id {sid!r}, which is not among "
-                                    f"the {len(slide_ids)} slide(s) of this run")
+                    raise DataError(
+                        f"{self.source}: clinical row for slide_id {sid!r}, which is not among "
+                        f"the {len(slide_ids)} slide(s) of this run"
+                    )
         if patient_ids is not None:
             for pid in sorted(self.by_patient):
                 if pid not in patient_ids:
-                    raise DataError(f"{self.source}: clinical row for patient_id {pid!r}, which is not among "
-                                    f"the patients of this run")
+                    raise DataError(
+                        f"{self.source}: clinical row for patient_id {pid!r}, which is not among "
+                        f"the patients of this run"
+                    )
 
 
 def _read_csv(path: Path) -> ClinicalTable:
@@ -304,8 +310,9 @@ def _read_json(path: Path) -> ClinicalTable:
     return table
 
 
-def load_clinical(path: str | Path, slide_ids: set[str] | None = None,
-                  patient_ids: set[str] | None = None) -> ClinicalTable:
+def load_clinical(
+    path: str | Path, slide_ids: set[str] | None = None, patient_ids: set[str] | None = None
+) -> ClinicalTable:
     """Load a clinical-context CSV or JSON file (by suffix; ``.json`` is JSON, anything else CSV).
 
     ``slide_ids``: the slides of this run; a row for any other slide is a DataError naming it.
@@ -316,6 +323,7 @@ def load_clinical(path: str | Path, slide_ids: set[str] | None = None,
         raise DataError(f"{p}: clinical context file not found")
     table = _read_json(p) if p.suffix.lower() == ".json" else _read_csv(p)
     table.check_slides(slide_ids, patient_ids)
-    log.info("clinical context: %d slide row(s), %d patient row(s) from %s", len(table.by_slide),
-             len(table.by_patient), p)
+    log.info(
+        "clinical context: %d slide row(s), %d patient row(s) from %s", len(table.by_slide), len(table.by_patient), p
+    )
     return table

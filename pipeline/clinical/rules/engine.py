@@ -48,20 +48,29 @@ def resolve_band(res: SlideResult, rs: Ruleset) -> tuple[str | None, str | None,
     if res.band is None:
         return computed, "ruleset", None
     if rs.band_policy == "ruleset":
-        msg = None if res.band == computed else (
-            f"model band {res.band} differs from the ruleset band {computed} for p = {p:.3f}; "
-            "the ruleset band is used (band_policy: ruleset)")
+        msg = (
+            None
+            if res.band == computed
+            else (
+                f"model band {res.band} differs from the ruleset band {computed} for p = {p:.3f}; "
+                "the ruleset band is used (band_policy: ruleset)"
+            )
+        )
         return computed, "ruleset", msg
     if res.band == computed:
         return res.band, "result", None
     b = rs.band(res.band)
     tol = rs.thresholds.band_tolerance
     if b.lower - tol <= p <= b.upper + tol:
-        msg = (f"model band {res.band} differs from the ruleset band {computed} for p = {p:.3f} but is within "
-               f"the tolerance ({tol:g}); the model bundle's band is used")
+        msg = (
+            f"model band {res.band} differs from the ruleset band {computed} for p = {p:.3f} but is within "
+            f"the tolerance ({tol:g}); the model bundle's band is used"
+        )
         return res.band, "result", msg
-    msg = (f"model band {res.band} is inconsistent with p = {p:.3f} (ruleset band {computed}, tolerance "
-           f"{tol:g}); the ruleset band {computed} is used")
+    msg = (
+        f"model band {res.band} is inconsistent with p = {p:.3f} (ruleset band {computed}, tolerance "
+        f"{tol:g}); the ruleset band {computed} is used"
+    )
     return computed, "ruleset", msg
 
 
@@ -88,7 +97,9 @@ def _code_dict(code: Any) -> dict[str, Any]:
     return {"system": code.system, "code": code.code, "display": code.display}
 
 
-def build_facts(res: SlideResult, clinical: ClinicalContext | None, rs: Ruleset) -> tuple[Facts, str | None, str | None]:
+def build_facts(
+    res: SlideResult, clinical: ClinicalContext | None, rs: Ruleset
+) -> tuple[Facts, str | None, str | None]:
     """Facts for ``res``; also returns the band source and a band-mismatch message."""
     ctx = clinical or ClinicalContext()
     band, band_source, mismatch = resolve_band(res, rs)
@@ -96,20 +107,31 @@ def build_facts(res: SlideResult, clinical: ClinicalContext | None, rs: Ruleset)
     if ctx.glucagon_uln_pg_ml is not None:
         uln, uln_source = ctx.glucagon_uln_pg_ml, "laboratory upper limit"
         if uln >= t.glucagon_suggestive_pg_ml:
-            raise DataError(f"slide {res.slide_id}: glucagon_uln_pg_ml {uln:g} is not below the "
-                            f"{t.glucagon_suggestive_pg_ml:g} pg/mL threshold; check the units (pg/mL)")
+            raise DataError(
+                f"slide {res.slide_id}: glucagon_uln_pg_ml {uln:g} is not below the "
+                f"{t.glucagon_suggestive_pg_ml:g} pg/mL threshold; check the units (pg/mL)"
+            )
     else:
         uln, uln_source = t.glucagon_default_uln_pg_ml, "ruleset default; the laboratory upper limit was not given"
     patterns = res.patterns.model_dump() if res.patterns is not None else None
     facts = Facts(
-        slide_id=res.slide_id, status=res.status, band=band, probability=res.nme_probability, patterns=patterns,
-        quality_reasons=tuple(res.quality.reasons or res.quality.flags), clinical=ctx, ruleset=rs,
-        glucagon_uln=uln, glucagon_uln_source=uln_source,
+        slide_id=res.slide_id,
+        status=res.status,
+        band=band,
+        probability=res.nme_probability,
+        patterns=patterns,
+        quality_reasons=tuple(res.quality.reasons or res.quality.flags),
+        clinical=ctx,
+        ruleset=rs,
+        glucagon_uln=uln,
+        glucagon_uln_source=uln_source,
     )
     return facts, band_source, mismatch
 
 
-def recommend(result: SlideResult | dict[str, Any], clinical: ClinicalContext | None, ruleset: Ruleset) -> dict[str, Any]:
+def recommend(
+    result: SlideResult | dict[str, Any], clinical: ClinicalContext | None, ruleset: Ruleset
+) -> dict[str, Any]:
     """The recommendation for one slide result, as the JSON object :class:`pipeline.result.Recommendations` reads.
 
     ``result`` is a :class:`~pipeline.result.SlideResult` or its JSON form (validated here).
@@ -119,8 +141,10 @@ def recommend(result: SlideResult | dict[str, Any], clinical: ClinicalContext | 
     if clinical is not None and clinical.slide_id and clinical.slide_id != res.slide_id:
         raise DataError(f"clinical context for slide {clinical.slide_id!r} given for slide {res.slide_id!r}")
     if clinical is not None and res.patient_id and clinical.patient_id and clinical.patient_id != res.patient_id:
-        raise DataError(f"slide {res.slide_id!r}: clinical patient_id {clinical.patient_id!r} differs from "
-                        f"the result's {res.patient_id!r}")
+        raise DataError(
+            f"slide {res.slide_id!r}: clinical patient_id {clinical.patient_id!r} differs from "
+            f"the result's {res.patient_id!r}"
+        )
     rs = ruleset
     facts, band_source, mismatch = build_facts(res, clinical, rs)
     patient_id = res.patient_id or (clinical.patient_id if clinical is not None else None)
@@ -138,8 +162,10 @@ def recommend(result: SlideResult | dict[str, Any], clinical: ClinicalContext | 
             _add_unique(entry["rules"], rule_id)
 
     if res.status == "failed":
-        flag("analysis_failed", f"slide analysis failed: {res.error or 'no reason recorded'}; "
-                                "no recommendations were made for this slide")
+        flag(
+            "analysis_failed",
+            f"slide analysis failed: {res.error or 'no reason recorded'}; no recommendations were made for this slide",
+        )
     else:
         if mismatch:
             flag("band_mismatch", mismatch)
@@ -157,10 +183,17 @@ def recommend(result: SlideResult | dict[str, Any], clinical: ClinicalContext | 
                 entry = orders.get(spec.id)
                 if entry is None:
                     entry = orders[spec.id] = {
-                        "id": spec.id, "display": od.display, "category": od.category, "priority": spec.priority,
-                        "code": _code_dict(od.code), "code_verified": od.code.verified,
+                        "id": spec.id,
+                        "display": od.display,
+                        "category": od.category,
+                        "priority": spec.priority,
+                        "code": _code_dict(od.code),
+                        "code_verified": od.code.verified,
                         "additional_codes": [_code_dict(c) for c in od.additional_codes],
-                        "rules": [], "rationale": [], "evidence": [], "_notes": [],
+                        "rules": [],
+                        "rationale": [],
+                        "evidence": [],
+                        "_notes": [],
                     }
                     if od.note:
                         cite = f" {rs.cite(od.evidence)}" if od.evidence else ""
@@ -176,8 +209,9 @@ def recommend(result: SlideResult | dict[str, Any], clinical: ClinicalContext | 
                 if spec.note:
                     _add_unique(entry["_notes"], f"{rule.id}: {render(spec.note, facts)}")
             for d in rule.differential:
-                entry = differential.setdefault(d.id, {"id": d.id, "name": rs.differential[d.id].name,
-                                                       "why": [], "rules": []})
+                entry = differential.setdefault(
+                    d.id, {"id": d.id, "name": rs.differential[d.id].name, "why": [], "rules": []}
+                )
                 _add_unique(entry["why"], f"{rule.id}: {render(d.why, facts)}")
                 _add_unique(entry["rules"], rule.id)
             for fl in rule.flags:
@@ -190,8 +224,9 @@ def recommend(result: SlideResult | dict[str, Any], clinical: ClinicalContext | 
     for o in order_list:
         o["note"] = " ".join(o.pop("_notes")) or None
     flag_list = [{"id": f["id"], "message": " ".join(f["messages"]), "rules": f["rules"]} for f in flags.values()]
-    cited = sorted({k for o in order_list for k in o["evidence"]}
-                   | {k for r in rs.rules if r.id in fired for k in r.evidence})
+    cited = sorted(
+        {k for o in order_list for k in o["evidence"]} | {k for r in rs.rules if r.id in fired for k in r.evidence}
+    )
     rec = {
         "slide_id": res.slide_id,
         "patient_id": patient_id,

@@ -22,28 +22,63 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 #: Order ids the product may propose, in clinical sequence (also the output order within a priority).
 ORDER_IDS: tuple[str, ...] = (
-    "glucagon", "glucose_hba1c", "cbc", "albumin", "liver_panel", "zinc", "chromogranin_a",
-    "amino_acids", "hcv_antibody", "niacin", "men1_screen", "ct_or_mri_pancreas", "sstr_pet", "eus",
+    "glucagon",
+    "glucose_hba1c",
+    "cbc",
+    "albumin",
+    "liver_panel",
+    "zinc",
+    "chromogranin_a",
+    "amino_acids",
+    "hcv_antibody",
+    "niacin",
+    "men1_screen",
+    "ct_or_mri_pancreas",
+    "sstr_pet",
+    "eus",
     "rebiopsy",
 )
 #: Orders that image the patient: only allowed behind an imaging gate (see :data:`IMAGING_GATES`).
 IMAGING_ORDERS: frozenset[str] = frozenset({"ct_or_mri_pancreas", "sstr_pet", "eus"})
 BAND_NAMES: tuple[str, ...] = ("LOW", "INDETERMINATE", "HIGH")
 PRIORITIES: tuple[str, ...] = ("routine", "urgent")
-SITES: tuple[str, ...] = ("intertriginous", "perioral", "perineal", "acral", "sun_exposed", "trunk", "extremity", "other")
+SITES: tuple[str, ...] = (
+    "intertriginous",
+    "perioral",
+    "perineal",
+    "acral",
+    "sun_exposed",
+    "trunk",
+    "extremity",
+    "other",
+)
 HCV_VALUES: tuple[str, ...] = ("positive", "negative", "unknown")
 PRIOR_IMAGING: tuple[str, ...] = ("none", "negative", "mass", "liver_lesions")
 BOOL_FIELDS: tuple[str, ...] = (
-    "diabetes", "weight_loss", "liver_disease", "ibd", "celiac", "pancreatitis", "tpn", "alcohol",
-    "men1_history", "pancreatic_mass",
+    "diabetes",
+    "weight_loss",
+    "liver_disease",
+    "ibd",
+    "celiac",
+    "pancreatitis",
+    "tpn",
+    "alcohol",
+    "men1_history",
+    "pancreatic_mass",
 )
 NUMBER_FIELDS: tuple[str, ...] = ("zinc_ug_dl", "glucagon_pg_ml", "glucagon_uln_pg_ml", "albumin_g_dl")
 PATTERNS: tuple[str, ...] = ("pallor", "necrolysis", "parakeratosis")
 
 _FACT_LABELS = {
-    "diabetes": "diabetes or new hyperglycaemia", "weight_loss": "weight loss", "liver_disease": "known liver disease",
-    "ibd": "inflammatory bowel disease", "celiac": "coeliac disease", "pancreatitis": "pancreatitis",
-    "tpn": "parenteral nutrition", "alcohol": "alcohol use", "men1_history": "personal or family history of MEN1",
+    "diabetes": "diabetes or new hyperglycaemia",
+    "weight_loss": "weight loss",
+    "liver_disease": "known liver disease",
+    "ibd": "inflammatory bowel disease",
+    "celiac": "coeliac disease",
+    "pancreatitis": "pancreatitis",
+    "tpn": "parenteral nutrition",
+    "alcohol": "alcohol use",
+    "men1_history": "personal or family history of MEN1",
     "pancreatic_mass": "known pancreatic mass",
 }
 
@@ -78,10 +113,17 @@ class Facts:
 Predicate = Callable[[Facts], bool]
 PREDICATES: dict[str, Predicate] = {}
 #: Predicates that justify imaging on their own: a raised glucagon, a known lesion, or the classic syndrome.
-IMAGING_GATES: frozenset[str] = frozenset({
-    "glucagon_ge_typical", "glucagon_suggestive_not_typical", "glucagon_ge_suggestive", "glucagon_raised",
-    "glucagon_raised_below_suggestive", "known_mass_or_liver_lesions", "classic_syndrome",
-})
+IMAGING_GATES: frozenset[str] = frozenset(
+    {
+        "glucagon_ge_typical",
+        "glucagon_suggestive_not_typical",
+        "glucagon_ge_suggestive",
+        "glucagon_raised",
+        "glucagon_raised_below_suggestive",
+        "known_mass_or_liver_lesions",
+        "classic_syndrome",
+    }
+)
 
 
 def predicate(fn: Predicate) -> Predicate:
@@ -138,8 +180,11 @@ def late_pattern(f: Facts) -> bool:
     if not f.patterns:
         return False
     t = f.ruleset.thresholds
-    return (f.patterns["parakeratosis"] >= t.pattern_high and f.patterns["pallor"] < t.pattern_low
-            and f.patterns["necrolysis"] < t.pattern_low)
+    return (
+        f.patterns["parakeratosis"] >= t.pattern_high
+        and f.patterns["pallor"] < t.pattern_low
+        and f.patterns["necrolysis"] < t.pattern_low
+    )
 
 
 @predicate

@@ -213,7 +213,8 @@ class Thresholds(StrictModel):
             raise ValueError(
                 "glucagon thresholds must satisfy default ULN < suggestive < typical "
                 f"(got {self.glucagon_default_uln_pg_ml:g} < {self.glucagon_suggestive_pg_ml:g} < "
-                f"{self.glucagon_typical_pg_ml:g})")
+                f"{self.glucagon_typical_pg_ml:g})"
+            )
         if not self.pattern_low <= self.pattern_high:
             raise ValueError(f"pattern_low {self.pattern_low} must not exceed pattern_high {self.pattern_high}")
         return self
@@ -345,8 +346,10 @@ def check_ruleset(rs: Ruleset, source: str) -> None:
             if spec.note:
                 _check_template(spec.note, f"{where}.orders.{spec.id}.note", fail)
             if spec.id in IMAGING_ORDERS and not _gated(rule, spec):
-                fail(f"{where}: imaging order {spec.id!r} is not behind an imaging gate "
-                     f"(one of {', '.join(sorted(IMAGING_GATES))} in 'when', or every 'when_any' entry a gate)")
+                fail(
+                    f"{where}: imaging order {spec.id!r} is not behind an imaging gate "
+                    f"(one of {', '.join(sorted(IMAGING_GATES))} in 'when', or every 'when_any' entry a gate)"
+                )
 
 
 def _gated(rule: Rule, spec: OrderSpec) -> bool:
@@ -386,7 +389,21 @@ def load_ruleset(path: str | Path | None = None) -> Ruleset:
 
 
 __all__ = [
-    "Band", "ClassicSyndrome", "CodeDef", "DifferentialDef", "DifferentialSpec", "EvidenceDef", "FlagSpec",
-    "LOINC_SYSTEM", "OrderDef", "OrderSpec", "RedFlags", "Rule", "Ruleset", "Thresholds", "check_ruleset",
-    "load_ruleset", "loinc_check_digit",
+    "Band",
+    "ClassicSyndrome",
+    "CodeDef",
+    "DifferentialDef",
+    "DifferentialSpec",
+    "EvidenceDef",
+    "FlagSpec",
+    "LOINC_SYSTEM",
+    "OrderDef",
+    "OrderSpec",
+    "RedFlags",
+    "Rule",
+    "Ruleset",
+    "Thresholds",
+    "check_ruleset",
+    "load_ruleset",
+    "loinc_check_digit",
 ]

@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 REFERENCE = "torch-fp32"
 CONCRETE_BACKENDS = ("torch-fp32", "torch-bf16", "torch-bf16-compile", "onnx-fp32", "onnx-int8")
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
-BACKEND_HELP = ("auto (fastest backend that passed the agreement check for this bundle; without a record "
-                "torch-bf16 on bf16 hardware, else torch-fp32) | torch-fp32 (reference) | torch-bf16 "
-                "(channels_last + bf16 autocast) | torch-bf16-compile (torch-bf16 compiled by torch.compile at start-up, "
-                "for long runs; never chosen by auto) | onnx-fp32 (ONNX Runtime) | onnx-int8 (ONNX Runtime, static int8)")
+BACKEND_HELP = (
+    "auto (fastest backend that passed the agreement check for this bundle; without a record "
+    "torch-bf16 on bf16 hardware, else torch-fp32) | torch-fp32 (reference) | torch-bf16 "
+    "(channels_last + bf16 autocast) | torch-bf16-compile (torch-bf16 compiled by torch.compile at start-up, "
+    "for long runs; never chosen by auto) | onnx-fp32 (ONNX Runtime) | onnx-int8 (ONNX Runtime, static int8)"
+)
 
 #: ``auto`` tries these in order (fastest first) and takes the first the agreement record allows.
 PREFERENCE = {"cpu": ("onnx-int8", "torch-bf16", "onnx-fp32"), "cuda": ("torch-bf16", "onnx-fp32")}
@@ -93,8 +95,10 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == COMPILED:
         return compile_unavailable_reason(device)
     if backend.startswith("onnx") and not onnxruntime_available():
-        return (f"backend {backend} needs onnxruntime and onnx: pip install -e '.[onnx]' "
-                "(or choose --backend torch-fp32 / torch-bf16)")
+        return (
+            f"backend {backend} needs onnxruntime and onnx: pip install -e '.[onnx]' "
+            "(or choose --backend torch-fp32 / torch-bf16)"
+        )
     return None
 
 
@@ -142,12 +146,17 @@ def resolve_backend(bundle, device: torch.device, backend: str = "auto", precisi
         if speeds:  # the record was measured on this machine: fastest measured first
             allowed.sort(key=lambda cv: -speeds.get(cv[0], 0.0))
         cand, v = allowed[0]
-        return Resolution(cand, v.detail + (f"; fastest here ({speeds.get(cand, 0):.0f} tiles/s measured)" if speeds else ""))
+        return Resolution(
+            cand, v.detail + (f"; fastest here ({speeds.get(cand, 0):.0f} tiles/s measured)" if speeds else "")
+        )
     from pipeline.core.runtime import resolve_precision
 
     if unavailable_reason("torch-bf16", device) is None and resolve_precision(device, precision) in ("bf16", "fp16"):
-        log.warning("backend auto -> torch-bf16: unverified for this bundle (no agreement record for its weights on %s; "
-                    "run python -m pipeline.evaluation.agreement --write)", dtype)
+        log.warning(
+            "backend auto -> torch-bf16: unverified for this bundle (no agreement record for its weights on %s; "
+            "run python -m pipeline.evaluation.agreement --write)",
+            dtype,
+        )
         return Resolution("torch-bf16", "bf16 hardware, no agreement record (unverified)")
     return Resolution(REFERENCE, "no bf16 hardware and no agreement record")
 
@@ -159,12 +168,21 @@ def measured_speeds(record: dict | None, device: torch.device) -> dict[str, floa
     if not record:
         return {}
     here = machine_id(device)
-    return {name: float(e["model_tiles_per_s"]) for name, e in record["backends"].items()
-            if isinstance(e, dict) and e.get("machine_id") == here and isinstance(e.get("model_tiles_per_s"), (int, float))}
+    return {
+        name: float(e["model_tiles_per_s"])
+        for name, e in record["backends"].items()
+        if isinstance(e, dict) and e.get("machine_id") == here and isinstance(e.get("model_tiles_per_s"), (int, float))
+    }
 
 
-def make_runner(bundle, device: torch.device, precision: str = "auto", backend: str = "auto",
-                cache_dir: str | Path | None = None, batch_size: int | None = None) -> tuple[Runner, str]:
+def make_runner(
+    bundle,
+    device: torch.device,
+    precision: str = "auto",
+    backend: str = "auto",
+    cache_dir: str | Path | None = None,
+    batch_size: int | None = None,
+) -> tuple[Runner, str]:
     """A runner for ``bundle``'s patch model; returns (runner, resolved backend name).
 
     Args:
@@ -201,5 +219,16 @@ def make_runner(bundle, device: torch.device, precision: str = "auto", backend: 
     return runner, name
 
 
-__all__ = ["BACKENDS", "BACKEND_HELP", "CONCRETE_BACKENDS", "PREFERENCE", "REFERENCE", "Resolution", "Runner",
-           "check_backend_name", "make_runner", "resolve_backend", "unavailable_reason"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_HELP",
+    "CONCRETE_BACKENDS",
+    "PREFERENCE",
+    "REFERENCE",
+    "Resolution",
+    "Runner",
+    "check_backend_name",
+    "make_runner",
+    "resolve_backend",
+    "unavailable_reason",
+]

@@ -32,6 +32,7 @@ from pipeline.patch.backends.onnx_runner import INPUT_NAME, cached_path, ensure_
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class CalibrationSet:
     """The default calibration tiles: synthetic slides made with a fixed seed, tiles drawn with it."""
@@ -54,8 +55,9 @@ DEFAULT_CALIBRATION = CalibrationSet()
 CALIBRATION_BATCH = 16
 
 
-def default_calibration_slides(cache_dir: str | Path | None = None, mpp: float = 0.5,
-                               spec: CalibrationSet | None = None) -> list[Path]:
+def default_calibration_slides(
+    cache_dir: str | Path | None = None, mpp: float = 0.5, spec: CalibrationSet | None = None
+) -> list[Path]:
     """The calibration slides of ``spec`` (default :data:`DEFAULT_CALIBRATION`), generated into the cache on first use."""
     from pipeline.synthetic import generate_dataset
 
@@ -66,8 +68,15 @@ def default_calibration_slides(cache_dir: str | Path | None = None, mpp: float =
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.seed}.", dir=root.parent))
         try:
             log.info("generating %d synthetic calibration slides into %s", spec.n_slides, root)
-            generate_dataset(tmp, n=spec.n_slides, seed=spec.seed, mpp=mpp, classes=list(spec.classes),
-                             size_um=spec.size_um, overwrite=True)
+            generate_dataset(
+                tmp,
+                n=spec.n_slides,
+                seed=spec.seed,
+                mpp=mpp,
+                classes=list(spec.classes),
+                size_um=spec.size_um,
+                overwrite=True,
+            )
             try:
                 os.replace(tmp, root)
             except OSError:  # another process finished first
@@ -113,7 +122,7 @@ class TileCalibrationReader:
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(0, len(self.tiles), self.batch_size):
-            yield {INPUT_NAME: np.ascontiguousarray(self.tiles[i:i + self.batch_size])}
+            yield {INPUT_NAME: np.ascontiguousarray(self.tiles[i : i + self.batch_size])}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         assert self._it is not None
@@ -150,11 +159,19 @@ def quantise_int8(fp32_path: Path, target: Path, tiles: np.ndarray, reduce_range
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         with atomic_path(target, suffix=".onnx") as out:
-            quantize_static(str(pre), str(out), TileCalibrationReader(tiles), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_nodes_before_first_conv(pre),
-                            reduce_range=reduce_range,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+            quantize_static(
+                str(pre),
+                str(out),
+                TileCalibrationReader(tiles),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=_nodes_before_first_conv(pre),
+                reduce_range=reduce_range,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
     log.info("quantised %s to int8 (%d calibration tiles): %s", fp32_path.name, len(tiles), target)
     return target
 
@@ -163,7 +180,9 @@ def ensure_int8_onnx(bundle, cache_dir: str | Path | None = None, spec: Calibrat
     """The cached int8 model of ``bundle`` calibrated on ``spec`` (default :data:`DEFAULT_CALIBRATION`), made on first use."""
     spec = spec or DEFAULT_CALIBRATION
     reduce_range = not cpu_int8_dot_supported()
-    path = cached_path(bundle, "onnx-int8", cache_dir, {"calibration": spec.id, **({"reduce_range": True} if reduce_range else {})})
+    path = cached_path(
+        bundle, "onnx-int8", cache_dir, {"calibration": spec.id, **({"reduce_range": True} if reduce_range else {})}
+    )
     if path.is_file():
         log.debug("using cached int8 model %s", path)
         return path

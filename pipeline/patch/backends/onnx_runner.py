@@ -45,8 +45,10 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise ConfigError("the ONNX backends need onnxruntime and onnx: pip install -e '.[onnx]' "
-                          "(or choose --backend torch-fp32 / torch-bf16)") from None
+        raise ConfigError(
+            "the ONNX backends need onnxruntime and onnx: pip install -e '.[onnx]' "
+            "(or choose --backend torch-fp32 / torch-bf16)"
+        ) from None
     return onnxruntime
 
 
@@ -84,9 +86,18 @@ def export_key(bundle, backend: str, extra: dict[str, Any] | None = None) -> str
     import onnxruntime
 
     norm = bundle.contract.input.normalisation
-    parts = {"weights_sha256": bundle.weights_sha256, "mean": list(norm.mean), "std": list(norm.std),
-             "tile_px": bundle.contract.input.tile_size_px, "backend": backend, "export_version": EXPORT_VERSION,
-             "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, **(extra or {})}
+    parts = {
+        "weights_sha256": bundle.weights_sha256,
+        "mean": list(norm.mean),
+        "std": list(norm.std),
+        "tile_px": bundle.contract.input.tile_size_px,
+        "backend": backend,
+        "export_version": EXPORT_VERSION,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        **(extra or {}),
+    }
     return cache_key(parts)
 
 
@@ -95,7 +106,9 @@ def cached_path(bundle, backend: str, cache_dir: str | Path | None, extra: dict[
     import onnxruntime
 
     root = resolve_cache_dir(cache_dir) / "onnx"
-    name = f"{bundle.weights_sha256[:16]}-{backend}-ort{onnxruntime.__version__}-{export_key(bundle, backend, extra)}.onnx"
+    name = (
+        f"{bundle.weights_sha256[:16]}-{backend}-ort{onnxruntime.__version__}-{export_key(bundle, backend, extra)}.onnx"
+    )
     return root / name
 
 
@@ -113,17 +126,39 @@ def export_onnx(bundle, target: Path) -> Path:
     with atomic_path(target, suffix=".onnx") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=list(OUTPUT_NAMES), opset_version=OPSET, do_constant_folding=True,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}})
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}},
+            )
         except (TypeError, RuntimeError, ImportError, NotImplementedError) as exc:
             log.info("TorchScript ONNX exporter unavailable (%s); using the torch.export-based one", exc)
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(wrapper, (example,), str(tmp), dynamo=True, input_names=[INPUT_NAME],
-                              output_names=list(OUTPUT_NAMES), opset_version=OPSET,
-                              dynamic_shapes={"tiles": {0: batch}}, external_data=False)
-    _stamp(target, {"nme.bundle_weights_sha256": bundle.weights_sha256, "nme.export_version": str(EXPORT_VERSION),
-                    "nme.torch": torch.__version__})
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(tmp),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=OPSET,
+                dynamic_shapes={"tiles": {0: batch}},
+                external_data=False,
+            )
+    _stamp(
+        target,
+        {
+            "nme.bundle_weights_sha256": bundle.weights_sha256,
+            "nme.export_version": str(EXPORT_VERSION),
+            "nme.torch": torch.__version__,
+        },
+    )
     log.info("exported %s to ONNX: %s", bundle.contract.name, target)
     return target
 
@@ -160,8 +195,9 @@ class OnnxRunner:
             same number of cores).
     """
 
-    def __init__(self, model_path: Path, device: torch.device, threads: int | None = None,
-                 spinning: bool = ALLOW_SPINNING) -> None:
+    def __init__(
+        self, model_path: Path, device: torch.device, threads: int | None = None, spinning: bool = ALLOW_SPINNING
+    ) -> None:
         ort = import_onnxruntime()
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -177,7 +213,9 @@ class OnnxRunner:
                 providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
                 self.device = device
             else:
-                log.warning("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); running ONNX on the CPU")
+                log.warning(
+                    "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); running ONNX on the CPU"
+                )
         self.session = ort.InferenceSession(str(model_path), so, providers=providers)
         self.model_path = Path(model_path)
         self.providers = self.session.get_providers()

@@ -106,14 +106,19 @@ def record_for(bundle_dir: Path, weights_sha256: str) -> dict[str, Any] | None:
         return None
     have = (data.get("bundle") or {}).get("weights_sha256")
     if have != weights_sha256:
-        log.warning("%s: agreement record is for other weights (%s..., bundle has %s...); ignoring it",
-                    Path(bundle_dir) / AGREEMENT_FILE, str(have)[:12], weights_sha256[:12])
+        log.warning(
+            "%s: agreement record is for other weights (%s..., bundle has %s...); ignoring it",
+            Path(bundle_dir) / AGREEMENT_FILE,
+            str(have)[:12],
+            weights_sha256[:12],
+        )
         return None
     return data
 
 
-def verdict(record: dict[str, Any] | None, backend: str, device_type: str,
-            versions: dict[str, str | None] | None = None) -> Verdict:
+def verdict(
+    record: dict[str, Any] | None, backend: str, device_type: str, versions: dict[str, str | None] | None = None
+) -> Verdict:
     """Whether ``record`` lets ``backend`` be the default on ``device_type`` with these runtime versions."""
     if record is None:
         return Verdict(None, "no agreement record for this bundle")
@@ -126,15 +131,19 @@ def verdict(record: dict[str, Any] | None, backend: str, device_type: str,
     if entry.get("runtime") != want:
         return Verdict(None, f"{backend} was checked with {entry.get('runtime')}, this is {want}")
     if entry.get("passed") is True:
-        return Verdict(True, f"{backend} passed the agreement check (band agreement {entry.get('band_agreement')}, "
-                             f"AUROC diff {entry.get('auroc_diff')})")
+        return Verdict(
+            True,
+            f"{backend} passed the agreement check (band agreement {entry.get('band_agreement')}, "
+            f"AUROC diff {entry.get('auroc_diff')})",
+        )
     return Verdict(False, f"{backend} failed the agreement check: {'; '.join(entry.get('reasons') or ['failed'])}")
 
 
 def has_entries_for(record: dict[str, Any] | None, device_type: str) -> bool:
     """True when ``record`` holds at least one backend measured on ``device_type``."""
-    return record is not None and any(isinstance(e, dict) and e.get("device_type") == device_type
-                                      for e in record["backends"].values())
+    return record is not None and any(
+        isinstance(e, dict) and e.get("device_type") == device_type for e in record["backends"].values()
+    )
 
 
 def write_record(bundle_dir: Path, record: dict[str, Any]) -> Path:

@@ -40,7 +40,9 @@ def time_runner(runner: Runner, batch: np.ndarray, n_batches: int, warmup: int =
     return n / (time.perf_counter() - t0), 1000.0 * (cpu_seconds() - cpu0) / n
 
 
-def model_speeds(runners: dict[str, Runner], batch: np.ndarray, rounds: int = 3, n_batches: int = 4) -> dict[str, float]:
+def model_speeds(
+    runners: dict[str, Runner], batch: np.ndarray, rounds: int = 3, n_batches: int = 4
+) -> dict[str, float]:
     """Median tiles/s of each runner over ``rounds`` interleaved rounds of ``n_batches`` calls on ``batch``."""
     runs: dict[str, list[float]] = {name: [] for name in runners}
     for runner in runners.values():  # warm-up of every runner before any is timed

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BF16_UNAVAILABLE = ("backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); "
-                    "use --backend torch-fp32 or onnx-fp32")
+BF16_UNAVAILABLE = (
+    "backend torch-bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX-BF16); use --backend torch-fp32 or onnx-fp32"
+)
 COMPILED = "torch-bf16-compile"
 
 
@@ -47,8 +48,15 @@ class PatchRunner:
     to the GPU asynchronously; conversion to float and normalisation happen on the GPU.
     """
 
-    def __init__(self, model: PatchClassifier, mean, std, device: torch.device, precision: str = "auto",
-                 channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        model: PatchClassifier,
+        mean,
+        std,
+        device: torch.device,
+        precision: str = "auto",
+        channels_last: bool = True,
+    ) -> None:
         self.model = model.to(device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -74,7 +82,9 @@ class PatchRunner:
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (B, H, W, 3) → (probs (B, C) float32, embeddings (B, D) float32)."""
-        x = to_tensor_batch(self._stage(tiles), self.mean, self.std, channels_last=self.channels_last, device=self.device)
+        x = to_tensor_batch(
+            self._stage(tiles), self.mean, self.std, channels_last=self.channels_last, device=self.device
+        )
         with autocast_context(self.device, self.precision):
             logits, emb = self._forward(x)
         return torch.sigmoid(logits.float()).cpu().numpy(), emb.float().cpu().numpy()
@@ -143,8 +153,9 @@ class CompiledPatchRunner(PatchRunner):
     remainder size would cost seconds each.
     """
 
-    def __init__(self, model: PatchClassifier, mean, std, device: torch.device, precision: str,
-                 batch_size: int, tile_px: int) -> None:
+    def __init__(
+        self, model: PatchClassifier, mean, std, device: torch.device, precision: str, batch_size: int, tile_px: int
+    ) -> None:
         super().__init__(model, mean, std, device, precision, channels_last=True)
         import numpy as np
 
@@ -155,8 +166,9 @@ class CompiledPatchRunner(PatchRunner):
             self(np.zeros((self.batch_size, tile_px, tile_px, 3), dtype=np.uint8))
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes one line
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ConfigError(f"backend {COMPILED}: torch.compile failed ({type(exc).__name__}: {first}); "
-                              "use --backend torch-bf16") from exc
+            raise ConfigError(
+                f"backend {COMPILED}: torch.compile failed ({type(exc).__name__}: {first}); use --backend torch-bf16"
+            ) from exc
         self.compile_seconds = time.perf_counter() - t0
         log.info("%s: compiled for batches of %d in %.1f s", COMPILED, self.batch_size, self.compile_seconds)
 
@@ -166,8 +178,9 @@ class CompiledPatchRunner(PatchRunner):
         return self.model.forward_with_embedding(x)
 
 
-def make_torch_runner(bundle, device: torch.device, backend: str, precision: str = "auto",
-                      batch_size: int = 32) -> PatchRunner:
+def make_torch_runner(
+    bundle, device: torch.device, backend: str, precision: str = "auto", batch_size: int = 32
+) -> PatchRunner:
     """A :class:`PatchRunner` over a private copy of ``bundle.model`` for a torch backend.
 
     Args:
@@ -195,6 +208,7 @@ def make_torch_runner(bundle, device: torch.device, backend: str, precision: str
         prec = "bf16"
     model.backbone = fold_batchnorm(model.backbone)
     if backend == COMPILED:
-        return CompiledPatchRunner(model, norm.mean, norm.std, device, prec, batch_size,
-                                   bundle.contract.input.tile_size_px)
+        return CompiledPatchRunner(
+            model, norm.mean, norm.std, device, prec, batch_size, bundle.contract.input.tile_size_px
+        )
     return PatchRunner(model, norm.mean, norm.std, device, prec, channels_last=True)
