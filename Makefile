@@ -34,7 +34,7 @@ doctor: $(STAMP)
 demo: $(STAMP)
 	$(PY) infer.py
 
-LINT_PATHS := pipeline models tests infer.py train.py benchmarks
+LINT_PATHS := pipeline models tests infer.py train.py benchmarks tools
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
