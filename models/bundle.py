@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AwareDatetime, BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -97,6 +105,24 @@ class NormalisationSpec(StrictModel):
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
 
 
+class StainNormalisationSpec(StrictModel):
+    """Stain normalisation applied to tiles before the model (:mod:`pipeline.patch.stain_norm`).
+
+    Reinhard colour transfer: the CIELAB statistics of each tile's (``scope="tile"``) or the
+    slide's (``scope="slide"``) tissue pixels are mapped to the target's; glass is left alone.
+    CIE units: L 0-100, a and b signed (OpenCV's float LAB).
+    """
+
+    method: Literal["reinhard"] = "reinhard"
+    target_lab_mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = Field(
+        description="CIELAB (L, a, b) mean of tissue pixels the tiles are mapped to"
+    )
+    target_lab_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        description="CIELAB (L, a, b) standard deviation of tissue pixels the tiles are mapped to"
+    )
+    scope: Literal["tile", "slide"] = Field("slide", description="statistics of each tile or of the whole slide")
+
+
 class InputSpec(StrictModel):
     """What tiles the model expects."""
 
@@ -112,6 +138,17 @@ class InputSpec(StrictModel):
     tissue: TissueConfig = Field(
         default_factory=TissueConfig, description="tissue detector settings the model was trained with"
     )
+    stain_normalisation: StainNormalisationSpec | None = Field(
+        None, description="stain normalisation of tiles before the model; None (the default) = none"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_stain_normalisation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``stain_normalisation`` out of ``bundle.json`` when it is None (unchanged contract bytes)."""
+        data = handler(self)
+        if data.get("stain_normalisation", 0) is None:
+            del data["stain_normalisation"]
+        return data
 
     def tiling(self) -> TilingConfig:
         """The tile grid inference must lay out to see a slide as training did."""

@@ -28,6 +28,7 @@ from models.patch import PATTERN_CLASSES
 from pipeline.patch.backends import Runner
 from pipeline.patch.cache import cache_path, load_features, save_features
 from pipeline.patch.features import SlideFeatures, TileObserver, extract_features
+from pipeline.patch.stain_norm import normaliser_for
 from pipeline.reading.slide import open_slide
 from pipeline.slide_model.aggregation import SlidePrediction, SlidePredictor
 from pipeline.slide_model.quality import QualityConfig, QualityInputs, QualityReport, assess_quality
@@ -255,6 +256,15 @@ class SlideAnalyser:
             cached = load_features(cp, prep.fingerprint, self.model_sha256)
             if cached is not None and len(cached) == len(grid):
                 return cached
+        normalise = normaliser_for(
+            self.input.stain_normalisation,
+            prep.path,
+            prep.mpp,
+            grid.coords,
+            grid.plan,
+            grid.tile_px,
+            prep.mask.background_rgb,
+        )  # None unless the bundle contract asks for stain normalisation
         feats = extract_features(
             prep.path,
             prep.mpp,
@@ -268,6 +278,7 @@ class SlideAnalyser:
             reader_threads=self.reader_threads,
             background_rgb=prep.mask.background_rgb,
             keep_top=observer,
+            normalise=normalise,
         )
         if cp is not None and len(grid):
             save_features(cp, feats, prep.fingerprint, self.model_sha256)

@@ -11,15 +11,36 @@ import pytest
 import pipeline  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE before albumentations)
 from pipeline.core.config import validate
 from pipeline.core.errors import ConfigError
+from pipeline.patch.stain_norm import optical_density_sum, tile_lab_stats
+from pipeline.tiles.measurements import STAINED_OD_MIN, tile_sharpness
 from pipeline.training.augment import (
     AugmentConfig,
+    ChannelGain,
     HEDJitter,
+    LABJitter,
     build_eval_transform,
     build_train_augmentation,
+    channel_gain,
     hed_to_rgb,
+    lab_jitter,
     rgb_to_hed,
     seed_transforms,
 )
+
+#: the colour/scanner transforms of issue 18, switched off
+NEW_OFF = {"lab_p": 0.0, "gain_p": 0.0, "gamma_p": 0.0, "resolution_p": 0.0}
+#: every transform off
+ALL_OFF = {
+    "flip_p": 0.0,
+    "rot90_p": 0.0,
+    "scale_p": 0.0,
+    "hed_p": 0.0,
+    "brightness_contrast_p": 0.0,
+    "hsv_p": 0.0,
+    "blur_p": 0.0,
+    "jpeg_p": 0.0,
+    **NEW_OFF,
+}
 
 
 def _he_tile(size: int = 224, seed: int = 0) -> np.ndarray:
@@ -123,7 +144,7 @@ def test_train_augmentation_keeps_shape_dtype_and_is_reproducible() -> None:
 def test_seeded_transforms_draw_independently() -> None:
     """With A.Compose(seed=...) both flips would always fire together; ours must not."""
     img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    cfg = AugmentConfig(rot90_p=0, scale_p=0, hed_p=0, brightness_contrast_p=0, hsv_p=0, blur_p=0, jpeg_p=0)
+    cfg = AugmentConfig(rot90_p=0, scale_p=0, hed_p=0, brightness_contrast_p=0, hsv_p=0, blur_p=0, jpeg_p=0, **NEW_OFF)
     aug = build_train_augmentation(cfg, seed=0)
     seen = set()
     for _ in range(60):
@@ -154,3 +175,125 @@ def test_augment_config_validation_and_disabled() -> None:
     img = _he_tile(32)
     assert np.array_equal(_apply(build_train_augmentation(AugmentConfig(enabled=False)), img), img)
     assert np.array_equal(_apply(build_eval_transform(), img), img)
+
+
+# --------------------------------------------------------------------------------------------
+# colour and scanner transforms of issue 18 (LAB jitter, white balance, gamma, resolution, blur)
+# --------------------------------------------------------------------------------------------
+def _only(**on: float) -> AugmentConfig:
+    """Every transform off except ``on`` (probabilities and strengths)."""
+    return AugmentConfig(**{**ALL_OFF, **on})
+
+
+def _scan_tile(size: int = 224) -> np.ndarray:
+    """:func:`_he_tile` with a scanner's near-white glass (top quarter) instead of grey glass."""
+    img = _he_tile(size)
+    rng = np.random.default_rng(5)
+    img[: size // 4] = np.clip(rng.normal(248, 2, (size // 4, size, 3)), 0, 255).astype(np.uint8)
+    return img
+
+
+def _glass(img: np.ndarray) -> np.ndarray:
+    """Glass as the LAB jitter sees it (summed OD against white at most half the tissue threshold), per channel."""
+    return (optical_density_sum(img)[0] <= 0.5 * STAINED_OD_MIN)[..., None].repeat(3, axis=2)
+
+
+def test_lab_jitter_moves_the_tissue_statistics_and_keeps_the_glass() -> None:
+    img = _scan_tile()
+    (m0,), (s0,), _ = tile_lab_stats(img)
+    glass = _glass(img)
+    tissue = ~glass[..., 0]
+    for shift in ([10.0, 0, 0], [0, 6.0, 0], [0, 0, -5.0], [-10.0, 0, 0]):  # one channel at a time (sRGB gamut)
+        out = lab_jitter(img, np.array(shift), np.ones(3))
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        m1 = tile_lab_stats(np.where(tissue[..., None], out, 255).astype(np.uint8))[0][0]
+        np.testing.assert_allclose(m1 - m0, shift, atol=1.0)  # lighter/darker, redder, bluer
+        assert glass[: 224 // 4].mean() > 0.99 and np.array_equal(out[glass], img[glass])  # glass untouched
+    flat = lab_jitter(img, np.zeros(3), np.array([0.5, 0.5, 0.5]))
+    s1 = tile_lab_stats(np.where(tissue[..., None], flat, 255).astype(np.uint8))[1][0]
+    assert (s1 < 0.7 * s0).all()  # less contrast in every channel
+    assert np.array_equal(lab_jitter(img, np.zeros(3), np.ones(3)), img)  # the identity map is exact
+    blank = np.full((32, 32, 3), 245, np.uint8)
+    assert np.array_equal(lab_jitter(blank, np.array([20.0, 0, 0]), np.ones(3)), blank)  # no tissue: unchanged
+
+
+def test_channel_gain_tints_the_whole_tile_including_glass() -> None:
+    img = _scan_tile()
+    out = channel_gain(img, np.array([0.8, 1.0, 1.2]))
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    diff = out.astype(int) - img.astype(int)
+    glass = _glass(img)[..., 0]
+    assert diff[..., 0].mean() < -20 and abs(diff[..., 1]).max() <= 1 and diff[..., 2][~glass].mean() > 10
+    assert diff[..., 0][glass].mean() < -30  # glass tinted too (camera white balance)
+    assert out[..., 2].max() == 255  # saturates instead of wrapping
+    batch = channel_gain(np.stack([img, img]), np.array([0.8, 1.0, 1.2]))
+    assert np.array_equal(batch[1], out)
+
+
+def test_gamma_makes_staining_paler_or_denser() -> None:
+    img = _he_tile()
+    od = rgb_to_hed(img)[..., :2].sum(-1)
+    pale = _apply(build_train_augmentation(_only(gamma_p=1.0, gamma_min=0.5, gamma_max=0.5), seed=0), img)
+    dense = _apply(build_train_augmentation(_only(gamma_p=1.0, gamma_min=1.0, gamma_max=1.6), seed=0), img)
+    tissue = od > 0.2
+    assert rgb_to_hed(pale)[..., :2].sum(-1)[tissue].mean() == pytest.approx(0.5 * od[tissue].mean(), rel=0.1)
+    assert pale.mean() > img.mean() + 10 and dense.mean() < img.mean()
+
+
+def test_lower_resolution_capture_and_blur_soften_the_tile() -> None:
+    img = _he_tile()
+    sharp = tile_sharpness(img)
+    low = _apply(build_train_augmentation(_only(resolution_p=1.0, resolution_min=0.5), seed=0), img)
+    blur = _apply(build_train_augmentation(_only(blur_p=1.0), seed=0), img)
+    for out in (low, blur):
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert tile_sharpness(out) < 0.8 * sharp
+        assert abs(out.mean() - img.mean()) < 2  # colour kept
+    assert AugmentConfig().blur_sigma_max == 1.5
+
+
+@pytest.mark.parametrize("name", ["lab", "gain", "gamma", "resolution"])
+def test_new_transform_is_the_identity_at_probability_zero(name: str) -> None:
+    img = _he_tile()
+    strong = {"lab_l_shift": 30.0, "gain": 0.5, "gamma_min": 0.3, "resolution_min": 0.3}
+    aug = build_train_augmentation(AugmentConfig(**{**ALL_OFF, **strong}), seed=1)
+    assert all(np.array_equal(_apply(aug, img), img) for _ in range(5))
+    on = build_train_augmentation(AugmentConfig(**{**ALL_OFF, **strong, f"{name}_p": 1.0}), seed=1)
+    assert not np.array_equal(_apply(on, img), img)
+    # the transform classes themselves
+    for t in (LABJitter(p=0.0), ChannelGain(p=0.0)):
+        assert np.array_equal(_apply(t, img), img)
+
+
+def test_new_transforms_are_seeded_and_independent() -> None:
+    img = _he_tile()
+    cfg = _only(lab_p=1.0, gain_p=1.0, gamma_p=1.0, resolution_p=1.0)
+    a, b = build_train_augmentation(cfg, seed=11), build_train_augmentation(cfg, seed=11)
+    outs = [_apply(a, img) for _ in range(4)]
+    assert all(np.array_equal(x, _apply(b, img)) for x in outs)
+    assert not np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(_apply(build_train_augmentation(cfg, seed=12), img), outs[0])
+    seed_transforms(a, 5)
+    first = [_apply(a, img) for _ in range(3)]
+    seed_transforms(a, 5)
+    assert all(np.array_equal(x, _apply(a, img)) for x in first)
+    # each transform has its own stream: LABJitter's draws differ from ChannelGain's
+    lab_t = next(t for t in a.transforms if isinstance(t, LABJitter))
+    gain_t = next(t for t in a.transforms if isinstance(t, ChannelGain))
+    seed_transforms(a, 5)
+    assert not np.allclose(lab_t.get_params()["scale"], gain_t.get_params()["gains"])
+
+
+def test_default_augmentation_contains_the_new_transforms_and_keeps_uint8() -> None:
+    img = _he_tile()
+    aug = build_train_augmentation(AugmentConfig(), seed=2)
+    names = [t["__class_fullname__"] for t in A.to_dict(aug)["transform"]["transforms"]]
+    for n in ("LABJitter", "ChannelGain", "RandomGamma", "Downscale", "GaussianBlur", "ImageCompression"):
+        assert any(x.endswith(n) for x in names), (n, names)
+    for _ in range(10):
+        out = _apply(aug, img)
+        assert out.shape == img.shape and out.dtype == np.uint8
+    with pytest.raises(ConfigError, match="gamma_min"):
+        validate(AugmentConfig, {"gamma_min": 1.5, "gamma_max": 1.2}, "train.yaml: augment")
+    with pytest.raises(ValueError, match="uint8"):
+        lab_jitter(img.astype(np.float32), np.zeros(3), np.ones(3))

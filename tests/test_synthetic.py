@@ -7,6 +7,7 @@ well under a minute.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -22,7 +23,12 @@ from pipeline.core.errors import ConfigError
 from pipeline.reading.slide import open_slide
 from pipeline.synthetic import DIAGNOSES, LABEL_COLUMNS, PATTERNS, generate_dataset, layout_for, plan_dataset
 from pipeline.synthetic.__main__ import main as cli_main
-from pipeline.synthetic.profiles import DU, R
+from pipeline.synthetic.catalog import DIAGNOSIS_SPECS
+from pipeline.synthetic.cells import STYLE, build_cells
+from pipeline.synthetic.layout import build_layout
+from pipeline.synthetic.profiles import DU, INTENSITY_ROWS, PATTERN_ROWS, R, build_profiles
+from pipeline.synthetic.render import SlideRenderer
+from pipeline.synthetic.stain import sample_batch_stain
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (2000.0, 1500.0)
@@ -315,6 +321,87 @@ def _band_corneum(sec) -> list[np.ndarray]:
     x1, y1 = sec.frame.to_slide(u, top)
     x2, y2 = sec.frame.to_slide(u[::-1], bot[::-1])
     return [np.concatenate([np.stack([x1, y1], 1), np.stack([x2, y2], 1)])]
+
+
+def _nme_section(intensity: float, seed: int = 3):
+    """An NME section (profiles and cells, no pixels) with every pattern drawn at ``intensity``."""
+    spec = DIAGNOSIS_SPECS["nme"]
+    patterns = {p: dataclasses.replace(plan, intensity=(intensity, intensity)) for p, plan in spec.patterns.items()}
+    spec = dataclasses.replace(spec, patterns=patterns)
+    prof = build_profiles(np.random.default_rng(seed), spec, 2500.0, 1200.0, "punch", "trunk")
+    cells, _ = build_cells(np.random.default_rng(seed + 1), prof, spec, 0.3, 1.2)
+    return prof, {k: np.concatenate(v) for k, v in cells.cols.items()}
+
+
+def test_pattern_intensity_sets_how_conspicuous():
+    """Same patches, drawn subtle (0.1) or florid (1.0): the intensity rows hold the level inside the
+    patches only; subtle pallor is less pale and less vacuolated, subtle necrolysis keeps more
+    nuclei and is less eosinophilic, focal parakeratosis has far fewer retained nuclei."""
+    stats = {}
+    for level in (0.1, 1.0):
+        prof, c = _nme_section(level)
+        t = prof.table
+        for pattern, row in INTENSITY_ROWS.items():
+            inside = np.zeros(prof.n, bool)
+            for p, i0, i1 in prof.patches:
+                if p == pattern:
+                    inside[i0 : i1 + 1] = True
+            assert inside.any(), pattern
+            assert np.all(t[R[row], ~inside] == 0.0)
+            assert 0.6 * level <= np.median(t[R[row], inside]) <= 1.0
+        i = np.clip(np.rint(c["x"] / DU).astype(int), 0, prof.n - 1)
+
+        def band(pattern: str) -> np.ndarray:
+            top, bot = PATTERN_ROWS[pattern]
+            return (c["y"] >= t[R[top], i]) & (c["y"] < t[R[bot], i])
+
+        para_len = sum(i1 - i0 for p, i0, i1 in prof.patches if p == "parakeratosis") * DU
+        pallor = band("pallor") & (c["owner"] == 1)
+        nec = band("necrolysis") & (c["owner"] == 1)
+        lost = np.isin(c["style"][nec], [STYLE["none"], STYLE["pyknotic"], STYLE["karyorrhexis"]]).mean()
+        stats[level] = {
+            "para_nuclei_per_mm": (band("parakeratosis") & (c["style"] == STYLE["solid"])).sum() / para_len * 1000,
+            "pallor_e": c["cyto_e"][pallor].mean(),
+            "pallor_vac": c["vac"][pallor].mean(),
+            "nec_lost": lost,
+            "nec_e": c["cyto_e"][nec].mean(),
+        }
+    sub, flo = stats[0.1], stats[1.0]
+    assert sub["para_nuclei_per_mm"] >= 15, sub  # focal, but every part of the patch shows some
+    assert flo["para_nuclei_per_mm"] > 8 * sub["para_nuclei_per_mm"], (sub, flo)
+    assert sub["pallor_e"] > flo["pallor_e"] + 0.2 and sub["pallor_vac"] < 0.5 * flo["pallor_vac"], (sub, flo)
+    assert sub["nec_lost"] < 0.6 * flo["nec_lost"] and sub["nec_e"] < flo["nec_e"] - 0.15, (sub, flo)
+
+
+def _corneum_pixels(site: str, seed: int) -> np.ndarray:
+    """Grey values of the outer 70 % of the corneum of a normal section, away from the cut ends;
+    for a basket-weave site only where the corneum is open (``CK`` < 0.3)."""
+    batch = sample_batch_stain(np.random.default_rng(1))
+    lay = build_layout("T", "normal", site, seed, batch, 1500.0, 1200.0)
+    sec = lay.sections[0]
+    t = sec.prof.table
+    keep = t[R["CK"]] < 0.3 if site != "acral" else np.ones(sec.prof.n, bool)
+    run = np.flatnonzero(keep)
+    run = run[(run > 300) & (run < min(sec.prof.n - 300, 1300))]
+    assert run.size > 100, "no open basket-weave corneum"
+    u = run * DU
+    x1, y1 = sec.frame.to_slide(u, t[R["S"], run] - 0.95 * t[R["TC"], run])
+    x2, y2 = sec.frame.to_slide(u[::-1], (t[R["S"], run] - 0.3 * t[R["TC"], run])[::-1])
+    mpp = 0.5
+    ring = np.concatenate([np.stack([x1, y1], 1), np.stack([x2, y2], 1)]) / mpp
+    x0, y0 = np.floor(ring.min(0)).astype(int) - 2
+    w, h = np.ceil(ring.max(0)).astype(int) + 2 - (x0, y0)
+    gray = SlideRenderer(lay, mpp).render(int(x0), int(y0), int(w), int(h)).astype(np.float32).mean(2)
+    return gray[_mask(gray.shape, [ring - (x0, y0)])]
+
+
+def test_corneum_basket_weave_and_compact():
+    """Normal orthokeratin is open basket-weave: lamellae with clear gaps between them; acral
+    orthokeratin is compact (no gaps). Neither has nuclei (checked in test_patterns_are_rendered)."""
+    basket = _corneum_pixels("trunk", 1)
+    assert (basket > 210).mean() > 0.15 and (basket < 190).mean() > 0.15, ((basket > 210).mean(), (basket < 190).mean())
+    compact = _corneum_pixels("acral", 1)
+    assert (compact > 210).mean() < 0.03 and (compact < 190).mean() > 0.8
 
 
 def test_same_layout_at_quarter_micron(tmp_path):

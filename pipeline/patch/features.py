@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +82,7 @@ def extract_features(
     progress=None,
     background_rgb: tuple[int, int, int] = (255, 255, 255),
     keep_top: TileObserver | None = None,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SlideFeatures:
     """Stream all tiles of a slide through ``runner``. ``progress(n_done)`` is called per batch.
 
@@ -88,6 +90,9 @@ def extract_features(
     ``runner``), ``wait_seconds`` (waiting for the reader threads) and ``read_seconds`` (busy
     time of the reader threads, summed over threads: mostly hidden behind the model).
     ``keep_top``, if given, is offered every batch (e.g. the report gallery's candidates).
+    ``normalise``, if given, maps each uint8 batch before the model (stain normalisation,
+    :func:`pipeline.patch.stain_norm.normaliser_for`; its time is in ``model_seconds`` and
+    ``normalise_seconds``); the sharpness and stain statistics and ``keep_top`` see the tiles as read.
     """
     n = len(coords)
     # outputs of the whole slide in blocks allocated once (at the first batch), filled batch by
@@ -99,6 +104,7 @@ def extract_features(
     t_model = 0.0
     t0 = time.perf_counter()
     t_wait = 0.0
+    t_norm = 0.0
     reader = TileReader(
         path,
         mpp,
@@ -119,7 +125,11 @@ def extract_features(
         if item is None:
             break
         idx, tiles, sharp = item
-        p, e = runner(tiles)
+        model_in = tiles
+        if normalise is not None:
+            model_in = normalise(tiles)
+            t_norm += time.perf_counter() - t2
+        p, e = runner(model_in)
         t_model += time.perf_counter() - t2
         if keep_top is not None:
             keep_top.update(idx, tiles, p)
@@ -127,7 +137,7 @@ def extract_features(
             probs = np.empty((n, p.shape[1]), np.float32)
             emb = np.empty((n, e.shape[1]), np.float32)
         probs[idx], emb[idx], stats[idx] = p, e, sharp
-        del p, e, tiles
+        del p, e, tiles, model_in
         if progress is not None:
             progress(len(idx))
     if probs is None or emb is None:
@@ -144,5 +154,11 @@ def extract_features(
         stain=reader.stain(),
         classes=list(classes),
         tile_size_l0=float(tile_size_l0),
-        meta={"seconds": total, "model_seconds": t_model, "wait_seconds": t_wait, "read_seconds": reader.read_seconds},
+        meta={
+            "seconds": total,
+            "model_seconds": t_model,
+            "wait_seconds": t_wait,
+            "read_seconds": reader.read_seconds,
+            **({"normalise_seconds": t_norm} if normalise is not None else {}),
+        },
     )

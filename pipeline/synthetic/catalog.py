@@ -1,7 +1,8 @@
 """What each synthetic diagnosis contains: patterns, epidermal architecture, inflammation, sites.
 
 Pure data, no drawing. Thicknesses and lengths are in µm; fractions are of the slide's
-epidermis length. Every range is ``(low, high)`` and is drawn uniformly per slide.
+epidermis length. Every range is ``(low, high)`` and is drawn uniformly per slide (a pattern's
+``intensity`` per section, jittered per patch).
 """
 
 from __future__ import annotations
@@ -44,12 +45,17 @@ class PatternPlan:
         patches: number of separate patches per fragment (integers, inclusive).
         depth: for pallor/necrolysis, the fraction of the suprapapillary epidermal thickness
             (µm below the top of the living epidermis, relative) that the patch reaches.
+        intensity: how conspicuous the pattern is drawn, 0-1 (1 = florid, as in textbook
+            pictures; ~0.1 = barely visible). Pallor: paleness, swelling and vacuolation of the
+            keratinocytes; necrolysis: eosinophilia, loss of nuclei, clefts; parakeratosis:
+            density of retained nuclei (from a few scattered ones to confluent).
     """
 
     probability: float
     coverage: Range
     patches: tuple[int, int]
     depth: Range = (0.3, 0.5)
+    intensity: Range = (0.15, 1.0)
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,11 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
         description="necrolytic migratory erythema: patchy upper pallor, necrolysis and parakeratosis "
         "over psoriasiform hyperplasia",
         patterns={
-            "parakeratosis": PatternPlan(1.0, (0.30, 0.75), (1, 3)),
+            "parakeratosis": PatternPlan(1.0, (0.30, 0.75), (1, 3), intensity=(0.25, 1.0)),
             # Florid lesions: pale, ballooned upper half to two thirds of an acanthotic epidermis and
             # necrolysis of its upper third to half, so that whole 112 µm tiles show the pattern.
-            "pallor": PatternPlan(1.0, (0.30, 0.65), (1, 4), depth=(0.65, 0.88)),
-            "necrolysis": PatternPlan(1.0, (0.20, 0.45), (1, 3), depth=(0.35, 0.55)),
+            "pallor": PatternPlan(1.0, (0.30, 0.65), (1, 4), depth=(0.65, 0.88), intensity=(0.3, 1.0)),
+            "necrolysis": PatternPlan(1.0, (0.20, 0.45), (1, 3), depth=(0.35, 0.55), intensity=(0.3, 1.0)),
         },
         suprapapillary=(100.0, 160.0),
         rete_depth=(80.0, 220.0),
@@ -124,8 +130,8 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
         name="nme_early",
         description="early NME: upper pallor with focal necrolysis, no parakeratosis yet, mild acanthosis",
         patterns={
-            "pallor": PatternPlan(1.0, (0.25, 0.55), (1, 3), depth=(0.60, 0.85)),
-            "necrolysis": PatternPlan(1.0, (0.08, 0.25), (1, 2), depth=(0.30, 0.50)),
+            "pallor": PatternPlan(1.0, (0.25, 0.55), (1, 3), depth=(0.60, 0.85), intensity=(0.1, 0.8)),
+            "necrolysis": PatternPlan(1.0, (0.08, 0.25), (1, 2), depth=(0.30, 0.50), intensity=(0.1, 0.7)),
         },
         suprapapillary=(80.0, 130.0),
         rete_depth=(30.0, 100.0),
@@ -136,8 +142,8 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
         name="nme_late",
         description="late NME: parakeratosis over psoriasiform hyperplasia with little pallor, no necrolysis",
         patterns={
-            "parakeratosis": PatternPlan(1.0, (0.40, 0.85), (1, 3)),
-            "pallor": PatternPlan(1.0, (0.04, 0.12), (1, 1), depth=(0.30, 0.45)),
+            "parakeratosis": PatternPlan(1.0, (0.40, 0.85), (1, 3), intensity=(0.35, 1.0)),
+            "pallor": PatternPlan(1.0, (0.04, 0.12), (1, 1), depth=(0.30, 0.45), intensity=(0.1, 0.6)),
         },
         suprapapillary=(45.0, 80.0),
         rete_depth=(100.0, 250.0),
@@ -149,7 +155,7 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
     "partial_pallor": DiagnosisSpec(
         name="partial_pallor",
         description="upper epidermal pallor only (no necrolysis, no parakeratosis)",
-        patterns={"pallor": PatternPlan(1.0, (0.20, 0.50), (1, 3), depth=(0.60, 0.85))},
+        patterns={"pallor": PatternPlan(1.0, (0.20, 0.50), (1, 3), depth=(0.60, 0.85), intensity=(0.1, 0.9))},
         suprapapillary=(80.0, 130.0),
         rete_depth=(30.0, 110.0),
         inflammation=(0.1, 0.4),
@@ -158,7 +164,7 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
     "partial_necrolysis": DiagnosisSpec(
         name="partial_necrolysis",
         description="upper epidermal necrolysis only (no pallor, no parakeratosis)",
-        patterns={"necrolysis": PatternPlan(1.0, (0.15, 0.40), (1, 3), depth=(0.35, 0.55))},
+        patterns={"necrolysis": PatternPlan(1.0, (0.15, 0.40), (1, 3), depth=(0.35, 0.55), intensity=(0.1, 0.9))},
         suprapapillary=(80.0, 130.0),
         rete_depth=(30.0, 110.0),
         inflammation=(0.2, 0.5),
@@ -168,7 +174,7 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
         name="psoriasiform",
         description="psoriasiform dermatitis: confluent parakeratosis with neutrophil collections, "
         "regular elongated rete, thin suprapapillary plates, no pallor or necrolysis",
-        patterns={"parakeratosis": PatternPlan(1.0, (0.65, 0.95), (1, 2))},
+        patterns={"parakeratosis": PatternPlan(1.0, (0.65, 0.95), (1, 2), intensity=(0.55, 1.0))},
         suprapapillary=(28.0, 45.0),
         rete_depth=(160.0, 320.0),
         rete_spacing=(80.0, 120.0),
@@ -186,7 +192,7 @@ DIAGNOSIS_SPECS: dict[str, DiagnosisSpec] = {
         name="spongiotic",
         description="spongiotic dermatitis: intercellular oedema of the lower and mid epidermis, "
         "focal parakeratosis, lymphocyte exocytosis (pale epidermis that is NOT pallor)",
-        patterns={"parakeratosis": PatternPlan(0.7, (0.04, 0.15), (1, 3))},
+        patterns={"parakeratosis": PatternPlan(0.7, (0.04, 0.15), (1, 3), intensity=(0.05, 0.5))},
         suprapapillary=(55.0, 95.0),
         rete_depth=(30.0, 110.0),
         spongiosis=(0.5, 1.0),

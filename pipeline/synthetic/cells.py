@@ -11,7 +11,12 @@ Nucleus styles (:data:`STYLE`): ``none`` (no nucleus: ghost or anucleate cell), 
 
 A cell with ``owner = 1`` owns the cytoplasm around it (a Voronoi cell at render time) with
 amounts ``cyto_e``/``cyto_h``; its border band (``mem_w`` µm) has eosin ``mem_e``; ``gap`` µm
-of intercellular oedema (spongiosis) clears the border; ``vac`` vacuoles clear the cytoplasm.
+of intercellular oedema (spongiosis) clears the border; ``vac`` vacuoles of relative size
+``vsz`` clear the cytoplasm; ``halo`` µm of clear space surrounds the nucleus (perinuclear
+retraction, a lymphocyte's halo), a little off-centre so that it often shows as a crescent.
+Pattern cells take their look from the pattern's intensity at their ``u`` (profile rows ``PI``,
+``NI``, ``KI``): subtle pallor is slightly paler, barely vacuolated cytoplasm with nuclei kept;
+subtle necrolysis is mildly hypereosinophilic with shrunken but mostly present nuclei.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 
 from pipeline.synthetic.catalog import DiagnosisSpec
 from pipeline.synthetic.geometry import Frame
+from pipeline.synthetic.noise import smooth_noise_1d
 from pipeline.synthetic.profiles import BIG, DU, Profiles, R
 
 STYLE = {"none": 0, "vesicular": 1, "solid": 2, "pyknotic": 3, "karyorrhexis": 4, "neutrophil": 5, "rbc": 6}
@@ -44,6 +50,7 @@ FIELDS = (
     "gap",
     "vac",
     "halo",
+    "vsz",
     "rnd",
 )
 #: Structure kinds: vessel (wall ring + lumen), gland tubule (cuboidal epithelium), vesicle (clear space).
@@ -75,6 +82,7 @@ class CellTable:
             "gap": 0.0,
             "vac": 0,
             "halo": 0.0,
+            "vsz": 1.0,
             "rnd": 0,
         }
         self.cols["x"].append(np.asarray(u, np.float64))
@@ -218,7 +226,7 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         rx=rng.uniform(4.2, 5.4, k),
         ry=rng.uniform(2.6, 3.3, k),
         angle=normal_angle[ok] + rng.normal(0, 8, k),
-        dark=rng.uniform(1.5, 1.85, k),
+        dark=rng.uniform(1.4, 1.75, k),
         style=STYLE["solid"],
         owner=1,
         cyto_e=rng.uniform(0.6, 0.72, k),
@@ -229,7 +237,9 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
         rnd=rng.integers(0, 2**31, k),
     )
 
-    # spinous layer: polygonal cells, round vesicular nuclei, flatter towards the surface
+    # spinous layer: polygonal cells, oval vesicular nuclei of varying size, flatter towards the
+    # surface; in some slides perinuclear retraction halos (a fixation artefact, not pallor)
+    halo_p = rng.uniform(0.0, 0.45) if rng.random() < 0.7 else 0.0
     sx, sy = rng.uniform(11.5, 13.5), rng.uniform(9.5, 11.0)
     su, sd = _hex_grid(rng, L, 0.0, max_el, sx, sy, 2.4)
     sd_abs = sd + look("S", su)
@@ -239,21 +249,23 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
     k = su.size
     rel = np.clip(sd / np.maximum(look("E0", su), 1.0), 0, 1)  # 0 at top
     flat = 0.65 + 0.35 * np.clip(rel / 0.35, 0, 1)
-    r0 = rng.uniform(3.0, 4.1, k)
+    r0 = rng.uniform(2.8, 4.2, k)
+    cyto_e = rng.uniform(0.72, 0.9, k)
     cells.add(
         su,
         sd_abs,
-        rx=r0 * rng.uniform(1.0, 1.3, k),
-        ry=r0 * flat * rng.uniform(0.75, 1.0, k),
-        angle=rng.normal(0, 12, k),
-        dark=rng.uniform(1.0, 1.3, k),
-        style=np.where(rng.random(k) < 0.45, STYLE["vesicular"], STYLE["solid"]),
+        rx=r0 * rng.uniform(1.0, 1.4, k),
+        ry=r0 * flat * rng.uniform(0.7, 1.0, k),
+        angle=rng.normal(0, 14, k),
+        dark=rng.uniform(1.05, 1.45, k),
+        style=np.where(rng.random(k) < 0.65, STYLE["vesicular"], STYLE["solid"]),
         owner=1,
-        cyto_e=rng.uniform(0.72, 0.9, k),
-        cyto_h=rng.uniform(0.3, 0.4, k),
-        mem_e=rng.uniform(0.62, 0.78, k),
+        cyto_e=cyto_e,
+        cyto_h=rng.uniform(0.33, 0.46, k),
+        mem_e=cyto_e * rng.uniform(0.82, 0.94, k),
         mem_w=0.25,
         gap=_gap(look, su, sd_abs, rng),
+        halo=np.where(rng.random(k) < halo_p, rng.uniform(0.5, 1.7, k), 0.0),
         rnd=rng.integers(0, 2**31, k),
     )
 
@@ -273,7 +285,7 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
             rx=rng.uniform(3.8, 5.0, k),
             ry=rng.uniform(1.5, 2.1, k),
             angle=rng.normal(0, 6, k),
-            dark=rng.uniform(1.4, 1.7, k),
+            dark=rng.uniform(1.15, 1.5, k),
             style=STYLE["solid"],
             owner=1,
             cyto_e=rng.uniform(0.62, 0.74, k),
@@ -283,54 +295,78 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
             rnd=rng.integers(0, 2**31, k),
         )
 
-    # pallor: swollen pale/clear keratinocytes, vacuolated, crisp pink membranes
-    if prof.pattern_present("pallor"):
-        sp = rng.uniform(15.0, 19.0)
-        pu, pd = _hex_grid(rng, L, s_min - 2, s_max + max_el, sp, sp * 0.85, 2.0)
+    # pallor: swollen pale keratinocytes, vacuolated, crisp pink membranes; subtle pallor
+    # (low intensity): barely larger, slightly paler cells, few small vacuoles, nuclei kept
+    for pattern, i0, i1 in prof.patches:
+        if pattern != "pallor":
+            continue
+        level = float(np.mean(t[R["PI"], i0 : i1 + 1]))
+        sp = (12.0 + 5.5 * level) * rng.uniform(0.95, 1.08)
+        pu, pd = _hex_grid(rng, (i1 - i0) * DU + 2 * sp, s_min - 2, s_max + max_el, sp, sp * 0.85, 2.0)
+        pu = pu + (i0 * DU - sp)
         ok = _in_band(look, "LT", "LB", pu, pd)
         pu, pd = pu[ok], pd[ok]
         k = pu.size
+        lv = look("PI", pu)
         kind = rng.random(k)
-        style = np.where(kind < 0.6, STYLE["vesicular"], np.where(kind < 0.9, STYLE["pyknotic"], STYLE["none"]))
-        r = np.where(style == STYLE["pyknotic"], rng.uniform(1.7, 2.4, k), rng.uniform(3.0, 3.8, k))
+        p_pyk = 0.04 + 0.26 * lv
+        style = np.where(
+            kind < p_pyk,
+            STYLE["pyknotic"],
+            np.where(kind < p_pyk + 0.01 + 0.09 * lv, STYLE["none"], STYLE["vesicular"]),
+        )
+        r = np.where(style == STYLE["pyknotic"], rng.uniform(1.7, 2.4, k), rng.uniform(3.0, 3.9, k))
         cells.add(
             pu,
             pd,
-            rx=r,
+            rx=r * rng.uniform(1.0, 1.2, k),
             ry=r * rng.uniform(0.8, 1.0, k),
             angle=rng.uniform(0, 180, k),
-            dark=np.where(style == STYLE["pyknotic"], rng.uniform(1.8, 2.2, k), rng.uniform(0.9, 1.2, k)),
+            dark=np.where(style == STYLE["pyknotic"], rng.uniform(1.8, 2.2, k), rng.uniform(0.9, 1.25, k)),
             style=style,
             owner=1,
-            cyto_e=rng.uniform(0.2, 0.32, k),
-            cyto_h=rng.uniform(0.06, 0.11, k),
-            mem_e=rng.uniform(0.55, 0.75, k),
-            mem_w=0.45,
-            vac=rng.integers(2, 5, k),
+            cyto_e=_lerp(0.64, rng.uniform(0.22, 0.36, k), lv),
+            cyto_h=_lerp(0.27, rng.uniform(0.06, 0.11, k), lv),
+            mem_e=_lerp(0.58, rng.uniform(0.55, 0.75, k), lv),
+            mem_w=0.25 + 0.2 * lv,
+            vac=np.floor(rng.random(k) * (1.6 + 3.6 * lv)).astype(np.int64),
+            vsz=0.45 + 0.55 * lv,
             rnd=rng.integers(0, 2**31, k),
         )
 
-    # necrolysis: hypereosinophilic necrotic keratinocytes, pyknotic/fragmented or absent nuclei
+    # necrolysis: hypereosinophilic necrotic keratinocytes, pyknotic/fragmented or absent nuclei;
+    # subtle necrolysis: mildly eosinophilic, many shrunken but still present nuclei
     if prof.pattern_present("necrolysis"):
         sp = rng.uniform(10.0, 12.0)
         nu, nd = _hex_grid(rng, L, s_min - 2, s_max + max_el, sp, sp * 0.8, 1.8)
         ok = (nd >= look("NT", nu) + look("CL", nu) + 2.0) & (nd < look("NB", nu))
         nu, nd = nu[ok], nd[ok]
         k = nu.size
+        lv = look("NI", nu)
         kind = rng.random(k)
-        style = np.where(kind < 0.45, STYLE["pyknotic"], np.where(kind < 0.7, STYLE["karyorrhexis"], STYLE["none"]))
+        p_ret = 0.7 * (1.0 - lv)
+        p_pyk = p_ret + 0.25 + 0.2 * lv
+        p_kr = p_pyk + 0.04 + 0.21 * lv
+        style = np.where(
+            kind < p_ret,
+            STYLE["vesicular"],
+            np.where(kind < p_pyk, STYLE["pyknotic"], np.where(kind < p_kr, STYLE["karyorrhexis"], STYLE["none"])),
+        )
+        # kept nuclei shrink and darken as the intensity rises
+        kept = style == STYLE["vesicular"]
+        r_kept = rng.uniform(2.8, 3.8, k) * (1.0 - 0.25 * lv)
         cells.add(
             nu,
             nd,
-            rx=rng.uniform(1.6, 2.5, k),
-            ry=rng.uniform(1.3, 2.2, k),
+            rx=np.where(kept, r_kept * rng.uniform(1.0, 1.3, k), rng.uniform(1.6, 2.5, k)),
+            ry=np.where(kept, r_kept * rng.uniform(0.75, 1.0, k), rng.uniform(1.3, 2.2, k)),
             angle=rng.uniform(0, 180, k),
-            dark=rng.uniform(2.0, 2.4, k),
+            dark=np.where(kept, rng.uniform(1.1, 1.45, k) + 0.4 * lv, rng.uniform(2.0, 2.4, k)),
             style=style,
             owner=1,
-            cyto_e=rng.uniform(1.0, 1.3, k),
-            cyto_h=rng.uniform(0.08, 0.15, k),
-            mem_e=rng.uniform(0.85, 1.1, k),
+            cyto_e=_lerp(0.86, rng.uniform(1.0, 1.3, k), lv),
+            cyto_h=_lerp(0.33, rng.uniform(0.08, 0.15, k), lv),
+            mem_e=_lerp(0.76, rng.uniform(0.85, 1.1, k), lv),
             mem_w=0.25,
             halo=np.where((style == STYLE["pyknotic"]) & (rng.random(k) < 0.25), rng.uniform(0.3, 0.9, k), 0.0),
             rnd=rng.integers(0, 2**31, k),
@@ -382,6 +418,11 @@ def _epidermis(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: C
             )
 
 
+def _lerp(a: float | np.ndarray, b: float | np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a`` at ``w = 0``, ``b`` at ``w = 1``."""
+    return a + (b - a) * w
+
+
 def _gap(look: _Lookup, u: np.ndarray, d: np.ndarray, rng, basal: bool = False) -> np.ndarray:
     """Intercellular gap half-width (µm): spongiosis, strongest in the lower and mid epidermis."""
     sp = look("SP", u)
@@ -404,22 +445,36 @@ def _corneum(rng, prof: Profiles, spec: DiagnosisSpec, look: _Lookup, cells: Cel
     thick = np.where(pb > pt, pb - pt, 0.0)
     if not np.any(thick > 0):
         return
-    area = float(thick.sum() * DU)
-    density = rng.uniform(1 / 160, 1 / 90)
-    n = rng.poisson(area * density)
-    if n:
-        iu = rng.choice(prof.n, n, p=thick / thick.sum())
-        u = iu * DU + rng.uniform(-DU / 2, DU / 2, n)
-        d = pt[iu] + 1.5 + rng.random(n) * np.maximum(thick[iu] - 3.0, 0.1)
+    # retained nuclei: flat, dark spindles parallel to the surface; their density follows the
+    # patch intensity, from a few scattered ones (focal, clustered) to confluent sheets
+    cluster = smooth_noise_1d(rng, prof.n, DU, 20.0)
+    for pattern, i0, i1 in prof.patches:
+        if pattern != "parakeratosis":
+            continue
+        th = thick[i0 : i1 + 1]
+        if th.sum() <= 0:
+            continue
+        level = float(np.mean(t[R["KI"], i0 : i1 + 1]))
+        density = (1.0 / 1800.0) * (1800.0 / 45.0) ** (level**1.2)
+        n = rng.poisson(th.sum() * DU * density)
+        # at least one nucleus per ~45 µm, so every part of the annotated patch shows some
+        n_seg = max(1, int(math.ceil((i1 - i0) * DU / 45.0)))
+        seg = np.minimum((np.arange(n_seg) + rng.random(n_seg)) * (i1 - i0 + 1) / n_seg, i1 - i0).astype(np.int64)
+        w = th * np.exp((1.2 - 0.8 * level) * cluster[i0 : i1 + 1])
+        rest = rng.choice(i1 - i0 + 1, max(n - n_seg, 0), p=w / w.sum())
+        ip = i0 + np.concatenate([seg, rest])
+        m_n = ip.size
+        u = ip * DU + rng.uniform(-DU / 2, DU / 2, m_n)
+        d = pt[ip] + 1.0 + rng.random(m_n) * np.maximum(thick[ip] - 2.0, 0.1)
         cells.add(
             u,
             d,
-            rx=rng.uniform(3.8, 6.5, n),
-            ry=rng.uniform(0.9, 1.6, n),
-            angle=rng.normal(0, 7, n),
-            dark=rng.uniform(1.6, 2.1, n),
+            rx=rng.uniform(2.2, 4.2, m_n),
+            ry=rng.uniform(0.55, 1.05, m_n),
+            angle=rng.normal(0, 6, m_n),
+            dark=rng.uniform(1.7, 2.3, m_n),
             style=STYLE["solid"],
-            rnd=rng.integers(0, 2**31, n),
+            rnd=rng.integers(0, 2**31, m_n),
         )
     # neutrophil collections (Munro microabscesses) inside parakeratosis
     rate = rng.uniform(*spec.neutrophil_clusters_per_mm)
@@ -486,10 +541,10 @@ def _dermis(
     cells.add(
         u,
         d,
-        rx=rng.uniform(3.2, 6.5, k),
-        ry=rng.uniform(0.9, 1.5, k),
-        angle=np.where(pap, rng.normal(0, 50, k), rng.normal(0, 18, k)),
-        dark=rng.uniform(1.2, 1.65, k),
+        rx=rng.uniform(2.8, 6.0, k),
+        ry=rng.uniform(0.55, 1.0, k),
+        angle=np.where(pap, rng.normal(0, 50, k), rng.normal(0, 22, k)),
+        dark=rng.uniform(1.6, 2.1, k),
         style=STYLE["solid"],
         rnd=rng.integers(0, 2**31, k),
     )

@@ -22,6 +22,12 @@ Rows of :attr:`Profiles.table` (float32, shape ``(N_ROWS, n)``):
 ``CL``     height of the subcorneal cleft inside necrolysis (µm, 0 = none)
 ``SP``     spongiosis intensity 0-1
 ``FOLD``   folded tissue for ``d >= FOLD`` (``BIG`` = no fold, ``-BIG`` = whole column)
+``CK``     corneum compaction 0-1: 0 = open basket-weave lamellae with clear gaps, 1 = compact
+           (compact orthokeratosis, acral skin, and the keratin of parakeratosis patches)
+``PI``     pallor intensity 0-1 inside pallor patches (0 elsewhere), see
+           :attr:`~.catalog.PatternPlan.intensity`
+``NI``     necrolysis intensity 0-1 inside necrolysis patches
+``KI``     parakeratosis intensity 0-1 (density of retained nuclei) inside parakeratosis patches
 =========  =================================================================================
 """
 
@@ -39,10 +45,34 @@ DU = 0.5
 #: "Absent" depth value.
 BIG = 1.0e9
 
-ROWS = ("S", "TC", "TG", "EL", "E0", "PAP", "BOT", "FAT", "PT", "PB", "NT", "NB", "LT", "LB", "CL", "SP", "FOLD")
+ROWS = (
+    "S",
+    "TC",
+    "TG",
+    "EL",
+    "E0",
+    "PAP",
+    "BOT",
+    "FAT",
+    "PT",
+    "PB",
+    "NT",
+    "NB",
+    "LT",
+    "LB",
+    "CL",
+    "SP",
+    "FOLD",
+    "CK",
+    "PI",
+    "NI",
+    "KI",
+)
 R = {name: i for i, name in enumerate(ROWS)}
 #: Pattern name → (top row, bottom row).
 PATTERN_ROWS = {"parakeratosis": ("PT", "PB"), "necrolysis": ("NT", "NB"), "pallor": ("LT", "LB")}
+#: Pattern name → its intensity row.
+INTENSITY_ROWS = {"parakeratosis": "KI", "necrolysis": "NI", "pallor": "PI"}
 #: Patches keep this far (µm) from the section's cut ends.
 END_MARGIN = 120.0
 #: Shortest pattern patch, µm.
@@ -51,7 +81,13 @@ MIN_PATCH = 70.0
 
 @dataclass
 class Profiles:
-    """Layer and pattern profiles of one section (see module docstring)."""
+    """Layer and pattern profiles of one section (see module docstring).
+
+    ``corneum_style`` is ``basket`` (mostly open basket-weave) or ``compact`` (acral skin);
+    ``keratin`` the (eosin, haematoxylin) amounts of a keratin lamella in this section (pink
+    to lilac); ``lamella`` the mean spacing of basket-weave lamellae, µm; ``bundle`` the relative
+    thickness of the reticular collagen bundles.
+    """
 
     length: float
     table: np.ndarray
@@ -61,6 +97,9 @@ class Profiles:
     jag_d0: float = 0.0
     jag_left: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
     jag_right: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
+    keratin: tuple[float, float] = (0.62, 0.32)
+    lamella: float = 4.0
+    bundle: float = 1.0
 
     @property
     def n(self) -> int:
@@ -220,10 +259,22 @@ def build_profiles(
     if acral:
         corneum = rng.uniform(90, 220) * (1 + 0.12 * noise(200))
         style = "compact"
+        compact = np.clip(rng.uniform(0.8, 1.0) + 0.1 * noise(80), 0.0, 1.0)
     else:
         corneum = rng.uniform(12, 34) * (1 + 0.25 * noise(90))
         style = "basket"
+        # mostly open basket-weave; in some sections stretches of compact orthokeratosis
+        # (no nuclei: the hard negative of parakeratosis)
+        compact = np.clip(rng.uniform(0.0, 0.3) + 0.12 * noise(60), 0.0, 1.0)
+        if rng.random() < 0.45:
+            field_ = noise(160)
+            thr = np.quantile(field_, 1.0 - rng.uniform(0.1, 0.6))
+            compact = np.maximum(compact, np.clip((field_ - thr) / 0.35, 0.0, 1.0) * rng.uniform(0.7, 1.0))
     corneum = np.maximum(corneum, 6.0)
+    ke = float(rng.uniform(0.6, 0.95))
+    keratin = (ke, ke * float(rng.uniform(0.55, 1.1)))
+    lamella = float(rng.uniform(2.8, 5.0))
+    bundle = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
     supra = rng.uniform(*spec.suprapapillary) * (1 + 0.10 * noise(250))
     rete, centres = _rete(rng, u, spec)
     living = supra + rete
@@ -264,8 +315,17 @@ def build_profiles(
         table[R[top]] = BIG
         table[R[bot]] = -BIG
     table[R["FOLD"]] = BIG
+    table[R["CK"]] = compact
 
-    prof = Profiles(length=length, table=table, rete_centres=centres, corneum_style=style)
+    prof = Profiles(
+        length=length,
+        table=table,
+        rete_centres=centres,
+        corneum_style=style,
+        keratin=keratin,
+        lamella=lamella,
+        bundle=bundle,
+    )
     _add_patterns(rng, prof, spec, noise)
     _add_spongiosis(rng, prof, spec, noise)
     _add_jagged_edges(rng, prof)
@@ -288,31 +348,37 @@ def _add_patterns(rng: np.random.Generator, prof: Profiles, spec: DiagnosisSpec,
         nec = []
 
     lost = np.zeros(prof.n)
-    # parakeratosis: whole corneum height, corneum thickened over the patch
-    for a, b in para:
+    # parakeratosis: whole corneum height, corneum thickened (more so when florid) and compact
+    para_level = _levels(rng, present.get("parakeratosis"), len(para))
+    for (a, b), level in zip(para, para_level):
         extra = rng.uniform(8, 40) if spec.name != "spongiotic" else rng.uniform(4, 18)
-        t[R["TC"]] += extra * _bump(u, a, b, 60.0)
-    for a, b in para:
+        t[R["TC"]] += extra * (0.35 + 0.65 * level) * _bump(u, a, b, 60.0)
+        t[R["CK"]] = np.maximum(t[R["CK"]], _bump(u, a, b, 25.0))
+    wob_k = noise(60)
+    for (a, b), level in zip(para, para_level):
         i0, i1 = prof.index(a), prof.index(b)
         t[R["PT"], i0 : i1 + 1] = s[i0 : i1 + 1] - t[R["TC"], i0 : i1 + 1]
         t[R["PB"], i0 : i1 + 1] = s[i0 : i1 + 1]
+        t[R["KI"], i0 : i1 + 1] = _level_row(level, wob_k[i0 : i1 + 1])
         prof.patches.append(("parakeratosis", i0, i1))
-        lost = np.maximum(lost, _bump(u, a, b, 12.0))
+        lost = np.maximum(lost, _bump(u, a, b, 12.0) * min(1.0, 0.5 + level))
 
     # necrolysis: top of the living epidermis down to a fraction of the suprapapillary plate
     if nec:
         frac = rng.uniform(*present["necrolysis"].depth)
         wob = 1 + 0.12 * noise(40)
         cleft_field = noise(35)
-        for a, b in nec:
+        wob_n = noise(50)
+        for (a, b), level in zip(nec, _levels(rng, present["necrolysis"], len(nec))):
             i0, i1 = prof.index(a), prof.index(b)
             sl = slice(i0, i1 + 1)
             depth = np.maximum(frac * e0[sl] * _taper(u[sl], a, b) * wob[sl], 0.0)
             depth[1:-1] = np.maximum(depth[1:-1], 6.0)
             t[R["NT"], sl] = s[sl]
             t[R["NB"], sl] = s[sl] + depth
-            if rng.random() < 0.75:
-                h = np.clip(cleft_field[sl] + 0.3, 0.0, None) * rng.uniform(4.0, 9.0)
+            t[R["NI"], sl] = _level_row(level, wob_n[sl])
+            if rng.random() < 0.3 + 0.5 * level:
+                h = np.clip(cleft_field[sl] + 0.3, 0.0, None) * rng.uniform(4.0, 9.0) * (0.4 + 0.6 * level)
                 t[R["CL"], sl] = np.minimum(h, 0.45 * depth)
             prof.patches.append(("necrolysis", i0, i1))
             lost = np.maximum(lost, _bump(u, a, b, 10.0))
@@ -321,7 +387,8 @@ def _add_patterns(rng: np.random.Generator, prof: Profiles, spec: DiagnosisSpec,
     if pallor:
         frac = rng.uniform(*present["pallor"].depth)
         wob = 1 + 0.12 * noise(50)
-        for a, b in pallor:
+        wob_p = noise(50)
+        for (a, b), level in zip(pallor, _levels(rng, present["pallor"], len(pallor))):
             i0, i1 = prof.index(a), prof.index(b)
             sl = slice(i0, i1 + 1)
             nec_b = t[R["NB"], sl]
@@ -336,11 +403,27 @@ def _add_patterns(rng: np.random.Generator, prof: Profiles, spec: DiagnosisSpec,
             bot = np.maximum(bot, top + np.where(interior | has_nec, 4.0, 0.0))
             t[R["LT"], sl] = top
             t[R["LB"], sl] = bot
+            t[R["PI"], sl] = _level_row(level, wob_p[sl])
             prof.patches.append(("pallor", i0, i1))
             lost = np.maximum(lost, _bump(u, a, b, 10.0))
 
     t[R["TG"]] *= 1.0 - lost
     t[R["TG"]][t[R["TG"]] < 1.5] = 0.0
+
+
+def _levels(rng: np.random.Generator, plan: PatternPlan | None, k: int) -> list[float]:
+    """Intensity (0-1) of each of ``k`` patches: one draw per section from ``plan.intensity``,
+    jittered per patch (a lesion's foci are alike but not equal)."""
+    if plan is None or k == 0:
+        return []
+    lo, hi = plan.intensity
+    base = rng.uniform(lo, hi)
+    return [float(np.clip(base * np.exp(rng.normal(0.0, 0.2)), lo, hi)) for _ in range(k)]
+
+
+def _level_row(level: float, wobble: np.ndarray) -> np.ndarray:
+    """A patch's intensity along ``u``: its level, varying by about ±15 % within the patch."""
+    return np.clip(level * (1.0 + 0.15 * wobble), 0.03, 1.0)
 
 
 def _add_spongiosis(rng: np.random.Generator, prof: Profiles, spec: DiagnosisSpec, noise) -> None:

@@ -373,33 +373,37 @@ class SlideRenderer:
         fine = self._xy("fine", v.gx, v.gy, ww, hh)
         blot = self._xy("blotch", v.gx, v.gy, ww, hh)
         tu = self._tu(v)
-        td = (v.d + F32(self.tex_off_um[1])) * F32(1.0 / mpp) + blot * F32(8.0 / mpp)
+        # bundles wave: the depth coordinate is warped by the slow blotch field (bundle direction
+        # changes over ~100 µm) and by a fine crimp along the bundles
+        coarse = self._xy("coarse", v.gx + 13, v.gy + 2, ww, hh)
+        crimp = np.sin(tu * F32(2.0 * math.pi * mpp / 16.0) + blot * F32(3.0) + coarse * F32(0.7))
+        crimp *= _clip01(blot + F32(0.7)) * F32(0.8 / mpp)
+        td = (v.d + F32(self.tex_off_um[1])) * F32(1.0 / mpp) + blot * F32(14.0 / mpp) + crimp
+        # bundle thickness differs between sections (fine papillary-like to thick, sclerotic)
+        tdb = td * F32(1.0 / v.sec.prof.bundle)
         PAP = t[R["PAP"]][v.iu]
         wr = _clip01((v.d - PAP) * F32(1.0 / 30.0) + F32(0.5))
         e_der = np.zeros(v.shape, F32)
         if wr.max() > 0:
-            # reticular: two bundle fields of different orientation mixed by a slow field (wavy,
-            # crossing bundles); thin clefts at the zero crossings gape open in places
-            ca = sample_map(tex.collagen, tu, td)
-            cb = sample_map(tex.collagen_b, tu, td)
-            mix = _clip01(blot * F32(1.2) + F32(0.5))
-            coll = ca + (cb - ca) * mix
-            gape = _clip01((blot + F32(0.6)) * F32(1.3)) * F32(1.4) + F32(0.35)
-            q = coll / gape
-            cleft = cv2.exp(-(q * q) * F32(1.0 / 0.05))
-            e_der = (F32(0.92) + F32(0.14) * np.abs(coll) + F32(0.06) * fine) * (F32(1.0) - F32(0.93) * cleft)
+            # reticular: long eosinophilic bundles (between the zero crossings of an elongated
+            # field) separated by thin clefts that gape open in places; fibrils along each bundle
+            coll = sample_map(tex.collagen, tu, tdb)
+            fib = sample_map(tex.collagen_b, tu, td)
+            gape = _clip01((blot + F32(0.6)) * F32(1.3)) * F32(0.25) + F32(0.12)
+            cleft = _clip01(F32(1.6) - np.abs(coll) * (F32(1.0) / gape))
+            e_der = (F32(0.92) + F32(0.1) * coll + F32(0.14) * fib + F32(0.04) * fine) * (F32(1.0) - F32(0.96) * cleft)
         if wr.min() < 1:
+            # papillary: finer, looser, paler fibrils
             pt = sample_map(tex.papillary, tu, td)
-            pcl = cv2.exp(-(pt * pt) * F32(1.0 / 0.12))
-            e_pap = (F32(0.62) + F32(0.08) * pt + F32(0.05) * blot) * (F32(1.0) - F32(0.8) * pcl)
+            fibril = cv2.exp(-(pt * pt) * F32(1.0 / 0.35))
+            e_pap = (F32(0.22) + F32(0.5) * fibril + F32(0.05) * fine) * _clip01(F32(0.8) + F32(0.3) * coarse)
             e_der = e_pap + (e_der - e_pap) * wr
         dist_l, dist_r, dist_b = v.dist
         edge = np.minimum(np.minimum(dist_l, dist_r), dist_b)
         if edge.min() < 20:
-            coarse = self._xy("coarse", v.gx, v.gy, ww, hh)
             e_der *= _clip01((edge + F32(8.0) * coarse) * F32(1.0 / 14.0) + F32(0.15))
         e_der *= F32(1.0) + F32(0.08) * blot
-        h_der = e_der * F32(0.16)
+        h_der = e_der * (F32(0.3) - F32(0.14) * wr)
         fat = v.g["fat"][v.box]
         if vor is not None and fat.any():
             own = vor["owner"][block][v.box]
@@ -419,8 +423,11 @@ class SlideRenderer:
         own = vor["owner"][block][v.box]
         bd = vor["bdist"][block][v.box]
         o = np.maximum(own, 0)
-        e_l = vor["cyto_e"][o] * (F32(0.86) + F32(0.14) * fine)
-        h_l = vor["cyto_h"][o] * (F32(0.9) + F32(0.1) * fine)
+        # cytoplasm: faintly fibrillar (tonofilaments), a little uneven within and between cells
+        mid = self._xy("coarse", v.gx + 21, v.gy + 8, ww, hh)
+        tex_l = F32(0.92) + F32(0.06) * fine + F32(0.07) * mid
+        e_l = vor["cyto_e"][o] * tex_l
+        h_l = vor["cyto_h"][o] * tex_l
         mem = bd < vor["mem_w"][o]
         e_l = np.where(mem, vor["mem_e"][o], e_l)
         h_l = np.where(mem, h_l * F32(0.85), h_l)
@@ -435,8 +442,9 @@ class SlideRenderer:
         TG = t[R["TG"]][v.iu]
         gran = v.rho < TG
         if gran.any():
-            grain = self._xy("grain", v.gx, v.gy, ww, hh)
-            kh = _clip01((grain - F32(0.8)) * F32(1.0 / 0.7)) * F32(1.7)
+            # keratohyalin: coarse dark purple granules
+            grain = self._xy("kgrain", v.gx, v.gy, ww, hh)
+            kh = _clip01((grain - F32(1.05)) * F32(1.0 / 0.5)) * F32(1.6)
             h_l = np.where(gran, h_l + kh, h_l)
         cl = t[R["CL"]][v.iu]
         if cl.max() > 0:
@@ -448,37 +456,61 @@ class SlideRenderer:
         return e_l, h_l
 
     def _corneum(self, v: _View, vor: dict | None, block: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
-        """Basket-weave or compact orthokeratin; compact parakeratotic keratin in para patches."""
+        """Orthokeratin from open basket-weave to compact (profile row ``CK``); compact
+        parakeratotic keratin in parakeratosis patches (its nuclei are cells).
+
+        Basket-weave: thin lamellae every ``prof.lamella`` µm, parallel to the surface but
+        warped by two smooth fields (so they wave, bunch, part and now and then fold over one
+        another), with clear gaps between them; the lowest few µm are always denser. Compact:
+        a dense sheet with faint lamination and a few thin splits.
+        """
         mpp, tex = self.mpp, self.tex
-        t = v.sec.prof.table
+        prof = v.sec.prof
+        t = prof.table
         hh, ww = v.shape
         fine = self._xy("fine", v.gx, v.gy, ww, hh)
         blot = self._xy("blotch", v.gx, v.gy, ww, hh)
-        tr = (v.rho + F32(self.tex_off_um[1])) * F32(1.0 / mpp) + blot * F32(3.0 / mpp)
+        coarse = self._xy("coarse", v.gx + 3, v.gy + 17, ww, hh)
+        tr = (v.rho + F32(self.tex_off_um[1])) * F32(1.0 / mpp)
         tu = self._tu(v)
-        lam = sample_map(tex.lamellae, tu, tr)
-        # a second, sheared set of lamellae crossing the first: the "basket weave"
-        lam2 = sample_map(tex.lamellae, tu * F32(0.9) + tr * F32(0.3) + F32(333.0), tr * F32(1.1))
-        mix = _clip01(blot * F32(1.5) + F32(0.5))
-        lam = lam + (lam2 - lam) * mix
-        lines = cv2.exp(-(lam * lam) * F32(1.0 / 0.7))
-        if v.sec.prof.corneum_style == "compact":
-            e_c = F32(0.52) + F32(0.06) * fine + F32(0.12) * lines
-            h_c = F32(0.24) + F32(0.10) * lines
-        else:
-            e_c = F32(0.66) * lines + F32(0.03)
-            h_c = F32(0.48) * lines + F32(0.01)
+        f1 = sample_map(tex.lamellae, tu, tr)
+        f2 = sample_map(tex.lamellae, tu * F32(0.9) + tr * F32(0.3) + F32(333.0), tr * F32(1.1))
+        k = F32(2.0 * math.pi / prof.lamella)
+        base = v.rho + blot * F32(4.0) + coarse * F32(0.5)
+        # lamella thickness varies from lamella to lamella and along each
+        inv_w = F32(1.0) / (F32(0.25) + F32(0.35) * _clip01(f2 * F32(0.4) + F32(0.5)))
+        # two warped sets of lamellae; the second one shows where the basket weave crosses
+        ph = (base + F32(3.5) * f1) * k
+        lines = cv2.exp((np.cos(ph) - F32(1.0)) * inv_w)
+        # each lamella its own strength (some faint or missing: irregular gaps)
+        lines *= F32(0.55) + F32(0.45) * np.sin(np.floor(ph * F32(1.0 / (2.0 * math.pi)) + F32(0.5)) * F32(2.4) + f2)
+        mix = _clip01(blot * F32(1.2) + F32(0.2))
+        if mix.max() > 0:
+            l2 = cv2.exp((np.cos((base + F32(3.5) * f2 + F32(0.5 * prof.lamella)) * k) - F32(1.0)) * inv_w)
+            lines = np.maximum(lines, l2 * mix)
+        # lamellae thin out and break along their length
+        lines *= _clip01(F32(0.85) + F32(0.5) * f2 + F32(0.2) * coarse)
+        # compaction: the section's profile, denser in the lowest ~4 µm above the granular layer
+        TC = v.g["TC"][v.box]
+        ck = t[R["CK"]][v.iu]
+        low = _clip01((v.rho + F32(4.0)) * F32(0.3))
+        comp = _clip01(ck + low * F32(0.7) + F32(0.1) * coarse)
+        dense = comp * comp
+        ke, kh = prof.keratin
+        body = F32(0.92) + F32(0.1) * fine + F32(0.12) * f1
+        open_ = (F32(1.0) - dense) * F32(1.8)
+        e_c = F32(ke) * (lines * open_ + (body + F32(0.15) * lines) * dense) + F32(0.02)
+        h_c = F32(kh) * (lines * open_ + (body + F32(0.15) * lines) * F32(0.8) * dense) + F32(0.01)
         pt, pb = t[R["PT"]][v.iu], t[R["PB"]][v.iu]
         para = (v.d >= pt) & (v.d < pb)
         if para.any():
-            e_p = F32(0.72) + F32(0.08) * fine + F32(0.15) * lines
-            h_p = F32(0.30) + F32(0.04) * fine + F32(0.08) * lines
+            # parakeratotic keratin: compact and more eosinophilic, faintly laminated
+            e_p = F32(ke + 0.1) * (F32(0.85) + F32(0.08) * fine + F32(0.12) * lines)
+            h_p = F32(kh * 0.6 + 0.05) * (F32(0.9) + F32(0.1) * fine + F32(0.1) * lines)
             e_c = np.where(para, e_p, e_c)
             h_c = np.where(para, h_p, h_c)
         # the outermost corneum flakes off irregularly
-        top_rag = _clip01(
-            (v.rho + v.g["TC"][v.box] + F32(1.5) * self._xy("coarse", v.gx + 11, v.gy + 5, ww, hh)) * F32(0.5)
-        )
+        top_rag = _clip01((v.rho + TC + F32(1.5) * self._xy("coarse", v.gx + 11, v.gy + 5, ww, hh)) * F32(0.5))
         return e_c * top_rag, h_c * top_rag
 
     def _ink(self, g: dict, amounts: np.ndarray, extra: np.ndarray | None, gx: int, gy: int) -> np.ndarray | None:
@@ -597,20 +629,25 @@ class SlideRenderer:
             c["style"][idx].tolist(),
             c["vac"][idx].tolist(),
             c["halo"][idx].tolist(),
+            c["vsz"][idx].tolist(),
             c["rnd"][idx].tolist(),
         )
         ell = cv2.ellipse
         AA = cv2.LINE_AA
-        for cx, cy, rx, ry, ang, dark, style, vac, halo, rnd in rows:
+        for cx, cy, rx, ry, ang, dark, style, vac, halo, vsz, rnd in rows:
             ctr = (cx, cy)
             if halo > 0:
-                ell(clear, ctr, (int((rx + halo) * k16), int((ry + halo) * k16)), ang, 0, 360, 215, -1, AA, 4)
+                # off-centre, so that retraction halos often show as crescents
+                th = ((rnd >> 9) & 63) / 64.0 * 6.2832
+                hx = cx + int(0.9 * halo * math.cos(th) * k16)
+                hy = cy + int(0.9 * halo * math.sin(th) * k16)
+                ell(clear, (hx, hy), (int((rx + halo) * k16), int((ry + halo) * k16)), ang, 0, 360, 215, -1, AA, 4)
             if vac:
                 for j in range(vac):
                     bits = (rnd >> (5 * j)) & 1023
                     th = (bits & 31) / 32.0 * 6.2832
-                    rr = 2.0 + ((bits >> 5) & 31) / 31.0 * 4.5
-                    rv = 1.3 + ((rnd >> (j + 20)) & 7) / 7.0 * 2.2
+                    rr = 2.0 + ((bits >> 5) & 31) / 31.0 * 4.5 * vsz
+                    rv = (1.3 + ((rnd >> (j + 20)) & 7) / 7.0 * 2.2) * vsz
                     vx = cx + int(rr * math.cos(th) * k16)
                     vy = cy + int(rr * math.sin(th) * k16)
                     cv2.circle(clear, (vx, vy), int(rv * k16), 235, -1, AA, 4)
@@ -619,13 +656,19 @@ class SlideRenderer:
             v = min(255, int(dark * 100))
             axes = (max(1, int(rx * k16)), max(1, int(ry * k16)))
             if style == S["vesicular"]:
-                ell(nuc, ctr, axes, ang, 0, 360, int(v * 0.72), -1, AA, 4)
-                ell(nuc, ctr, axes, ang, 0, 360, min(255, int(v * 1.1)), rim, AA, 4)
-                ox_ = int(((rnd & 15) - 7.5) / 7.5 * rx * 0.35 * k16)
-                oy_ = int((((rnd >> 4) & 15) - 7.5) / 7.5 * ry * 0.35 * k16)
-                cv2.circle(nuc, (cx + ox_, cy + oy_), max(1, int(0.65 * k16)), min(255, int(v * 1.45)), -1, AA, 4)
+                # open chromatin, a darker nuclear membrane, often a nucleolus
+                ell(nuc, ctr, axes, ang, 0, 360, int(v * 0.76), -1, AA, 4)
+                ell(nuc, ctr, axes, ang, 0, 360, min(255, int(v * 1.08)), rim, AA, 4)
+                if rnd & 0x30000:
+                    ox_ = int(((rnd & 15) - 7.5) / 7.5 * rx * 0.35 * k16)
+                    oy_ = int((((rnd >> 4) & 15) - 7.5) / 7.5 * ry * 0.35 * k16)
+                    cv2.circle(nuc, (cx + ox_, cy + oy_), max(1, int(0.6 * k16)), min(255, int(v * 1.45)), -1, AA, 4)
             elif style == S["solid"] or style == S["pyknotic"]:
-                ell(nuc, ctr, axes, ang, 0, 360, v, -1, AA, 4)
+                if rx > 2.5 and ry > 1.6:
+                    ell(nuc, ctr, axes, ang, 0, 360, int(v * 0.9), -1, AA, 4)
+                    ell(nuc, ctr, axes, ang, 0, 360, min(255, int(v * 1.08)), rim, AA, 4)
+                else:
+                    ell(nuc, ctr, axes, ang, 0, 360, v, -1, AA, 4)
             elif style == S["karyorrhexis"]:
                 n_f = 3 + (rnd & 3)
                 for j in range(n_f):
@@ -654,9 +697,12 @@ class SlideRenderer:
         if pink.any():
             amounts[..., 1] = np.maximum(amounts[..., 1], pink.astype(F32) * F32(0.01))
         if nuc.any():
-            n = nuc.astype(F32) * F32(0.01) * (F32(0.84) + F32(0.2) * fine2)
+            # granular, speckled chromatin
+            grain = self._xy("grain", ox + self.tex_off_px[0] + 5, oy + self.tex_off_px[1] + 9, W, H)
+            n = nuc.astype(F32) * F32(0.01) * (F32(0.82) + F32(0.1) * fine2 + F32(0.1) * grain)
             a = np.minimum(n, F32(1.0))
             amounts[..., 0] = np.maximum(amounts[..., 0], n)
-            amounts[..., 1] *= F32(1.0) - F32(0.3) * a
+            # nuclei keep a little eosin (purple-blue, not slate blue), also inside halos
+            np.maximum(amounts[..., 1] * (F32(1.0) - F32(0.08) * a), n * F32(0.42), out=amounts[..., 1])
         if rbc.any():
             amounts[..., 2] += rbc.astype(F32) * F32(0.01)

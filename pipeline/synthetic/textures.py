@@ -27,13 +27,14 @@ class TextureBank:
     stored periodically extended by :data:`WINDOW` px; ``small``/``big`` are their periods.
 
     Attributes (shape (N, N) each before extension):
-        lamellae: thin, long, wavy keratin lamellae (sampled in (u, d)).
+        lamellae: smooth field that warps the keratin lamellae (sampled in (u, d)).
         collagen: reticular collagen bundles, long along the surface (sampled in (u, d)).
-        collagen_b: the same at 50 degrees (mixed in for crossing bundles).
+        collagen_b: fine fibrils along the bundles (sampled in (u, d)).
         papillary: finer, looser fibrils of the papillary dermis (sampled in (u, d)).
         fine: ~0.5 µm granularity (cytoplasm, chromatin).
         fine2: ~0.3 µm granularity (intercellular bridges, chromatin).
-        grain: keratohyalin granule field.
+        grain: fine granule field (chromatin).
+        kgrain: keratohyalin granules (~1 µm).
         coarse: ~3 µm blobs (ink clumps, edge fraying).
         blotch: ~30 µm stain unevenness and warping.
         sensor: (N, N, 3) white noise for the camera.
@@ -49,6 +50,7 @@ class TextureBank:
     fine: np.ndarray
     fine2: np.ndarray
     grain: np.ndarray
+    kgrain: np.ndarray
     coarse: np.ndarray
     blotch: np.ndarray
     sensor: np.ndarray
@@ -64,13 +66,14 @@ def texture_bank(mpp: float) -> TextureBank:
         mpp=mpp,
         small=small,
         big=big,
-        lamellae=periodic_texture(101, big, mpp, 9.0, 1.0),
-        collagen=periodic_texture(102, big, mpp, 9.0, 1.6),
-        collagen_b=periodic_texture(110, big, mpp, 8.0, 1.6, 50.0),
-        papillary=periodic_texture(103, big, mpp, 3.5, 1.0, 25.0),
+        lamellae=periodic_texture(101, big, mpp, 10.0, 4.5),
+        collagen=periodic_texture(102, big, mpp, 22.0, 1.9),
+        collagen_b=periodic_texture(110, big, mpp, 6.0, 0.35),
+        papillary=periodic_texture(103, big, mpp, 3.0, 1.1, 25.0),
         fine=ext(periodic_texture(104, small, mpp, 0.45, 0.45), WINDOW),
         fine2=ext(periodic_texture(105, small, mpp, 0.3, 0.3), WINDOW),
         grain=ext(periodic_texture(106, small, mpp, 0.35, 0.3), WINDOW),
+        kgrain=ext(periodic_texture(111, small, mpp, 0.55, 0.45), WINDOW),
         coarse=ext(periodic_texture(107, small, mpp, 2.5, 2.5), WINDOW),
         blotch=ext(periodic_texture(108, big, mpp, 30.0, 30.0), WINDOW),
         sensor=ext(sensor_noise(109, 256), WINDOW),

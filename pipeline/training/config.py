@@ -32,6 +32,18 @@ class SyntheticData(StrictModel):
     classes: list[str] | None = Field(None, description="Diagnoses to draw (generator default mix if null).")
 
 
+class PaintedData(StrictModel):
+    """Generate slides with the three patterns painted on real skin first (skipped when present)."""
+
+    n: int = Field(24, ge=2, description="Number of painted slides.")
+    seed: int = Field(3003, ge=0, description="Painter seed.")
+    mpp: float = Field(0.5, gt=0, description="Resolution the painted slides are written at, µm/px.")
+    sources: Path = Field(
+        Path("data/real_skin"),
+        description="Real normal skin to paint on: a slide set (labels.csv with path/mpp columns + annotations).",
+    )
+
+
 class DataConfig(StrictModel):
     """Where slides, labels and annotations are."""
 
@@ -43,9 +55,31 @@ class DataConfig(StrictModel):
     annotations_dir: str = Field("annotations", description="GeoJSON folder (<slide_id>.geojson), relative to root.")
     labels_csv: str = Field(
         "labels.csv",
-        description="Slide table: slide_id, patient_id, nme_pattern, diagnosis, ... ; optional mpp column.",
+        description="Slide table: slide_id, patient_id, nme_pattern, diagnosis, ... ; optional mpp column, optional "
+        "path column (the slide file, relative to the table's folder, for slides kept outside slides/), optional "
+        "split column (train/val/test).",
     )
     synthetic: SyntheticData | None = Field(None, description="If set, generate this synthetic set into root first.")
+
+
+class ExtraDataConfig(DataConfig):
+    """A further slide set for the patch model (e.g. real skin annotated for epidermis only, or
+    patterns painted on real tissue), sampled beside ``data`` with its own weight and split."""
+
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight of each of its tiles relative to a tile of the main data."
+    )
+    split: Literal["auto", "train", "val"] = Field(
+        "auto",
+        description="auto: patient-level split as the main data (a 'split' column in labels.csv overrides it "
+        "per slide); train/val: every slide of this set goes there.",
+    )
+    class_map: dict[str, str] = Field(
+        default_factory=dict, description="Renames of this set's annotation classes (added to labels.class_map)."
+    )
+    painted: PaintedData | None = Field(
+        None, description="If set, paint patterns on real tissue into root first (pipeline.synthetic.painted)."
+    )
 
 
 class LabelConfig(StrictModel):
@@ -191,6 +225,11 @@ class AggregatorConfig(StrictModel):
         None,
         description="Slides for the aggregator (separate from the patch model's training slides); null = reuse data.",
     )
+    extra_data: list[ExtraDataConfig] = Field(
+        default_factory=list,
+        description="Further slide sets for the aggregator's cross-validation and calibration (their weight and "
+        "split are not used: every slide joins the folds).",
+    )
 
 
 class RunConfig(StrictModel):
@@ -206,6 +245,9 @@ class RunConfig(StrictModel):
     output_dir: Path = Field(Path("runs/model"), description="Run folder: checkpoints, logs, metrics, splits, bundle/.")
     bundle_dir: Path | None = Field(None, description="Also copy the final bundle here (e.g. models/demo_bundle).")
     data: DataConfig = Field(default_factory=DataConfig)
+    extra_data: list[ExtraDataConfig] = Field(
+        default_factory=list, description="Further slide sets for the patch model, each with a weight and split."
+    )
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     labels: LabelConfig = Field(default_factory=LabelConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)

@@ -42,6 +42,7 @@ class SlideRecord:
     diagnosis: str = ""
     mpp: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    split: str | None = None  # a 'split' column's value (train/val/test), when the table has one
 
 
 def _flag(value: str, source: str, column: str, slide_id: str) -> int:
@@ -95,7 +96,13 @@ def load_slide_table(cfg: DataConfig, repo_root: Path, require_annotations: bool
         if sid in seen:
             raise DataError(f"{table}: duplicate slide_id {sid!r}")
         seen.add(sid)
-        path = find_slide_file(slides_dir, sid)
+        given = (row.get("path") or "").strip()
+        path: Path | None
+        if given:
+            path = Path(given) if Path(given).is_absolute() else (table.parent / given).resolve()
+            path = path if path.exists() else None
+        else:
+            path = find_slide_file(slides_dir, sid)
         if path is None:
             missing.append(sid)
             continue
@@ -104,6 +111,9 @@ def load_slide_table(cfg: DataConfig, repo_root: Path, require_annotations: bool
             raise DataError(f"{ann}: annotation file for slide {sid!r} not found")
         flags = {c: _flag(row[c], str(table), c, sid) for c in SLIDE_FLAGS if c in cols}
         mpp = row.get("mpp")
+        split = (row.get("split") or "").strip().lower() or None
+        if split not in (None, "train", "val", "test"):
+            raise DataError(f"{table}: slide {sid!r}: column 'split' must be train, val or test, got {split!r}")
         records.append(
             SlideRecord(
                 slide_id=sid,
@@ -113,12 +123,18 @@ def load_slide_table(cfg: DataConfig, repo_root: Path, require_annotations: bool
                 flags=flags,
                 diagnosis=(row.get("diagnosis") or "").strip(),
                 mpp=float(mpp) if mpp not in (None, "") else None,
-                extra={k: v for k, v in row.items() if k not in ("slide_id", "patient_id", "mpp", *SLIDE_FLAGS)},
+                extra={
+                    k: v
+                    for k, v in row.items()
+                    if k not in ("slide_id", "patient_id", "mpp", "path", "split", *SLIDE_FLAGS)
+                },
+                split=split,
             )
         )
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DataError(f"{table}: slides listed but not found in {slides_dir}: {', '.join(missing[:5])}{more}")
+        where = "at their path column" if "path" in cols else f"in {slides_dir}"
+        raise DataError(f"{table}: slides listed but not found {where}: {', '.join(missing[:5])}{more}")
     return records
 
 
@@ -192,6 +208,7 @@ class SlideTiles:
     coverage: np.ndarray  # (N, C) float32
     plan: ReadPlan
     tile_size_l0: float
+    weight: float = 1.0  # sampling weight of each tile relative to the main data's (balanced_sample)
 
 
 def index_slide(record: SlideRecord, tiling: TilingConfig, labels: LabelConfig) -> SlideTiles:
@@ -277,10 +294,20 @@ def balanced_sample(
     that are cleanly negative for every pattern (column ``epidermis_col`` positive, every pattern
     labelled 0): normal epidermis and orthokeratotic corneum are the negatives that look most like
     the patterns, and a uniform draw over the rest (mostly dermis) rarely shows them to the model.
-    Returns an ``(n, 2)`` int array of (slide index, tile index); deterministic in ``seed`` (so a
-    resumed epoch replays the same order).
+    Slides with a ``weight`` other than 1 (extra data sets) are drawn in proportion to it (with
+    replacement). Returns an ``(n, 2)`` int array of (slide index, tile index); deterministic in
+    ``seed`` (so a resumed epoch replays the same order).
     """
     rng = np.random.default_rng(seed)
+    weights = np.concatenate([np.full(len(s.coords), float(s.weight)) for s in slides])
+    weighted = bool(np.any(weights != 1.0))
+
+    def draw(pool: np.ndarray, k: int) -> np.ndarray:
+        if not weighted:
+            return rng.choice(pool, size=k, replace=len(pool) < k)
+        w = weights[pool]
+        return rng.choice(pool, size=k, replace=True, p=w / w.sum())
+
     all_items = np.concatenate(
         [np.stack([np.full(len(s.coords), i), np.arange(len(s.coords))], 1) for i, s in enumerate(slides)]
     )
@@ -296,17 +323,17 @@ def balanced_sample(
     n_pos = n // 2 if non_empty else 0
     for j, p in enumerate(non_empty):
         k = n_pos // len(non_empty) + (1 if j < n_pos % len(non_empty) else 0)
-        picks.append(rng.choice(p, size=k, replace=len(p) < k))
+        picks.append(draw(p, k))
     n_neg = n - n_pos
     if epidermis_col is not None and epidermal_negative_fraction > 0:
         clean_neg = masks[:, :n_patterns].all(axis=1) & (targets[:, :n_patterns] == 0).all(axis=1)
         epi_neg = np.nonzero(clean_neg & (targets[:, epidermis_col] > 0) & masks[:, epidermis_col])[0]
         if len(epi_neg):
             k = int(round(n_neg * epidermal_negative_fraction))
-            picks.append(rng.choice(epi_neg, size=k, replace=len(epi_neg) < k))
+            picks.append(draw(epi_neg, k))
             n_neg -= k
     pool_rest = rest if len(rest) else np.arange(len(all_items))
-    picks.append(rng.choice(pool_rest, size=n_neg, replace=len(pool_rest) < n_neg))
+    picks.append(draw(pool_rest, n_neg))
     idx = np.concatenate(picks)
     rng.shuffle(idx)
     return all_items[idx]

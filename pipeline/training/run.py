@@ -44,7 +44,7 @@ from pipeline.patch.backends.torch_runner import PatchRunner
 from pipeline.patch.features import SlideFeatures
 from pipeline.training import distributed
 from pipeline.training.aggregator_trainer import SlideExample, train_aggregator
-from pipeline.training.config import DataConfig, RunConfig
+from pipeline.training.config import DataConfig, ExtraDataConfig, RunConfig
 from pipeline.training.data import SlideRecord, index_slide, load_or_make_splits, load_slide_table, make_splits
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,11 @@ def patch_data(cfg: RunConfig, run_dir: Path) -> tuple[list, list]:
         indexed[r.slide_id] = index_slide(r, cfg.tiling, cfg.labels)
     train = [indexed[s] for s in splits["train"]]
     val = [indexed[s] for s in splits["val"]]
+    seen = set(indexed)
+    for extra in cfg.extra_data:
+        ex_train, ex_val = extra_patch_data(extra, cfg, seen)
+        train += ex_train
+        val += ex_val
     for name, part in (("train", train), ("val", val)):
         n_tiles = sum(len(s.coords) for s in part)
         if n_tiles == 0:
@@ -170,6 +175,64 @@ def patch_data(cfg: RunConfig, run_dir: Path) -> tuple[list, list]:
             )
     del by_id
     return train, val
+
+
+def extra_patch_data(extra: ExtraDataConfig, cfg: RunConfig, seen: set[str]) -> tuple[list, list]:
+    """(train, val) tiles of one extra slide set, each tile with the set's sampling weight.
+
+    Its slides are split by the set's ``split`` (auto: a 'split' column, else patient-level as the
+    main data); ``seen`` holds the slide ids taken so far (an id in two sets is an error).
+    """
+    ensure_painted(extra)
+    ensure_synthetic(extra)
+    records = load_slide_table(extra, REPO_ROOT, require_annotations=True)
+    clash = sorted(seen & {r.slide_id for r in records})
+    if clash:
+        raise DataError(f"{extra.root}: slide ids already used by another data set: {', '.join(clash[:5])}")
+    seen.update(r.slide_id for r in records)
+    labels = cfg.labels.model_copy(update={"class_map": {**cfg.labels.class_map, **extra.class_map}})
+    part: dict[str, str] = {}
+    if extra.split != "auto":
+        part.update(dict.fromkeys((r.slide_id for r in records), str(extra.split)))
+    else:
+        part.update({r.slide_id: r.split for r in records if r.split})
+        rest = [r for r in records if not r.split]
+        if len({r.patient_id for r in rest}) >= 2:
+            auto = make_splits(rest, cfg.split)
+            part.update({s: name for name in ("train", "val", "test") for s in auto[name]})
+        else:
+            part.update(dict.fromkeys((r.slide_id for r in rest), "train"))
+    out: dict[str, list] = {"train": [], "val": [], "test": []}
+    for r in tqdm(records, desc=f"tiling + labels ({Path(extra.root).name})", leave=False, disable=None):
+        tiles = index_slide(r, cfg.tiling, labels)
+        tiles.weight = extra.weight
+        out[part[r.slide_id]].append(tiles)
+    log.info(
+        "%s: %d train / %d val / %d test slides (weight %g)",
+        extra.root,
+        len(out["train"]),
+        len(out["val"]),
+        len(out["test"]),
+        extra.weight,
+    )
+    return out["train"], out["val"]
+
+
+def ensure_painted(data: ExtraDataConfig) -> None:
+    """Paint the configured slides into ``data.root`` unless the same set is already there."""
+    if data.painted is None:
+        return
+    root = _resolve(data.root)
+    p = data.painted
+    manifest = root / "manifest.json"
+    if (root / data.labels_csv).is_file() and manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if (made.get("n"), made.get("seed"), made.get("mpp")) == (p.n, p.seed, p.mpp):
+            return
+    from pipeline.synthetic.painted import generate_painted_dataset
+
+    log.info("painting patterns on %d real-skin crops (seed %d) into %s", p.n, p.seed, root)
+    generate_painted_dataset(root, n=p.n, seed=p.seed, sources_root=_resolve(p.sources), mpp=p.mpp, overwrite=True)
 
 
 def train_patch(cfg: RunConfig, run_dir: Path):
@@ -221,6 +284,16 @@ def train_slide_aggregator(
         )
     ensure_synthetic(data)
     records = load_slide_table(data, REPO_ROOT, require_annotations=False)
+    for extra in cfg.aggregator.extra_data:
+        ensure_painted(extra)
+        ensure_synthetic(extra)
+        more = load_slide_table(extra, REPO_ROOT, require_annotations=False)
+        clash = sorted({r.slide_id for r in records} & {r.slide_id for r in more})
+        if clash:
+            raise DataError(
+                f"{extra.root}: slide ids already used by another aggregator data set: {', '.join(clash[:5])}"
+            )
+        records += more
     feats = compute_features(records, model, model_key, cfg, run_dir / "features")
     splits = make_splits(records, cfg.split)
     atomic_write_json(run_dir / "aggregator_folds.json", {"folds": splits["folds"], "patients": splits["patients"]})
