@@ -242,13 +242,15 @@ def write_slide(layout: SlideLayout, mpp: float, tiff_path: Path, geojson_path: 
 # ----------------------------------------------------------------------------- dataset
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+def prepare_out(out_dir: Path, overwrite: bool, what: str = "synthetic") -> None:
+    """Make ``out_dir`` ready for a dataset: refuse a non-empty folder unless ``overwrite``, then
+    remove only what a dataset generator writes (slides, annotations, labels.csv, manifest.json)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise ConfigError(
-                f"{out_dir}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace its synthetic data"
+                f"{out_dir}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace its {what} data"
             )
         # remove only what this generator writes; leave anything else alone
         for sub, pattern in (("slides", "*.tiff"), ("annotations", "*.geojson")):
@@ -291,7 +293,7 @@ def generate_dataset(
     plans = plan_dataset(n, seed, mpp, classes)
     size = check_size(size_um, min(p.mpp for p in plans))
     out = Path(out_dir)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite)
     rows = []
     for plan in plans:
         t0 = time.perf_counter()

@@ -53,7 +53,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.reading.slide import Slide, open_slide
 from pipeline.synthetic.catalog import CLASS_COLORS, DIAGNOSIS_SPECS, PATTERNS, SITES
-from pipeline.synthetic.dataset import LABEL_COLUMNS, check_mpp
+from pipeline.synthetic.dataset import LABEL_COLUMNS, check_mpp, prepare_out
 from pipeline.synthetic.paint_ops import (
     StainModel,
     composite,
@@ -91,7 +91,6 @@ MIN_PATTERN_UM2 = 300.0
 #: Polygon components smaller than this (µm²) are removed from a zone before painting.
 MIN_PIECE_UM2 = 40.0
 _SOURCE_CLASSES = ("epidermis", "stratum_corneum", "adnexa")
-_OUR_FILES = ("labels.csv", "manifest.json")
 _ATTEMPTS = 6
 #: Distance (µm) over which a pattern fades in from unpainted tissue of the same kind, inside its polygon.
 _FADE_UM = {"pallor": 4.0, "necrolysis": 5.0, "parakeratosis": 5.0}
@@ -919,23 +918,6 @@ def feature_collection(painted: PaintedCrop, scale: float, uuid_seed: int) -> di
 # ----------------------------------------------------------------------------- dataset
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"{out_dir}: folder exists and is not empty; pass overwrite=True to replace its painted data"
-            )
-        for sub, pattern in (("slides", "*.tiff"), ("annotations", "*.geojson")):
-            for fpath in (out_dir / sub).glob(pattern) if (out_dir / sub).is_dir() else []:
-                fpath.unlink()
-        for name in _OUR_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-    (out_dir / "slides").mkdir(parents=True, exist_ok=True)
-    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
-
-
 def output_image(painted: PaintedCrop, mpp: float) -> tuple[np.ndarray, float]:
     """(RGB at ``mpp``, output px per painting px): resized only where the source is coarser than ``mpp``."""
     factor = painted.px_um / mpp
@@ -985,7 +967,7 @@ def generate_painted_dataset(
     sources = read_sources(sources_root)
     plans = plan_painted(n, seed, len(sources), mix)
     out = Path(out_dir)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite, what="painted")
     opened: dict[int, OpenSource] = {}
     rows: list[dict[str, object]] = []
     made: list[dict[str, object]] = []
