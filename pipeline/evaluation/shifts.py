@@ -21,21 +21,16 @@ import cv2
 import numpy as np
 
 from pipeline.patch.backends import Runner
+from pipeline.training.augment import hed_to_rgb, rgb_to_hed
 
 TileShift = Callable[[np.ndarray], np.ndarray]
 
-# Ruifrok & Johnston stain vectors (rows: H, E, DAB optical-density RGB signatures)
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
-
 
 def _stain(tiles: np.ndarray) -> np.ndarray:
-    od = -np.log10((tiles.astype(np.float32) + 1.0) / 256.0)
-    hed = od @ _HED_FROM_RGB
+    hed = rgb_to_hed(tiles)
     hed *= np.array([1.25, 0.8, 1.0], np.float32)
     hed[..., 2] += 0.03
-    rgb = 256.0 * np.power(10.0, -(hed @ _RGB_FROM_HED)) - 1.0
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return hed_to_rgb(hed)
 
 
 def _blur(tiles: np.ndarray) -> np.ndarray:
