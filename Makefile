@@ -3,6 +3,8 @@
 # Everything else here is what those two need: a virtual environment with the project's
 # dependencies from the package registry, and headless Chromium for the report tests.
 # `make lint` alone (ruff check, ruff format --check, mypy; configured in pyproject.toml) is for local use.
+# The environment is installed from requirements.lock (exact versions, sha256 hashes; Linux x86_64,
+# CPython 3.11); `make lock` re-resolves it from pyproject.toml's ranges (python tools/lock.py).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,15 +13,21 @@ STAMP  := $(VENV)/.install-stamp
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint install doctor browser clean-demo
+.PHONY: demo test lint install lock doctor browser clean-demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,onnx]'
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml (newest releases within its ranges), then install it.
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) tools/lock.py
+	$(MAKE) install
 
 # Debian's Chromium for the real-browser report tests (no browser download at run time).
 browser:

@@ -28,6 +28,7 @@ from pipeline.core.cli import run_cli, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.batch.stages import DEFAULT_SLIDE_TIMEOUT_S
     from pipeline.core.paths import DEMO_BUNDLE, DEMO_OUTPUT, DEMO_SLIDES
     from pipeline.outputs.heatmap import DEFAULT_HEATMAP_FORMAT, HEATMAP_FORMATS
     from pipeline.patch.backends import BACKEND_HELP
@@ -96,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         help="heatmap image files: jpeg (default; quality 90, the bytes the report embeds) or png "
         "(lossless, ~7x the encoding time and ~3.5x the size)",
     )
+    ap.add_argument(
+        "--slide-timeout",
+        type=float,
+        default=DEFAULT_SLIDE_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"time limit per slide (default {DEFAULT_SLIDE_TIMEOUT_S:g}; 0: none): a slide that takes longer "
+        "(a stalled read, a broken decoder) is marked failed, its worker replaced, and the batch goes on",
+    )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--backend", default="auto", help=BACKEND_HELP + "; the backend used is recorded in run.json")
     ap.add_argument("--force", action="store_true", help="redo slides that are already done")
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         heatmap_mpp=args.heatmap_mpp,
         heatmap_format=args.heatmap_format,
         force=args.force,
+        slide_timeout=args.slide_timeout,
         device=args.device,
         backend=args.backend,
         engine=args.engine,
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     record = run_batch(opts)
     print(final_screen(record, args.out.resolve()))
+    print(f"review:  {sys.executable} -m pipeline.review {args.out.resolve()}")
     return 1 if record["counts"]["failed"] else 0
 
 

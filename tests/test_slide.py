@@ -120,7 +120,7 @@ def _make_bad(d, name):
         ("missing.svs", "no such file"),
         ("empty.svs", "empty file"),
         ("notes.txt", "unsupported format"),
-        ("junk.tiff", "not a readable TIFF"),
+        ("junk.tiff", "truncated: the first image directory lies beyond the end of the file"),
         ("sub", "no slide"),
     ],
 )

@@ -20,9 +20,10 @@ from models.bundle import LoadedBundle, load_bundle
 from pipeline.analysis import SlideAnalyser
 from pipeline.batch.discovery import SlideJob
 from pipeline.batch.options import HEATMAP_FORMAT, HEATMAP_MPP, BatchOptions
+from pipeline.batch.stages import NoTracker, StageTracker
 from pipeline.clinical.rules import load_clinical, load_ruleset
 from pipeline.core.runtime import HeapReserve, keep_freed_memory, resolve_device
-from pipeline.patch.backends import Runner, default_batch_size, make_runner
+from pipeline.patch.backends import Runner, default_batch_size, make_backend
 from pipeline.patch.reader import lower_thread_priority
 from pipeline.result import ProducedBy, ResultModel
 from pipeline.slide_model.aggregation import SlidePredictor
@@ -79,11 +80,13 @@ class InferenceContext:
     clinical: Any | None
     out_dir: Path
     backend: str = "torch"
+    backend_choice: dict[str, str] = field(default_factory=dict)  # name, basis, reason (auto's choice; run.json)
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of heatmaps and report thumbnail (never finer than the tissue thumbnail)
     heatmap_format: str = HEATMAP_FORMAT  # jpeg | png (files heatmap_<name>.jpg | .png)
     engine: str = "local"  # which engine's process this is (recorded in each result)
     heap: HeapReserve = field(default_factory=HeapReserve)  # when freed memory goes back to the OS
     stages: StageThreads = field(default_factory=StageThreads, repr=False, compare=False)  # overlapped stages' threads
+    tracker: StageTracker = field(default_factory=NoTracker, repr=False, compare=False)  # told each slide's stage
 
     @property
     def runner(self) -> Runner:
@@ -130,7 +133,9 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob], engine: str = "local
     clinical = None
     if opts.clinical is not None:
         clinical = load_clinical(opts.clinical, slide_ids={j.slide_id for j in jobs})
-    runner, backend = make_runner(bundle, device, opts.precision, opts.backend, batch_size=opts.batch_size)
+    runner, choice = make_backend(
+        bundle, device, opts.precision, opts.backend, batch_size=opts.batch_size, scorer=predictor
+    )
     analyser = SlideAnalyser.for_bundle(
         bundle.contract,
         runner,
@@ -146,7 +151,8 @@ def build_context(opts: BatchOptions, jobs: list[SlideJob], engine: str = "local
         ruleset=ruleset,
         clinical=clinical,
         out_dir=opts.out_dir,
-        backend=backend,
+        backend=choice.backend,
+        backend_choice={"name": choice.backend, "basis": choice.basis, "reason": choice.reason},
         heatmap_mpp=opts.heatmap_mpp,
         heatmap_format=opts.heatmap_format,
         engine=engine,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import DataError, SlideError
+from pipeline.reading.diagnose import file_kind
 from pipeline.reading.slide import MPP_RANGE, SLIDE_SUFFIXES, slide_id_for
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,35 @@ def _is_dicom_folder(d: Path) -> bool:
         return False
 
 
-def discover(root: Path, exclude: Path | None = None) -> list[SlideJob]:
+@dataclass(frozen=True)
+class Skipped:
+    """An input that is not processed, and why (logged, and listed in run.json)."""
+
+    path: str
+    reason: str
+
+
+def _skip_reason(f: Path) -> str | None:
+    """Why ``f`` (not a folder, not hidden) is not a slide to process; None for a slide file."""
+    kind = file_kind(f)
+    suffix = f.suffix.lower()
+    if kind in ("broken link", "symbolic link loop"):
+        return "broken symbolic link" if kind == "broken link" else kind
+    if kind != "regular":
+        return f"not a regular file ({kind})"
+    if suffix not in SLIDE_SUFFIXES:
+        return f"not a slide file type ({suffix or 'no suffix'})"
+    return None
+
+
+def discover(root: Path, exclude: Path | None = None, skipped: list[Skipped] | None = None) -> list[SlideJob]:
     """Slides under ``root``: files with a slide suffix and folders of DICOM files (one slide each).
 
     ``slide_id`` = file stem (folder name for DICOM folders). Duplicated ids are an error.
+    ``skipped`` (when given) receives every other visible entry with the reason: non-regular files
+    (FIFOs, sockets, devices), broken links and files that are not slides; each is logged.
     """
+    skips: list[Skipped] = [] if skipped is None else skipped
     if not root.exists():
         raise DataError(f"{root}: input folder not found")
     if not root.is_dir():
@@ -61,7 +86,11 @@ def discover(root: Path, exclude: Path | None = None) -> list[SlideJob]:
             skip_dirs.add(d)
             continue
         for f in sorted(d.iterdir()):
-            if not f.is_file() or f.name.startswith("."):
+            if f.name.startswith(".") or f.is_dir():
+                continue
+            if (why := _skip_reason(f)) is not None:
+                skips.append(Skipped(str(f), why))
+                (log.info if why.startswith("not a slide file type") else log.warning)("skipped %s: %s", f, why)
                 continue
             suffix = f.suffix.lower()
             if suffix in SLIDE_SUFFIXES:

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.batch.discovery import SlideJob, discover, read_slide_table
+from pipeline.batch.discovery import Skipped, SlideJob, discover, read_slide_table
+from pipeline.batch.stages import DEFAULT_SLIDE_TIMEOUT_S
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.io import atomic_write_json
 from pipeline.outputs.heatmap import DEFAULT_HEATMAP_FORMAT, HEATMAP_FORMATS
@@ -57,6 +58,7 @@ class BatchOptions:
     heatmap_mpp: float = HEATMAP_MPP  # µm/px of the heatmap images and the report thumbnail
     heatmap_format: str = HEATMAP_FORMAT  # jpeg | png
     force: bool = False
+    slide_timeout: float = DEFAULT_SLIDE_TIMEOUT_S  # seconds one slide may take before it is abandoned (0: no limit)
     device: str = "auto"
     precision: str = "auto"
     backend: str = "auto"
@@ -84,6 +86,7 @@ class RunFacts:
     ruleset_version: str | None
     device: str
     reader_threads: int
+    backend: dict[str, str] = field(default_factory=dict)  # name, basis, reason of the patch-model backend
 
     @classmethod
     def of(cls, ctx: Any) -> RunFacts:
@@ -94,6 +97,7 @@ class RunFacts:
             ruleset_version=getattr(ctx.ruleset, "ruleset_version", None),
             device=str(ctx.runner.device) if hasattr(ctx.runner, "device") else "cpu",
             reader_threads=ctx.reader_threads,
+            backend=dict(getattr(ctx, "backend_choice", None) or {}),
         )
 
 
@@ -112,6 +116,8 @@ def check_options(opts: BatchOptions) -> None:
         raise ConfigError(
             f"unknown --heatmap-format {opts.heatmap_format!r}; choose one of {', '.join(HEATMAP_FORMATS)}"
         )
+    if not opts.slide_timeout >= 0:
+        raise ConfigError(f"--slide-timeout must be a number of seconds, 0 for no limit (got {opts.slide_timeout})")
     if opts.workers is not None and opts.workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {opts.workers})")
     if opts.engine == "local":
@@ -137,8 +143,11 @@ def check_options(opts: BatchOptions) -> None:
             raise ConfigError(f"--cpus-per-worker must be positive (got {opts.cpus_per_worker})")
 
 
-def check_inputs(opts: BatchOptions) -> list[SlideJob]:
-    """Validate folders and find slides; every problem is a one-line error before any slide is processed."""
+def check_inputs(opts: BatchOptions, skipped: list[Skipped] | None = None) -> list[SlideJob]:
+    """Validate folders and find slides; every problem is a one-line error before any slide is processed.
+
+    ``skipped`` (when given) receives the folder's entries that are not processed, with the reason.
+    """
     out = opts.out_dir.resolve()
     if opts.slides_table is not None:
         jobs = read_slide_table(opts.slides_table)
@@ -154,7 +163,7 @@ def check_inputs(opts: BatchOptions) -> list[SlideJob]:
             raise ConfigError(
                 f"{opts.out_dir}: output folder is inside the input folder {opts.slides_dir}; choose another --out"
             )
-        jobs = discover(src)
+        jobs = discover(src, skipped=skipped)
         if not jobs:
             raise DataError(
                 f"{opts.slides_dir}: no slide files found (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)"
@@ -174,6 +183,7 @@ def write_summary(
     skipped: int,
     n_tiles: int,
     engine: dict[str, Any] | None = None,
+    skipped_inputs: list[Skipped] | None = None,
 ) -> dict[str, Any]:
     """Write summary.csv, index.html and run.json (atomically); returns the run record.
 
@@ -190,6 +200,7 @@ def write_summary(
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items() if k != "command"},
         "model": facts.model_info,
         "model_label": facts.model_label,
+        "backend": facts.backend,  # which patch-model backend ran and why
         "ruleset_version": facts.ruleset_version,
         "engine": engine or {"name": "local", "workers": 1, "reader_threads": facts.reader_threads},
         "versions": versions(),
@@ -202,7 +213,13 @@ def write_summary(
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(elapsed, 3),
-        "counts": {"slides": len(results), **counts, "processed_this_run": processed, "skipped_done": skipped},
+        "counts": {
+            "slides": len(results),
+            **counts,
+            "processed_this_run": processed,
+            "skipped_done": skipped,
+        },
+        "skipped_inputs": [{"path": s.path, "reason": s.reason} for s in skipped_inputs or []],
         "throughput": {
             "tiles": n_tiles,
             "tiles_per_s": round(n_tiles / elapsed, 2) if elapsed > 0 else None,
@@ -220,12 +237,28 @@ def final_screen(record: dict[str, Any], out_dir: Path) -> str:
         "",
         f"NME-pattern batch: {c['slides']} slide(s): {c['ok']} ok, {c['non_diagnostic']} non-diagnostic, {c['failed']} failed "
         f"({c['processed_this_run']} processed now, {c['skipped_done']} already done) in {record['seconds']:.1f} s",
+        *_skipped_lines(record.get("skipped_inputs") or []),
         f"model: {record['model']['name']} {record['model']['version']} — {record['model_label']}",
+        *([f"backend: {b['name']} ({b['reason']})"] if (b := record.get("backend")) else []),
         f"results: {out_dir / 'index.html'}",
         f"         {out_dir / 'summary.csv'}",
         "Decision support only: a clinician confirms every order.",
     ]
     return "\n".join(lines)
+
+
+def _skipped_lines(skipped: list[dict[str, str]], limit: int = 10) -> list[str]:
+    """The final screen's lines for inputs that were not processed (non-slide files summed up)."""
+    if not skipped:
+        return []
+    worth = [s for s in skipped if not s["reason"].startswith("not a slide file type")]
+    lines = [f"skipped {len(skipped)} input(s) that are not slides:"]
+    lines += [f"  {s['path']}: {s['reason']}" for s in worth[:limit]]
+    if len(worth) > limit:
+        lines.append(f"  ... and {len(worth) - limit} more (run.json lists them all)")
+    if len(skipped) > len(worth):
+        lines.append(f"  {len(skipped) - len(worth)} file(s) of other types (run.json lists them)")
+    return lines
 
 
 def load_run(out_dir: Path) -> dict[str, Any] | None:

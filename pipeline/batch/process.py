@@ -22,11 +22,13 @@ from pipeline.analysis import PreparedSlide, SlideAnalysis
 from pipeline.batch.context import InferenceContext
 from pipeline.batch.discovery import SlideJob
 from pipeline.batch.options import versions
+from pipeline.batch.stages import DONE, MODEL, OUTPUTS, READING, RULES, WAITING
 from pipeline.clinical.rules import recommend
 from pipeline.core.errors import PipelineError
 from pipeline.outputs.gallery import TopTiles
 from pipeline.outputs.slide_files import GALLERY_SIZE, SlideFileOptions, write_failure_report, write_slide_files
 from pipeline.patch.features import runs_on_cpu
+from pipeline.reading.diagnose import check_file, file_kind
 from pipeline.result import (
     PatternScores,
     QualitySummary,
@@ -81,10 +83,12 @@ def prepare_slide(job: SlideJob, ctx: InferenceContext) -> Prepared:
 
     Pure with respect to the output folder (writes nothing), so it can run ahead of time.
     """
+    ctx.tracker.enter(job.slide_id, READING)
     try:
         out = Prepared(slide=ctx.analyser.prepare(job.path, job.mpp, job.slide_id))
     except BaseException as exc:  # noqa: BLE001 - raised again by model_stage, in the slide's own try
         out = Prepared(error=exc)
+    ctx.tracker.enter(job.slide_id, WAITING)
     ctx.heap.release()  # the detector's full-thumbnail temporaries (beyond the model's working memory)
     return out
 
@@ -175,11 +179,13 @@ def model_stage(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Futur
         if prep.error is not None:
             raise prep.error
         assert prep.slide is not None
+        ctx.tracker.enter(job.slide_id, MODEL)
         classes = ctx.analyser.classes
         gallery = TopTiles(
             {p: classes.index(p) for p in ("pallor", "necrolysis", "parakeratosis") if p in classes}, GALLERY_SIZE
         )
         analysis = ctx.analyser.analyse(job.path, job.mpp, job.slide_id, prepared=prep.slide, observer=gallery)
+        ctx.tracker.enter(job.slide_id, RULES)
         if "patch_model.model" in analysis.timings:
             ctx.heap.note_model_done()  # activations and tile batches: kept for the next slide
         _record_analysis(result, analysis, ctx)
@@ -256,13 +262,21 @@ def _mark_failed(result: SlideResult, job: SlideJob, exc: Exception) -> None:
         result.error = str(exc)
         return
     log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
-    msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-    result.error = f"{job.path}: unexpected error ({msg})"
+    problem = check_file(job.path) if file_kind(job.path) == "regular" else None
+    if problem is not None:
+        result.error = f"{job.path}: {problem}"
+        return
+    detail = " ".join(str(exc).split())[:200] or "no detail"
+    result.error = (
+        f"{job.path}: could not be read: damaged in a way not recognised, or a layout this reader "
+        f"does not handle ({detail})"
+    )
 
 
 def output_stage(m: ModelledSlide, ctx: InferenceContext) -> SlideResult:
     """Heatmaps, GeoJSON, gallery, FHIR, report, then ``result.json`` (written last); never raises."""
     job, result, slide_dir = m.job, m.result, m.slide_dir
+    ctx.tracker.enter(job.slide_id, OUTPUTS)
     t_start = time.perf_counter()
     if m.analysis is not None:
         try:
@@ -283,6 +297,7 @@ def output_stage(m: ModelledSlide, ctx: InferenceContext) -> SlideResult:
     result.timings["total"] = round(m.seconds + time.perf_counter() - t_start, 4)
     result = parse_result(result.to_json_dict(), source=str(slide_dir / "result.json"))  # the schema holds
     result.write(slide_dir)
+    ctx.tracker.enter(job.slide_id, DONE)
     ctx.heap.release()  # heatmap temporaries: memory between slides stays that of the model
     return result
 

@@ -45,15 +45,18 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.batch.context import InferenceContext, build_context
-from pipeline.batch.discovery import SlideJob
+from pipeline.batch.discovery import Skipped, SlideJob
 from pipeline.batch.options import BatchOptions, RunFacts, check_inputs, write_summary
 from pipeline.batch.process import failed_result, process_slide
+from pipeline.batch.stages import FileTracker, clear_stage_file, read_stage_file, timeout_message
 from pipeline.batch.state import OutputLock, is_done
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.result import ProducedBy, ResultMPP, SlideResult, parse_result, read_result_or_none
 
 log = logging.getLogger(__name__)
 
+#: Seconds between checks of the slides' time limit while no slide finishes.
+TIMEOUT_POLL_S = 0.5
 #: Attempts per slide when its worker dies (the first one included).
 MAX_ATTEMPTS = 2
 #: Seconds to wait for a TCP connection to the Ray head given with ``--address HOST:PORT``.
@@ -405,6 +408,7 @@ class SlideWorker:
     def load(self) -> RunFacts:
         """Build the InferenceContext (loads the bundle once per actor)."""
         self.ctx = build_context(self.opts, self.jobs, engine="ray")
+        self.ctx.tracker = FileTracker(self.ctx.out_dir)  # the driver reads it when this actor is stuck
         return RunFacts.of(self.ctx)
 
     def process(self, job: SlideJob, attempt: int) -> dict[str, Any]:
@@ -570,13 +574,16 @@ def _worker_options(opts: BatchOptions) -> BatchOptions:
 def run_batch_ray(opts: BatchOptions) -> dict[str, Any]:
     """Process every slide on Ray actors; returns the run record (also written to run.json)."""
     ray = import_ray()
-    jobs = [dataclasses.replace(j, path=Path(j.path).expanduser().absolute()) for j in check_inputs(opts)]
+    skipped_inputs: list[Skipped] = []
+    jobs = [
+        dataclasses.replace(j, path=Path(j.path).expanduser().absolute()) for j in check_inputs(opts, skipped_inputs)
+    ]
     wopts = _worker_options(_absolute(opts))
     conn = connect(ray, opts.address)
     try:
         shape = cluster_shape(ray)
         plan = plan_workers(opts, shape)
-        return _run(ray, conn, opts, wopts, jobs, plan, shape)
+        return _run(ray, conn, opts, wopts, jobs, plan, shape, skipped_inputs)
     finally:
         conn.close()
 
@@ -589,6 +596,7 @@ def _run(
     jobs: list[SlideJob],
     plan: WorkerPlan,
     shape: ClusterShape,
+    skipped_inputs: list[Skipped] | None = None,
 ) -> dict[str, Any]:
     out = wopts.out_dir
     created = not out.exists()
@@ -622,7 +630,7 @@ def _run(
             plan.cpus,
             plan.gpus,
         )
-        retries, n_tiles, lost = _schedule(ray, pool, todo, wopts)
+        retries, n_tiles, lost, timeouts = _schedule(ray, pool, todo, wopts)
         elapsed = time.perf_counter() - t0
         results = [r for r in (read_result_or_none(out / j.slide_id) for j in jobs) if r is not None]
         engine = {
@@ -640,6 +648,8 @@ def _run(
             "shared_filesystem": SHARED_FS_NOTE,
             "max_attempts": MAX_ATTEMPTS,
             "retries": retries,
+            "slide_timeout_s": wopts.slide_timeout,
+            "timeouts": timeouts,
             "setup_seconds": round(setup_s, 3),
         }
         assert pool.facts is not None
@@ -653,6 +663,7 @@ def _run(
             skipped=skipped,
             n_tiles=n_tiles,
             engine=engine,
+            skipped_inputs=skipped_inputs,
         )
         if lost:
             raise ClusterError(
@@ -674,10 +685,15 @@ def _run(
 
 def _schedule(
     ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions
-) -> tuple[list[dict[str, Any]], int, list[SlideJob]]:
-    """Keep every actor busy with one slide; retry slides whose actor died. Returns (retries, tiles, slides lost)."""
+) -> tuple[list[dict[str, Any]], int, list[SlideJob], list[dict[str, Any]]]:
+    """Keep every actor busy with one slide; retry slides whose actor died; abandon slides past
+    ``opts.slide_timeout`` (their actor is killed and replaced). Returns (retries, tiles, slides
+    lost, timeouts)."""
     queue: deque[tuple[SlideJob, int]] = deque((j, 1) for j in todo)
     pending: dict[Any, tuple[int, SlideJob, int]] = {}
+    started: dict[Any, float] = {}  # monotonic time each pending slide was handed to its actor
+    limit = float(opts.slide_timeout or 0)
+    timeouts: list[dict[str, Any]] = []
     idle = deque(pool.alive())
     retries: list[dict[str, Any]] = []
     n_tiles = 0
@@ -686,7 +702,9 @@ def _schedule(
     def submit(i: int, job: SlideJob, attempt: int) -> None:
         slot = pool.slots[i]
         assert slot is not None
-        pending[slot.actor.process.remote(job, attempt)] = (i, job, attempt)
+        ref = slot.actor.process.remote(job, attempt)
+        pending[ref] = (i, job, attempt)
+        started[ref] = time.monotonic()
 
     def give_up(i: int | None, job: SlideJob, reason: str) -> None:
         slot = pool.slots[i] if i is not None else None
@@ -705,8 +723,21 @@ def _schedule(
                 submit(idle.popleft(), job, attempt)
             if not pending:
                 break  # slides left but no worker alive
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=TIMEOUT_POLL_S if limit > 0 else None)
+            if not done:
+                now = time.monotonic()
+                for ref in [r for r in pending if now - started[r] > limit]:
+                    i, job, attempt = pending.pop(ref)
+                    started.pop(ref)
+                    timeouts.append(_abandon(pool, i, job, limit, opts.out_dir))
+                    replaced = pool.slots[i] is not None
+                    give_up(i if replaced else next(iter(pool.alive()), None), job, timeouts[-1]["error"])
+                    bar.update(1)
+                    if replaced:
+                        idle.append(i)
+                continue
             ref = done[0]
+            started.pop(ref, None)
             i, job, attempt = pending.pop(ref)
             try:
                 result = parse_result(ray.get(ref), source=f"{job.slide_id}: worker result")
@@ -751,4 +782,18 @@ def _schedule(
     finally:
         bar.close()
     lost = [j for j, _ in queue]
-    return retries, n_tiles, lost
+    return retries, n_tiles, lost, timeouts
+
+
+def _abandon(pool: WorkerPool, i: int, job: SlideJob, limit: float, out_dir: Path) -> dict[str, Any]:
+    """``job`` passed the time limit on slot ``i``: kill that actor, start a fresh one; the timeout's record."""
+    slot = pool.slots[i]
+    stage = read_stage_file(out_dir, job.slide_id) or "an unknown stage"
+    error = f"{job.path}: {timeout_message(limit, stage)}"
+    log.warning("%s: %s", job.slide_id, error)
+    record = {"slide_id": job.slide_id, "stage": stage, "error": error}
+    if slot is not None:
+        record.update(worker_pid=slot.identity["pid"], worker_host=slot.identity["host"])
+    pool.replace(i)
+    clear_stage_file(out_dir, job.slide_id)
+    return record

@@ -2,7 +2,8 @@
 and writes ``summary.csv``, ``index.html`` and ``run.json``.
 
 Two engines run the same :func:`~pipeline.batch.process.process_slide` into the same output
-layout: ``local`` (this module: one slide at a time in this process) and ``ray``
+layout: ``local`` (this module: one slide at a time in one worker process, replaced when a slide
+passes ``--slide-timeout`` or the worker dies; :mod:`pipeline.batch.supervisor`) and ``ray``
 (:mod:`pipeline.batch.ray_engine`: slides spread over Ray actors, one model load per actor).
 :func:`run_batch` picks the engine from :attr:`BatchOptions.engine`.
 
@@ -21,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.batch.context import InferenceContext, build_context  # noqa: F401  (re-exported)
+from pipeline.batch.discovery import Skipped
 from pipeline.batch.options import (  # noqa: F401  (re-exported: the batch API in one place)
     ENGINES,
     HEATMAP_FORMAT,
@@ -34,8 +36,8 @@ from pipeline.batch.options import (  # noqa: F401  (re-exported: the batch API 
     versions,
     write_summary,
 )
-from pipeline.batch.process import process_slides
 from pipeline.batch.state import OutputLock, is_done
+from pipeline.batch.supervisor import Supervisor
 from pipeline.patch.backends import DEFAULT_BATCH_SIZE, default_batch_size  # noqa: F401  (re-exported)
 from pipeline.result import read_result_or_none
 
@@ -53,29 +55,43 @@ def run_batch(opts: BatchOptions) -> dict[str, Any]:
 
 
 def run_batch_local(opts: BatchOptions) -> dict[str, Any]:
-    """The local engine: one slide at a time in this process."""
-    jobs = check_inputs(opts)
+    """The local engine: one worker process, one slide at a time (stages overlapped), under the time limit."""
+    skipped_inputs: list[Skipped] = []
+    jobs = check_inputs(opts, skipped_inputs)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     with OutputLock(opts.out_dir):
-        ctx = build_context(opts, jobs)
         todo = [j for j in jobs if opts.force or not is_done(opts.out_dir / j.slide_id)]
         skipped = len(jobs) - len(todo)
         if skipped:
             log.info("%d slide(s) already done, skipped (use --force to redo)", skipped)
-        n_tiles = 0
         bar = tqdm(total=len(todo), desc="slides", unit="slide", disable=opts.quiet or None)
-        # the next slide is opened and its tissue found in the background while this one runs
-        for job, result in zip(todo, process_slides(todo, ctx)):
-            bar.update(1)
-            bar.set_postfix_str(job.slide_id[:30])
-            n_tiles += result.n_tiles
-            log.info("%s: %s", job.slide_id, result.describe())
-        bar.close()
+        try:
+            sup = Supervisor(opts, jobs, bar)
+            sup.run(todo)
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - t0
         results = [r for r in (read_result_or_none(opts.out_dir / j.slide_id) for j in jobs) if r is not None]
+        assert sup.facts is not None
+        engine = {
+            "name": "local",
+            "workers": 1,
+            "reader_threads": sup.facts.reader_threads,
+            "slide_timeout_s": opts.slide_timeout,
+            "worker_restarts": sup.restarts,
+        }
         record = write_summary(
-            opts, ctx, results, started, elapsed, processed=len(todo), skipped=skipped, n_tiles=n_tiles
+            opts,
+            sup.facts,
+            results,
+            started,
+            elapsed,
+            processed=len(todo),
+            skipped=skipped,
+            n_tiles=sup.n_tiles,
+            engine=engine,
+            skipped_inputs=skipped_inputs,
         )
     return record

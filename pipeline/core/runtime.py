@@ -22,6 +22,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    return frozenset(_cpu_flags())
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_description() -> str:
     """CPU model name and logical core count."""

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import cv2
 import numpy as np
 
 from pipeline.core.errors import MPPError, SlideError
+from pipeline.reading.diagnose import check_file, file_kind, sniff
 
 if TYPE_CHECKING:
     import tifffile
@@ -65,6 +67,12 @@ SLIDE_SUFFIXES = {
     *TIFF_SUFFIXES,
     *PLAIN_IMAGE_SUFFIXES,
 }
+
+
+def _words(exc: BaseException, limit: int = 200) -> str:
+    """A library exception's own words for a user's message (never its type name), on one line."""
+    text = " ".join(str(exc).split())[:limit]
+    return text or "no further detail"
 
 
 def _check_mpp(value: float, slide: str, source: str) -> float:
@@ -173,7 +181,7 @@ class OpenSlideReader(SlideReader):
         except self._openslide.OpenSlideError as exc:
             raise SlideError(f"{self.display}: OpenSlide cannot open it ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - any backend failure is the slide's failure
-            raise SlideError(f"{self.display}: cannot open ({type(exc).__name__}: {exc})") from None
+            raise SlideError(f"{self.display}: cannot be opened: damaged or unsupported ({_words(exc)})") from None
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -370,7 +378,7 @@ class TiffFileReader(SlideReader):
             self._tif = tifffile.TiffFile(str(path))
             series = self._tif.series[0]
         except Exception as exc:  # noqa: BLE001
-            raise SlideError(f"{display}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+            raise SlideError(f"{display}: damaged or unsupported TIFF ({_words(exc)})") from None
         self._series = series
         self._levels = list(series.levels) if series.levels else [series]
         self._axes = series.axes.upper()
@@ -483,7 +491,10 @@ class PlainImageReader(SlideReader):
 
         self.display = display
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():  # PIL warns above ~89 Mpx; the limit below decides, in words
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
                 w, h = im.size
                 if w * h > MAX_PLAIN_IMAGE_PIXELS:
                     raise SlideError(
@@ -495,7 +506,7 @@ class PlainImageReader(SlideReader):
         except SlideError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise SlideError(f"{display}: not a readable image ({type(exc).__name__}: {exc})") from None
+            raise SlideError(f"{display}: damaged image ({_words(exc)})") from None
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -671,26 +682,43 @@ def slide_id_for(path: str | Path) -> str:
 
 
 def _dicom_file_in(folder: Path) -> Path:
-    dcm = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() == ".dcm")
+    try:
+        dcm = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() == ".dcm")
+    except OSError as exc:
+        raise SlideError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
     if not dcm:
         raise SlideError(f"{folder}: directory holds no slide (no .dcm files of a DICOM WSI)")
     return dcm[0]
 
 
 def open_reader(path: Path) -> SlideReader:
-    """Pick the backend for ``path`` (file or DICOM folder); errors are one-line :class:`SlideError`."""
+    """Pick the backend for ``path`` (file or DICOM folder); errors are one-line :class:`SlideError`.
+
+    The container is checked first (:func:`pipeline.reading.diagnose.check_file`): a truncated,
+    mis-sized or non-image file is refused with what is wrong before any decoder sees it.
+    """
     import openslide
 
     display = str(path)
-    if not path.exists():
-        raise SlideError(f"{display}: no such file or directory")
-    target = _dicom_file_in(path) if path.is_dir() else path
+    kind = file_kind(path)
+    if kind in ("missing", "broken link", "symbolic link loop"):
+        raise SlideError(f"{display}: no such file or directory" + (f" ({kind})" if kind != "missing" else ""))
+    if kind not in ("regular", "folder"):
+        raise SlideError(f"{display}: not a regular file ({kind}); only slide files and DICOM folders are read")
+    target = _dicom_file_in(path) if kind == "folder" else path
     if not os.access(target, os.R_OK):
         raise SlideError(f"{display}: permission denied")
-    size = target.stat().st_size
-    if size == 0:
-        raise SlideError(f"{display}: empty file (0 bytes)")
     suffix = target.suffix.lower()
+    if kind == "regular" and suffix not in SLIDE_SUFFIXES:
+        raise SlideError(
+            f"{display}: unsupported format {suffix or '(no suffix)'!r}; expected one of "
+            + ", ".join(sorted(SLIDE_SUFFIXES))
+            + " or a DICOM folder"
+        )
+    problem = check_file(target)
+    if problem is not None:
+        where = "" if target == path else f" ({target.name})"
+        raise SlideError(f"{display}{where}: {problem}")
     try:
         vendor = openslide.OpenSlide.detect_format(str(target))
     except Exception:  # noqa: BLE001
@@ -703,10 +731,11 @@ def open_reader(path: Path) -> SlideReader:
         return PlainImageReader(target, display)
     if suffix == ".dcm":
         raise SlideError(f"{display}: DICOM file that OpenSlide does not recognise as a whole-slide image")
+    with open(target, "rb") as fh:
+        container = sniff(fh.read(132))
     raise SlideError(
-        f"{display}: unsupported format {suffix or '(no suffix)'!r}; expected one of "
-        + ", ".join(sorted(SLIDE_SUFFIXES))
-        + " or a DICOM folder"
+        f"{display}: OpenSlide does not recognise this {container.upper()} file as a {suffix} slide "
+        "(damaged vendor metadata, or a variant OpenSlide cannot read)"
     )
 
 

@@ -152,7 +152,9 @@ class TiffLevelSource:
         except TileDecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is corrupt data
-            raise TileDecodeError(f"tile {index} of page {self._index}: {type(exc).__name__}: {exc}") from None
+            raise TileDecodeError(
+                f"tile {index} of page {self._index} does not decode ({' '.join(str(exc).split())[:200] or 'no detail'})"
+            ) from None
         tile = np.ascontiguousarray(np.asarray(decoded).reshape(self.tile_h, self.tile_w, -1)[:, :, :3])
         self._cache.put(key, tile)
         return tile
