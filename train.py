@@ -2,6 +2,7 @@
 """Train the patch model and/or the slide aggregator from one YAML config.
 
     python train.py --config configs/demo.yaml [--set train.epochs=2 --set seed=1] [--quiet]
+    python train.py --config my.yaml --check     # validate config and data, print the counts, train nothing
 
 The config schema is ``pipeline/training/config.py`` (unknown keys are errors). The run folder
 (``output_dir``) receives the resolved config, splits, logs, metrics and the model bundle; run
@@ -31,12 +32,26 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value, e.g. --set train.epochs=2 (repeatable)",
     )
     ap.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and the data (tables, annotations, splits, minimum data), print the counts "
+        "as JSON and exit without training or writing into the run folder",
+    )
     args = ap.parse_args(argv)
     setup_logging(quiet=args.quiet)
     from pipeline.core.config import load_config
     from pipeline.training.config import RunConfig
 
     cfg = load_config(RunConfig, args.config, args.overrides)  # config errors surface before heavy imports
+    if args.check:
+        import json
+
+        from pipeline.training.run import prepare_run
+
+        prepared = prepare_run(cfg, write=False)
+        print(json.dumps({"ok": True, "task": cfg.task, "output_dir": str(prepared.run_dir), **prepared.counts}))
+        return 0
     from pipeline.training.run import run_training
 
     bundle = run_training(cfg)

@@ -29,6 +29,7 @@ output_dir: {out}
 data:
   root: {data}
   synthetic: {{n: 4, seed: 21, size_um: [1400, 1000], classes: [nme, normal, nme_late, normal]}}
+labels: {{positive_coverage: {{pallor: 0.05, necrolysis: 0.02, parakeratosis: 0.05, epidermis: 0.1}}}}  # every pattern in train and val
 split: {{val_fraction: 0.25, k_folds: 2}}
 model: {{backbone: mobilenet_v3_small}}
 train: {{epochs: 1, tiles_per_epoch: 32, batch_size: 8, max_val_tiles: 50, num_workers: 0, checkpoint_every: 1,

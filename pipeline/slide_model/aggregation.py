@@ -75,11 +75,11 @@ class SlidePredictor:
         self.use_embeddings = use_embeddings
 
     # -- building blocks shared with training ------------------------------------------------
-    def bag(self, feats: SlideFeatures) -> torch.Tensor:
-        """MIL input (N, D_in) for a slide."""
+    def bag(self, feats: SlideFeatures, probs_override: np.ndarray | None = None) -> torch.Tensor:
+        """MIL input (N, D_in) for a slide (``probs_override``: (N, C) tile probabilities to use instead)."""
         assert self.mil is not None
         emb = torch.from_numpy(feats.embeddings) if self.use_embeddings else torch.zeros((len(feats), 0))
-        probs = torch.from_numpy(feats.probs)
+        probs = torch.from_numpy(feats.probs if probs_override is None else probs_override)
         return self.mil.make_features(emb, probs) if self.mil.hparams["tile_prob_dim"] else emb
 
     def raw(self, feats: SlideFeatures) -> tuple[float, dict[str, float], np.ndarray]:

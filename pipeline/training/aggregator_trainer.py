@@ -29,7 +29,9 @@ from pipeline.evaluation.reliability import expected_calibration_error
 from pipeline.outputs.reliability_diagram import write_reliability_diagram
 from pipeline.patch.features import SlideFeatures
 from pipeline.slide_model.aggregation import SlidePredictor
-from pipeline.slide_model.calibration import Bands, bands_for_target_sensitivity, make_calibrator
+from pipeline.slide_model.calibration import Bands, bands_for_target_sensitivity
+from pipeline.training.bag_augment import raise_baseline
+from pipeline.training.calibration_guard import fit_calibration
 from pipeline.training.config import AggregatorConfig
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,15 @@ def fit_predictor(
     rng = np.random.default_rng(seed)
     bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     bce_p = nn.BCEWithLogitsLoss()
+    # thresholds per prob column; the epidermis column (NaN) is never shifted
+    col_thr = np.array([thresholds.get(c, np.nan) if c in PATTERN_CLASSES else np.nan for c in classes])
     for _epoch in range(cfg.epochs):
         for i in rng.permutation(len(bags)):
-            out = mil(bags[i])
+            bag = bags[i]
+            if cfg.baseline_shift > 0 and rng.random() < cfg.baseline_shift_prob:
+                probs = raise_baseline(examples[i].feats.probs, col_thr, rng, cfg.baseline_shift)
+                bag = pred.bag(examples[i].feats, probs_override=probs)
+            out = mil(bag)
             loss = bce(out.logit[None], targets[i : i + 1]) + cfg.pattern_loss_weight * bce_p(
                 out.pattern_logits, pats[i]
             )
@@ -155,8 +163,10 @@ def train_aggregator(
         if cal_kind == "none" or len(set(y[~te].tolist())) < 2:
             calibrated[te] = 1 / (1 + np.exp(-oof[te]))
         else:
-            calibrated[te] = make_calibrator(cal_kind).fit(oof[~te], y[~te]).transform(oof[te])
-    final_cal = None if cal_kind == "none" else make_calibrator(cal_kind).fit(oof, y)
+            fold_cal = fit_calibration(cal_kind, oof[~te], y[~te], quiet=True).calibrator
+            calibrated[te] = fold_cal.transform(oof[te]) if fold_cal is not None else 1 / (1 + np.exp(-oof[te]))
+    cal_fit = fit_calibration(cal_kind, oof, y)  # falls back to a safe calibrator when the fit would invert
+    final_cal = cal_fit.calibrator
     bands = Bands(low=cfg.calibration.band_low, high=cfg.calibration.band_high)
     if cfg.calibration.target_sensitivity:
         bands = bands_for_target_sensitivity(calibrated, y, target_sensitivity=cfg.calibration.target_sensitivity)
@@ -166,6 +176,8 @@ def train_aggregator(
     metrics["n_slides"] = int(len(y))
     metrics["n_positive"] = int(y.sum())
     metrics["calibration"] = cal_kind
+    if cal_fit.fallback_reason:
+        metrics["calibration_fallback"] = {"used": cal_fit.kind, "reason": cal_fit.fallback_reason}
     metrics["bands"] = {"low": bands.low, "high": bands.high}
     groups = [e.diagnosis or ("nme" if e.y else "other") for e in examples]
     table = per_group_table(calibrated, y, groups, bands=bands)

@@ -49,7 +49,8 @@ class DataConfig(StrictModel):
 
     root: Path = Field(
         Path("data/train"),
-        description="Dataset folder: slides/, annotations/, labels.csv (relative to the repo or absolute).",
+        description="Dataset folder: slides/, annotations/, labels.csv. A relative path is taken from the repository "
+        "root (the folder holding train.py), not from the config file or the current directory.",
     )
     slides_dir: str = Field("slides", description="Slide folder, relative to root.")
     annotations_dir: str = Field("annotations", description="GeoJSON folder (<slide_id>.geojson), relative to root.")
@@ -60,6 +61,11 @@ class DataConfig(StrictModel):
         "split column (train/val/test).",
     )
     synthetic: SyntheticData | None = Field(None, description="If set, generate this synthetic set into root first.")
+    ignore_unlisted: bool = Field(
+        False,
+        description="Slide files in slides_dir and GeoJSON files in annotations_dir without a labels.csv row are an "
+        "error listing them; true: a warning, and they are left out.",
+    )
 
 
 class ExtraDataConfig(DataConfig):
@@ -218,6 +224,13 @@ class AggregatorConfig(StrictModel):
     lr: float = Field(1e-3, gt=0, description="MIL learning rate.")
     weight_decay: float = Field(1e-3, ge=0, description="MIL weight decay.")
     pattern_loss_weight: float = Field(0.5, ge=0, description="Weight of the per-pattern slide heads in the loss.")
+    baseline_shift: float = Field(
+        0.0,
+        ge=0,
+        description="MIL kinds: largest raise (logit units) of sub-threshold pattern probabilities in a training bag, "
+        "kept below the tile threshold (simulates unseen tissue whose normal tiles drift up); 0 = off.",
+    )
+    baseline_shift_prob: float = Field(0.5, ge=0, le=1, description="Share of training bags so raised per epoch.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% confidence intervals.")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     patch_bundle: Path | None = Field(None, description="task=aggregator: the patch bundle to build on.")

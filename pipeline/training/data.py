@@ -18,12 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.core.errors import DataError
+from pipeline.core.errors import DataError, MPPError
 from pipeline.core.io import atomic_write_json
 from pipeline.reading.slide import SLIDE_SUFFIXES, ReadPlan, Slide, open_slide, slide_id_for
 from pipeline.tiles.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
 from pipeline.tiles.tiling import TilingConfig, tile_slide
+from pipeline.training.annotation_checks import placement_problem
+from pipeline.training.augment import seed_transforms
 from pipeline.training.config import DataConfig, LabelConfig, SplitConfig
+from pipeline.training.resume import item_seed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class SlideRecord:
     mpp: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
     split: str | None = None  # a 'split' column's value (train/val/test), when the table has one
+    table: Path | None = None  # the labels.csv the row comes from (named in error messages)
 
 
 def _flag(value: str, source: str, column: str, slide_id: str) -> int:
@@ -129,6 +133,7 @@ def load_slide_table(cfg: DataConfig, repo_root: Path, require_annotations: bool
                     if k not in ("slide_id", "patient_id", "mpp", "path", "split", *SLIDE_FLAGS)
                 },
                 split=split,
+                table=table,
             )
         )
     if missing:
@@ -171,18 +176,34 @@ def make_splits(records: list[SlideRecord], cfg: SplitConfig) -> dict[str, Any]:
     return {**split, "folds": folds, "seed": cfg.seed, "patients": {r.slide_id: r.patient_id for r in records}}
 
 
-def load_or_make_splits(path: Path, records: list[SlideRecord], cfg: SplitConfig) -> dict[str, Any]:
-    """Reuse ``path`` when it covers exactly these slides; otherwise write a new split there."""
+def choose_splits(
+    path: Path, records: list[SlideRecord], cfg: SplitConfig, trained: bool
+) -> tuple[dict[str, Any], bool]:
+    """The split to train on, without writing anything: ``(splits, is_new)``.
+
+    ``path`` (the run folder's split file) is reused when it covers exactly these slides. When
+    it does not (slides added or removed), a new split is made, unless the run folder already
+    holds checkpoints (``trained``) trained on the old one: reusing them would train on what are
+    now validation slides, so that is an error naming the fix. The caller writes a new split
+    with :func:`write_splits` once every data check has passed.
+    """
     ids = {r.slide_id for r in records}
     if path.is_file():
         splits = json.loads(path.read_text())
         listed = set(splits.get("train", [])) | set(splits.get("val", [])) | set(splits.get("test", []))
         if listed == ids and len(splits.get("folds", [])) == cfg.k_folds:
             log.info("reusing splits %s", path)
-            return splits
-        raise DataError(
-            f"{path}: existing split file does not match the slide table "
-            f"({len(listed ^ ids)} slides differ); delete it to make a new split"
+            return splits, False
+        if trained:
+            raise DataError(
+                f"{path}: the split does not match the slide table ({len(listed ^ ids)} slides differ) and "
+                f"{path.parent / 'checkpoints'} was trained on it; to train on the new data use a new output_dir, "
+                "or delete checkpoints/ and splits.json"
+            )
+        log.warning(
+            "%s: does not match the slide table (%d slides differ); nothing was trained on it, making a new split",
+            path,
+            len(listed ^ ids),
         )
     splits = make_splits(records, cfg)
     for name in ("train", "val"):
@@ -190,8 +211,12 @@ def load_or_make_splits(path: Path, records: list[SlideRecord], cfg: SplitConfig
             raise DataError(
                 f"empty {name} split: {len(ids)} slides from {len(set(splits['patients'].values()))} patients are too few"
             )
+    return splits, True
+
+
+def write_splits(path: Path, splits: dict[str, Any]) -> None:
+    """Write the split file (after the data checks passed)."""
     atomic_write_json(path, splits)
-    return splits
 
 
 # ----------------------------------------------------------------------------- tiles + labels
@@ -211,15 +236,40 @@ class SlideTiles:
     weight: float = 1.0  # sampling weight of each tile relative to the main data's (balanced_sample)
 
 
+def open_training_slide(record: SlideRecord) -> Slide:
+    """Open a slide of the table; a missing resolution names the table's ``mpp`` column (train.py has no --mpp)."""
+    try:
+        return open_slide(record.path, mpp=record.mpp, slide_id=record.slide_id)
+    except MPPError as exc:
+        table = record.table or "labels.csv"
+        raise MPPError(
+            f"{record.path}: slide {record.slide_id!r}: {_mpp_cause(str(exc))}; give the level-0 resolution in "
+            f"the 'mpp' column of {table} (µm/px, e.g. 0.25 for 40x, 0.5 for 20x)"
+        ) from None
+
+
+def _mpp_cause(message: str) -> str:
+    """The cause part of a reader's MPP error, without its advice about ``--mpp`` (an infer.py option)."""
+    cause = message.split("; pass", 1)[0].split("pass it with", 1)[0].rstrip(" ;,(")
+    return cause.split(": ", 1)[1] if ": " in cause else cause
+
+
 def index_slide(record: SlideRecord, tiling: TilingConfig, labels: LabelConfig) -> SlideTiles:
-    """Tile one slide and label every tile from its annotations."""
-    with open_slide(record.path, mpp=record.mpp, slide_id=record.slide_id) as slide:
-        grid, _, _, _ = tile_slide(slide, tiling)
+    """Tile one slide and label every tile from its annotations.
+
+    Raises DataError when the annotations lie mostly outside the slide or its tissue (see
+    :mod:`pipeline.training.annotation_checks`), naming the slide and the likely cause.
+    """
+    with open_training_slide(record) as slide:
+        grid, tissue, _, _ = tile_slide(slide, tiling)
         w, h = slide.dimensions
         mpp = slide.mpp
     classes = list(labels.classes)
     if record.annotation is not None:
         anns = read_annotations(record.annotation, classes, labels.class_map, labels.ignore_classes)
+        problem = placement_problem(anns, (w, h), tissue, mpp)
+        if problem is not None:
+            raise DataError(f"{record.annotation}: slide {record.slide_id!r}: {problem}")
         masks = rasterise(anns, classes, (w, h), mpp)
         cov = tile_coverage(masks, classes, grid.coords, grid.tile_size_l0, mpp)
     else:
@@ -234,13 +284,26 @@ class TileDataset(Dataset):
     """(uint8 tile (H, W, 3), target (C,), mask (C,)) for a list of (slide, tile) pairs.
 
     Slides are opened lazily, once per process (each data-loader worker has its own handles).
+    With ``seed`` set, the transform is re-seeded for every tile from (``seed``, the tile's
+    position in the epoch = ``first_position + k``): its augmentation is then the same whichever
+    worker reads it and wherever a resumed epoch starts (:mod:`pipeline.training.resume`).
     """
 
-    def __init__(self, slides: list[SlideTiles], items: np.ndarray, tile_px: int, transform=None) -> None:
+    def __init__(
+        self,
+        slides: list[SlideTiles],
+        items: np.ndarray,
+        tile_px: int,
+        transform=None,
+        seed: int | None = None,
+        first_position: int = 0,
+    ) -> None:
         self.slides = slides
         self.items = np.asarray(items, dtype=np.int64).reshape(-1, 2)  # (M, 2): slide index, tile index
         self.tile_px = tile_px
         self.transform = transform
+        self.seed = seed
+        self.first_position = first_position
         self._handles: dict[int, Slide] = {}
         self._pid = os.getpid()
 
@@ -254,7 +317,7 @@ class TileDataset(Dataset):
         s = self._handles.get(i)
         if s is None:
             rec = self.slides[i].record
-            s = self._handles[i] = open_slide(rec.path, mpp=rec.mpp, slide_id=rec.slide_id)
+            s = self._handles[i] = open_training_slide(rec)
         return s
 
     def read(self, si: int, ti: int) -> np.ndarray:
@@ -266,6 +329,8 @@ class TileDataset(Dataset):
         si, ti = self.items[k]
         tile = self.read(int(si), int(ti))
         if self.transform is not None:
+            if self.seed is not None:
+                seed_transforms(self.transform, item_seed(self.seed, self.first_position + k))
             tile = self.transform(image=tile)["image"]
         st = self.slides[si]
         return (

@@ -6,13 +6,18 @@ Run-folder layout (``cfg.output_dir``)::
     config.resolved.yaml   the validated config, as run
     splits.json            patient-level split (reused)
     log.csv                one row per epoch
-    checkpoints/last.pt    resume state (tensors + numbers only: loads with weights_only=True)
+    checkpoints/last.pt    resume state (tensors + numbers only: loads with weights_only=True): weights,
+                           optimizer, scheduler, AMP scaler, RNG states of every rank, the epoch's
+                           losses so far, the split it was trained on (pipeline/training/resume.py)
     checkpoints/best.safetensors
     patch_metrics.json     per-class AUROC / AUPRC / F1 at thresholds picked on validation
 
 Under ``torchrun`` (see :mod:`pipeline.training.distributed`) each rank trains on its own shard
 of the epoch's tile sample with a DDP-wrapped model (``train.batch_size`` is per rank); rank 0
 alone validates and writes checkpoints, logs and metrics.
+
+A run resumed from ``last.pt`` (mid-epoch or at an epoch's end) ends bit-identical to the
+uninterrupted run on the same machine with the same world size and thread count.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ from models.patch import PATTERN_CLASSES, PatchClassifier, load_backbone_weights
 from models.preprocess import to_tensor_batch
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import atomic_path, atomic_write_bytes, atomic_write_text
-from pipeline.core.runtime import autocast_context, resolve_device, seed_everything
+from pipeline.core.runtime import autocast_context, resolve_device, resolve_precision, seed_everything
 from pipeline.evaluation.metrics import multilabel_tile_metrics, pick_thresholds
 from pipeline.training import distributed
 from pipeline.training.augment import build_train_augmentation, seed_transforms
 from pipeline.training.config import RunConfig
 from pipeline.training.data import SlideTiles, TileDataset, balanced_sample, collate_uint8
+from pipeline.training.resume import RESUME_FORMAT, loader_generator, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ def predict_tiles(
         num_workers=num_workers,
         collate_fn=collate_uint8,
         persistent_workers=False,
+        generator=loader_generator(0),  # leaves the global generator (dropout) untouched
     )
     probs, targets, masks = [], [], []
     norm = model_norm()
@@ -115,9 +122,18 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def train_patch_model(
-    cfg: RunConfig, run_dir: Path, train: list[SlideTiles], val: list[SlideTiles]
+    cfg: RunConfig,
+    run_dir: Path,
+    train: list[SlideTiles],
+    val: list[SlideTiles],
+    split_sha256: str | None = None,
 ) -> PatchTrainResult:
-    """Train (or resume) the patch classifier; returns the best model with thresholds and metrics."""
+    """Train (or resume) the patch classifier; returns the best model with thresholds and metrics.
+
+    ``split_sha256`` (:func:`pipeline.training.resume.split_sha256` of the split ``train`` and
+    ``val`` come from) is written into every checkpoint; resuming a checkpoint of another split
+    is an error.
+    """
     tcfg = cfg.train
     dctx = distributed.current()
     device = dctx.device if dctx.enabled else resolve_device(tcfg.device)
@@ -138,18 +154,25 @@ def train_patch_model(
     steps_per_epoch = math.ceil(math.ceil(tcfg.tiles_per_epoch / dctx.world_size) / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=total_steps, pct_start=0.15)
+    scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(device, precision) == "fp16")
 
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.safetensors"
     start_epoch, start_step, best_score, bad_epochs = 0, 0, -1.0, 0
+    resumed_rng: dict[str, Any] | None = None
+    resumed_losses: list[float] = []
     if last.is_file():
         state = _load_checkpoint(last)
+        _check_split(last, state, split_sha256)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best_score, bad_epochs = float(state["best_score"]), int(state["bad_epochs"])
+        resumed_rng, resumed_losses = _rank_resume_state(state, dctx.rank, dctx.world_size, last)
         log.info(
             "resuming from %s: epoch %d step %d (best macro AUROC %.4f)", last, start_epoch + 1, start_step, best_score
         )
@@ -192,8 +215,11 @@ def train_patch_model(
         items = balanced_sample(train, tcfg.tiles_per_epoch, n_patterns, seed=cfg.seed * 1000 + epoch, **hard)
         items = distributed.shard(items, dctx.rank, dctx.world_size)  # disjoint positions per rank
         skip = start_step * tcfg.batch_size if epoch == start_epoch else 0
-        seed_transforms(augment, cfg.seed * 1000 + epoch + RANK_SEED_STRIDE * dctx.rank)
-        ds = TileDataset(train, items[skip:], cfg.tiling.tile_px, transform=augment)
+        epoch_seed = cfg.seed * 1000 + epoch + RANK_SEED_STRIDE * dctx.rank
+        seed_transforms(augment, epoch_seed)
+        ds = TileDataset(
+            train, items[skip:], cfg.tiling.tile_px, transform=augment, seed=epoch_seed, first_position=skip
+        )
         loader = DataLoader(
             ds,
             batch_size=tcfg.batch_size,
@@ -202,10 +228,14 @@ def train_patch_model(
             collate_fn=collate_uint8,
             drop_last=False,
             worker_init_fn=_seed_worker,
+            generator=loader_generator(epoch_seed),
         )
         ddp_model.train()
-        losses = []
+        losses: list[float] = []
         step = start_step if epoch == start_epoch else 0
+        if epoch == start_epoch and resumed_rng is not None:
+            restore_rng_state(resumed_rng)  # the generators continue where the checkpoint left them
+            losses = list(resumed_losses)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, disable=show_bars)
         for tiles, targets, mask in bar:
             x = to_tensor_batch(tiles, *model_norm(), channels_last=tcfg.channels_last, device=device)
@@ -214,20 +244,28 @@ def train_patch_model(
                 logits = ddp_model(x)
             loss = masked_bce(logits, targets, mask)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             if sched.last_epoch < total_steps - 1:
                 sched.step()
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if step % tcfg.checkpoint_every == 0 and dctx.is_main:
-                _save_checkpoint(last, _state(model, opt, sched, epoch, step, best_score, bad_epochs))
+            if step % tcfg.checkpoint_every == 0:
+                ranks = distributed.all_gather_object({"rng": rng_state(), "losses": list(losses)})
+                if dctx.is_main:
+                    _save_checkpoint(
+                        last,
+                        _state(model, opt, sched, scaler, epoch, step, best_score, bad_epochs, ranks, split_sha256),
+                    )
         train_loss = float(np.mean(losses)) if losses else float("nan")
         if dctx.enabled:
             total, count = distributed.all_reduce_sum([float(np.sum(losses)), float(len(losses))])
             train_loss = total / count if count else float("nan")
-            tiles_per_rank = [int(n) for n in distributed.all_gather_object(len(ds))]
+            gathered = distributed.all_gather_object((len(ds), rng_state()))
+            tiles_per_rank = [int(n) for n, _ in gathered]
+            epoch_end_rng = [r for _, r in gathered]
             if not dctx.is_main:  # rank 0 validates and decides; the others wait for its decision
                 ds.close()
                 best_score, bad_epochs = distributed.broadcast_object(None)
@@ -282,7 +320,12 @@ def train_patch_model(
             " (best)" if improved else "",
             row["seconds"],
         )
-        _save_checkpoint(last, _state(model, opt, sched, epoch + 1, 0, best_score, bad_epochs))
+        ranks = (
+            [{"rng": r, "losses": []} for r in epoch_end_rng] if dctx.enabled else [{"rng": rng_state(), "losses": []}]
+        )
+        _save_checkpoint(
+            last, _state(model, opt, sched, scaler, epoch + 1, 0, best_score, bad_epochs, ranks, split_sha256)
+        )
         ds.close()
         if dctx.enabled:
             distributed.broadcast_object((best_score, bad_epochs))
@@ -322,16 +365,55 @@ def _seed_worker(worker_id: int) -> None:
         seed_transforms(info.dataset.transform, torch.initial_seed() % 2**32)
 
 
-def _state(model, opt, sched, epoch: int, step: int, best: float, bad: int) -> dict[str, Any]:
+def _state(
+    model,
+    opt,
+    sched,
+    scaler,
+    epoch: int,
+    step: int,
+    best: float,
+    bad: int,
+    ranks: list[dict[str, Any]],
+    split_sha256: str | None,
+) -> dict[str, Any]:
+    """Everything a resumed run needs (``ranks``: each rank's RNG state and the epoch's losses so far)."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
         "epoch": epoch,
         "step": step,
         "best_score": best,
         "bad_epochs": bad,
+        "resume_format": RESUME_FORMAT,
+        "ranks": ranks,
+        "split_sha256": split_sha256 or "",
     }
+
+
+def _check_split(path: Path, state: dict[str, Any], split_sha256: str | None) -> None:
+    """A checkpoint trained on another split must not be resumed (validation slides would leak)."""
+    saved = state.get("split_sha256") or None
+    if saved and split_sha256 and saved != split_sha256:
+        raise ConfigError(
+            f"{path}: checkpoint was trained on another split than the current splits.json (slides or "
+            "split changed); delete the checkpoints/ folder to retrain, or use a new output_dir"
+        )
+
+
+def _rank_resume_state(
+    state: dict[str, Any], rank: int, world: int, path: Path
+) -> tuple[dict[str, Any] | None, list[float]]:
+    """This rank's saved RNG state and losses, or (None, []) with a warning when the checkpoint lacks them."""
+    ranks = state.get("ranks") or []
+    if len(ranks) != world:
+        why = "predates resume state" if not ranks else f"was written by {len(ranks)} rank(s), this run has {world}"
+        log.warning("%s %s: the resumed run continues but is not bit-identical to an uninterrupted one", path, why)
+        return None, []
+    mine = ranks[rank]
+    return mine["rng"], [float(v) for v in mine["losses"]]
 
 
 def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:

@@ -11,10 +11,12 @@ files, trains the aggregator and writes the bundle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,7 @@ from models.bundle import (
 from models.patch import PATTERN_CLASSES, PatchClassifier
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.analysis import SlideAnalyser
-from pipeline.core.config import config_hash
-from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.errors import ConfigError, DataError, SlideError
 from pipeline.core.io import atomic_write_json, atomic_write_text
 from pipeline.core.paths import REPO_ROOT
 from pipeline.core.runtime import resolve_device, resolve_precision
@@ -44,10 +45,57 @@ from pipeline.patch.backends.torch_runner import PatchRunner
 from pipeline.patch.features import SlideFeatures
 from pipeline.training import distributed
 from pipeline.training.aggregator_trainer import SlideExample, train_aggregator
-from pipeline.training.config import DataConfig, ExtraDataConfig, RunConfig
-from pipeline.training.data import SlideRecord, index_slide, load_or_make_splits, load_slide_table, make_splits
+from pipeline.training.checks import (
+    check_aggregator_records,
+    check_patch_counts,
+    check_run_folder,
+    tile_counts,
+    unlisted_inputs,
+)
+from pipeline.training.config import DataConfig, ExtraDataConfig, LabelConfig, RunConfig
+from pipeline.training.data import (
+    SlideRecord,
+    SlideTiles,
+    choose_splits,
+    index_slide,
+    load_slide_table,
+    make_splits,
+    write_splits,
+)
+from pipeline.training.resume import checkpoint_split, split_sha256
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchData:
+    """The patch stage's checked inputs: tiles of each split, the split and its hash, the counts."""
+
+    train: list[SlideTiles]
+    val: list[SlideTiles]
+    splits: dict[str, Any]
+    new_split: bool
+    split_sha256: str
+    counts: dict[str, Any]
+
+
+@dataclass
+class PreparedRun:
+    """What :func:`prepare_run` checked and loaded (``counts``: what ``train.py --check`` prints)."""
+
+    run_dir: Path
+    patch: PatchData | None = None
+    aggregator_records: list[SlideRecord] | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def weights_digest(model: PatchClassifier) -> str:
+    """sha256 (16 hex digits) of a model's weights: the feature cache key of a freshly trained patch model."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -103,18 +151,12 @@ def _same_synthetic_set(made: dict[str, Any], s) -> bool:
     return same
 
 
-def _prepare_run_dir(cfg: RunConfig) -> Path:
-    run_dir = _resolve(cfg.output_dir)
+def _write_run_files(run_dir: Path, cfg: RunConfig, splits: dict[str, Any] | None, new_split: bool) -> None:
+    """Write the resolved config (and a new split) into the run folder: only after every check passed."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "config.resolved.yaml"
-    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    if resolved.is_file() and resolved.read_text() != text:
-        raise ConfigError(
-            f"{run_dir}: holds a run with a different config; resume needs the same config "
-            "(use another output_dir, or delete the folder to start over)"
-        )
-    atomic_write_text(resolved, text)
-    return run_dir
+    atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if splits is not None and new_split:
+        write_splits(run_dir / cfg.split.file, splits)
 
 
 def _contract(
@@ -144,15 +186,48 @@ def _flat_metrics(patch_metrics: dict[str, Any], slide_metrics: dict[str, Any] |
     return out
 
 
-def patch_data(cfg: RunConfig, run_dir: Path) -> tuple[list, list]:
-    """Slide table → splits → tiles with labels: (train, val) lists of SlideTiles."""
+def _slide_table(data: DataConfig, require_annotations: bool) -> list[SlideRecord]:
+    """A data set's table, with every slide / annotation file in its folders accounted for."""
+    records = load_slide_table(data, REPO_ROOT, require_annotations=require_annotations)
+    unlisted_inputs(data, _resolve(data.root), records)
+    return records
+
+
+def _index_all(records: list[SlideRecord], cfg: RunConfig, labels: LabelConfig, desc: str) -> dict[str, SlideTiles]:
+    """Tiles + labels of every slide; the problems of all slides (unknown classes, misplaced
+    annotations, missing resolution) are reported together in one error."""
+    out: dict[str, SlideTiles] = {}
+    problems: list[str] = []
+    for r in tqdm(records, desc=desc, leave=False, disable=None):
+        try:
+            out[r.slide_id] = index_slide(r, cfg.tiling, labels)
+        except (DataError, SlideError) as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} slides cannot be used: " + " | ".join(problems))
+    return out
+
+
+def patch_data(cfg: RunConfig, run_dir: Path) -> PatchData:
+    """Slide tables → split → tiles with labels → counts, checked; nothing is written."""
     ensure_synthetic(cfg.data)
-    records = load_slide_table(cfg.data, REPO_ROOT, require_annotations=True)
-    splits = load_or_make_splits(run_dir / cfg.split.file, records, cfg.split)
-    by_id = {r.slide_id: r for r in records}
-    indexed = {}
-    for r in tqdm(records, desc="tiling + labels", leave=False, disable=None):
-        indexed[r.slide_id] = index_slide(r, cfg.tiling, cfg.labels)
+    records = _slide_table(cfg.data, require_annotations=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    split_path = run_dir / cfg.split.file
+    had_split = split_path.is_file()
+    splits, new_split = choose_splits(split_path, records, cfg.split, trained=last.is_file())
+    sha = split_sha256(splits)
+    if last.is_file():
+        recorded = checkpoint_split(last)
+        if (recorded and recorded != sha) or (recorded is None and not had_split):
+            raise DataError(
+                f"{last}: was trained on another split than the one this run would use (splits.json "
+                f"{'changed' if recorded else 'was deleted'}): resuming would train on validation slides; "
+                "use a new output_dir, or delete checkpoints/ to retrain"
+            )
+    indexed = _index_all(records, cfg, cfg.labels, "tiling + labels")
     train = [indexed[s] for s in splits["train"]]
     val = [indexed[s] for s in splits["val"]]
     seen = set(indexed)
@@ -160,21 +235,18 @@ def patch_data(cfg: RunConfig, run_dir: Path) -> tuple[list, list]:
         ex_train, ex_val = extra_patch_data(extra, cfg, seen)
         train += ex_train
         val += ex_val
-    for name, part in (("train", train), ("val", val)):
-        n_tiles = sum(len(s.coords) for s in part)
-        if n_tiles == 0:
-            raise DataError(f"empty {name} split: its {len(part)} slides have no tissue tiles")
-        n_pos = {
-            c: int(sum(((s.targets[:, j] > 0) & s.mask[:, j]).sum() for s in part))
-            for j, c in enumerate(cfg.labels.classes)
-        }
-        log.info("%s: %d slides, %d tiles, positives %s", name, len(part), n_tiles, n_pos)
-        if name == "train" and not any(n_pos[c] for c in PATTERN_CLASSES if c in n_pos):
-            raise DataError(
-                "training split has no tile positive for any pattern; check the annotations and labels.positive_coverage"
-            )
-    del by_id
-    return train, val
+    classes = list(cfg.labels.classes)
+    counts = {"train": tile_counts(train, classes), "val": tile_counts(val, classes)}
+    for name in ("train", "val"):
+        log.info(
+            "%s: %d slides, %d tiles, positives %s",
+            name,
+            counts[name]["slides"],
+            counts[name]["tiles"],
+            counts[name]["positive_tiles"],
+        )
+    check_patch_counts(counts, classes)
+    return PatchData(train, val, splits, new_split, sha, counts)
 
 
 def extra_patch_data(extra: ExtraDataConfig, cfg: RunConfig, seen: set[str]) -> tuple[list, list]:
@@ -185,7 +257,7 @@ def extra_patch_data(extra: ExtraDataConfig, cfg: RunConfig, seen: set[str]) -> 
     """
     ensure_painted(extra)
     ensure_synthetic(extra)
-    records = load_slide_table(extra, REPO_ROOT, require_annotations=True)
+    records = _slide_table(extra, require_annotations=True)
     clash = sorted(seen & {r.slide_id for r in records})
     if clash:
         raise DataError(f"{extra.root}: slide ids already used by another data set: {', '.join(clash[:5])}")
@@ -203,8 +275,9 @@ def extra_patch_data(extra: ExtraDataConfig, cfg: RunConfig, seen: set[str]) -> 
         else:
             part.update(dict.fromkeys((r.slide_id for r in rest), "train"))
     out: dict[str, list] = {"train": [], "val": [], "test": []}
-    for r in tqdm(records, desc=f"tiling + labels ({Path(extra.root).name})", leave=False, disable=None):
-        tiles = index_slide(r, cfg.tiling, labels)
+    indexed = _index_all(records, cfg, labels, f"tiling + labels ({Path(extra.root).name})")
+    for r in records:
+        tiles = indexed[r.slide_id]
         tiles.weight = extra.weight
         out[part[r.slide_id]].append(tiles)
     log.info(
@@ -216,6 +289,25 @@ def extra_patch_data(extra: ExtraDataConfig, cfg: RunConfig, seen: set[str]) -> 
         extra.weight,
     )
     return out["train"], out["val"]
+
+
+def aggregator_records(cfg: RunConfig) -> list[SlideRecord]:
+    """The aggregator's slides (``aggregator.data`` or the patch data, plus its extra sets), checked
+    for enough patients of each class before anything is trained."""
+    data = cfg.aggregator.data or cfg.data
+    ensure_synthetic(data)
+    records = _slide_table(data, require_annotations=False)
+    for extra in cfg.aggregator.extra_data:
+        ensure_painted(extra)
+        ensure_synthetic(extra)
+        more = _slide_table(extra, require_annotations=False)
+        clash = sorted({r.slide_id for r in records} & {r.slide_id for r in more})
+        if clash:
+            raise DataError(
+                f"{extra.root}: slide ids already used by another aggregator data set: {', '.join(clash[:5])}"
+            )
+        records += more
+    return records
 
 
 def ensure_painted(data: ExtraDataConfig) -> None:
@@ -235,15 +327,14 @@ def ensure_painted(data: ExtraDataConfig) -> None:
     generate_painted_dataset(root, n=p.n, seed=p.seed, sources_root=_resolve(p.sources), mpp=p.mpp, overwrite=True)
 
 
-def train_patch(cfg: RunConfig, run_dir: Path):
-    """Patch stage: table → splits → tile labels → training. Returns (model, thresholds, metrics).
+def train_patch(cfg: RunConfig, run_dir: Path, data: PatchData):
+    """Patch stage on the prepared data (rank 0's, given to every rank). Returns (model, thresholds, metrics).
 
-    Distributed: rank 0 prepares the data and broadcasts it; every rank trains; rank 0 writes the metrics.
+    Distributed: every rank trains; rank 0 writes the metrics.
     """
     from pipeline.training.patch_trainer import train_patch_model
 
-    train, val = distributed.run_on_main(patch_data, cfg, run_dir)
-    result = train_patch_model(cfg, run_dir, train, val)
+    result = train_patch_model(cfg, run_dir, data.train, data.val, split_sha256=data.split_sha256)
     if distributed.current().is_main:
         atomic_write_json(run_dir / "patch_metrics.json", result.metrics)
     return result.model, result.thresholds, result.metrics
@@ -273,27 +364,19 @@ def compute_features(
 
 
 def train_slide_aggregator(
-    cfg: RunConfig, run_dir: Path, model: PatchClassifier, thresholds: dict[str, float], model_key: str
+    cfg: RunConfig,
+    run_dir: Path,
+    records: list[SlideRecord],
+    model: PatchClassifier,
+    thresholds: dict[str, float],
+    model_key: str,
 ):
-    """Aggregator stage on ``cfg.aggregator.data`` (or the patch data). Returns (predictor, metrics)."""
-    data = cfg.aggregator.data or cfg.data
+    """Aggregator stage on the prepared ``records``. Returns (predictor, metrics)."""
     if cfg.aggregator.data is None:
         log.warning(
             "aggregator trained on the patch model's own slides: out-of-fold estimates are optimistic; "
             "set aggregator.data to a separate slide set"
         )
-    ensure_synthetic(data)
-    records = load_slide_table(data, REPO_ROOT, require_annotations=False)
-    for extra in cfg.aggregator.extra_data:
-        ensure_painted(extra)
-        ensure_synthetic(extra)
-        more = load_slide_table(extra, REPO_ROOT, require_annotations=False)
-        clash = sorted({r.slide_id for r in records} & {r.slide_id for r in more})
-        if clash:
-            raise DataError(
-                f"{extra.root}: slide ids already used by another aggregator data set: {', '.join(clash[:5])}"
-            )
-        records += more
     feats = compute_features(records, model, model_key, cfg, run_dir / "features")
     splits = make_splits(records, cfg.split)
     atomic_write_json(run_dir / "aggregator_folds.json", {"folds": splits["folds"], "patients": splits["patients"]})
@@ -319,6 +402,27 @@ def train_slide_aggregator(
     )
 
 
+def prepare_run(cfg: RunConfig, write: bool = True) -> PreparedRun:
+    """Every check before training: config vs run folder, slide tables, split, annotations, minimum
+    data per stage. Writes the resolved config and a new split only when all passed (``write``);
+    a failed start leaves the run folder as it was."""
+    run_dir = _resolve(cfg.output_dir)
+    check_run_folder(run_dir, cfg)
+    prepared = PreparedRun(run_dir=run_dir)
+    if cfg.task in ("aggregator", "pipeline"):  # cheap table checks first: the patch data takes longer
+        if cfg.task == "aggregator" and cfg.aggregator.patch_bundle is None:
+            raise ConfigError("task 'aggregator' needs aggregator.patch_bundle")
+        prepared.aggregator_records = aggregator_records(cfg)
+        prepared.counts["aggregator"] = check_aggregator_records(prepared.aggregator_records, cfg.split.k_folds)
+    if cfg.task in ("patch", "pipeline"):
+        prepared.patch = patch_data(cfg, run_dir)
+        prepared.counts["patch"] = prepared.patch.counts
+    if write:
+        p = prepared.patch
+        _write_run_files(run_dir, cfg, p.splits if p else None, p.new_split if p else False)
+    return prepared
+
+
 def run_training(cfg: RunConfig) -> Path:
     """Run ``cfg``; returns the bundle directory (under torchrun: on every rank, written by rank 0)."""
     dctx = distributed.setup(cfg.train.device)
@@ -329,12 +433,14 @@ def run_training(cfg: RunConfig) -> Path:
 
 
 def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
-    run_dir = distributed.run_on_main(_prepare_run_dir, cfg)
+    prepared = distributed.run_on_main(prepare_run, cfg)  # rank 0 checks; every rank gets the data
+    run_dir = prepared.run_dir
     slide_metrics = None
     predictor = None
     if cfg.task in ("patch", "pipeline"):
-        model, thresholds, patch_metrics = train_patch(cfg, run_dir)
-        model_key = f"run:{config_hash(cfg)}"
+        assert prepared.patch is not None
+        model, thresholds, patch_metrics = train_patch(cfg, run_dir, prepared.patch)
+        model_key = f"run:{weights_digest(model)}"
         if not dctx.is_main:
             log.info("patch stage done on this rank; rank 0 writes the bundle")
             return run_dir / "bundle"
@@ -344,14 +450,16 @@ def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
         )
         return run_dir / "bundle"
     else:
-        if cfg.aggregator.patch_bundle is None:
-            raise ConfigError("task 'aggregator' needs aggregator.patch_bundle")
+        assert cfg.aggregator.patch_bundle is not None  # checked by prepare_run
         loaded = load_bundle(_resolve(cfg.aggregator.patch_bundle))
         model, thresholds = loaded.model, dict(loaded.contract.thresholds)
         patch_metrics = {"from_bundle": str(cfg.aggregator.patch_bundle)}
         model_key = loaded.sha256
     if cfg.task in ("aggregator", "pipeline"):
-        predictor, slide_metrics = train_slide_aggregator(cfg, run_dir, model, thresholds, model_key)
+        assert prepared.aggregator_records is not None
+        predictor, slide_metrics = train_slide_aggregator(
+            cfg, run_dir, prepared.aggregator_records, model, thresholds, model_key
+        )
     contract = _contract(cfg, model, thresholds, _flat_metrics(patch_metrics, slide_metrics))
     extra = None
     if predictor is not None:
@@ -360,6 +468,13 @@ def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
             type=predictor.kind, params=params, weights="aggregator" if state else None
         )
         contract.calibration = predictor.calibrator.to_json() if predictor.calibrator is not None else {"kind": "none"}
+        fallback = (slide_metrics or {}).get("calibration_fallback")
+        if fallback:  # the configured calibration was unusable (e.g. an inverted Platt fit): say so in the bundle
+            contract.calibration = {
+                **contract.calibration,
+                "requested": cfg.aggregator.calibration.method,
+                "fallback_reason": fallback["reason"],
+            }
         contract.bands = {"low": predictor.bands.low, "high": predictor.bands.high}
         extra = {"aggregator": state} if state else None
     bundle = run_dir / "bundle"
