@@ -208,6 +208,23 @@ class TrainingSpec(StrictModel):
         default_factory=lambda: datetime.now(UTC), description="ISO 8601 time the bundle was created (with time zone)"
     )
     metrics: dict[str, FiniteFloat] | None = Field(None, description="validation metrics, name -> value")
+    init_bundle: dict[str, Any] | None = Field(
+        None, description="fine-tuned from this bundle: path, name, version, sha256 (absent: trained from scratch)"
+    )
+    reviews: list[dict[str, Any]] | None = Field(
+        None,
+        description="reviewed output folders trained on: per folder its slides, reviewers, review times and label "
+        "counts (absent: no reviews)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_provenance(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``init_bundle`` / ``reviews`` out of ``bundle.json`` when None (unchanged contract bytes)."""
+        data = handler(self)
+        for key in ("init_bundle", "reviews"):
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_config(

@@ -141,6 +141,12 @@ class ModelConfig(StrictModel):
     init_weights: Path | None = Field(
         None, description="Local weight file (torchvision state dict or safetensors); nothing is downloaded."
     )
+    init_bundle: Path | None = Field(
+        None,
+        description="Fine-tune: start the patch model from this model bundle's weights (hash-checked safetensors; "
+        "its backbone and classes must match model.backbone and labels.classes). A relative path is taken from "
+        "the repository root. Lower train.lr and fewer train.epochs are the usual companions.",
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -155,6 +161,12 @@ class ModelConfig(StrictModel):
         if v is not None and not v.is_file():
             raise ValueError(f"weight file {v} not found")
         return v
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelConfig:
+        if self.init_weights is not None and self.init_bundle is not None:
+            raise ValueError("set init_weights (backbone weights) or init_bundle (fine-tune a bundle), not both")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -245,6 +257,32 @@ class AggregatorConfig(StrictModel):
     )
 
 
+class ReviewedSource(StrictModel):
+    """A batch output folder with reviews (``python -m pipeline.review``) as training data.
+
+    Reviewed tiles (confirmed / false positive / inside a drawn region) become sparse pattern labels
+    of the patch model's training split (masked loss: unreviewed (tile, pattern) pairs do not count);
+    slide verdicts (band HIGH → 1, LOW → 0) join the aggregator's slides.
+    """
+
+    output: Path = Field(
+        description="Output folder infer.py wrote and reviewers reviewed (OUT_DIR/<slide_id>/review.geojson); "
+        "a relative path is taken from the repository root."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight of each reviewed tile relative to a tile of the main data."
+    )
+    slides_root: Path | None = Field(
+        None, description="Where to find slides that moved since inference (by slide id), as review --slides-root."
+    )
+    positive_at: float = Field(
+        0.5, gt=0, le=1, description="Fraction of a tile a drawn region must cover to label the tile."
+    )
+    slide_labels: bool = Field(
+        True, description="Slide verdicts join the aggregator's slides (task aggregator or pipeline)."
+    )
+
+
 class RunConfig(StrictModel):
     """Top level of a training config."""
 
@@ -260,6 +298,11 @@ class RunConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     extra_data: list[ExtraDataConfig] = Field(
         default_factory=list, description="Further slide sets for the patch model, each with a weight and split."
+    )
+    reviewed: list[ReviewedSource] = Field(
+        default_factory=list,
+        description="Reviewed output folders: sparse tile labels for the patch model (training split) and "
+        "slide verdicts for the aggregator.",
     )
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     labels: LabelConfig = Field(default_factory=LabelConfig)

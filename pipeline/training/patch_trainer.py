@@ -48,6 +48,7 @@ from pipeline.training import distributed
 from pipeline.training.augment import build_train_augmentation, seed_transforms
 from pipeline.training.config import RunConfig
 from pipeline.training.data import SlideTiles, TileDataset, balanced_sample, collate_uint8
+from pipeline.training.init_bundle import load_init_weights
 from pipeline.training.resume import RESUME_FORMAT, loader_generator, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def train_patch_model(
     model = PatchClassifier(cfg.model.backbone, classes, cfg.model.dropout)
     if cfg.model.init_weights is not None:
         load_backbone_weights(model, cfg.model.init_weights)
+    load_init_weights(model, cfg)  # model.init_bundle: fine-tune (before a resume overwrites the weights)
     model.to(device)
     if tcfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -62,7 +62,15 @@ from pipeline.training.data import (
     make_splits,
     write_splits,
 )
+from pipeline.training.init_bundle import check_init_bundle, init_provenance
 from pipeline.training.resume import checkpoint_split, split_sha256
+from pipeline.training.reviewed import (
+    ReviewedSet,
+    provenance,
+    read_reviewed,
+    reviewed_patch_data,
+    reviewed_slide_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,7 @@ class PreparedRun:
     patch: PatchData | None = None
     aggregator_records: list[SlideRecord] | None = None
     counts: dict[str, Any] = field(default_factory=dict)
+    reviewed: list[ReviewedSet] = field(default_factory=list)
 
 
 def weights_digest(model: PatchClassifier) -> str:
@@ -210,8 +219,12 @@ def _index_all(records: list[SlideRecord], cfg: RunConfig, labels: LabelConfig, 
     return out
 
 
-def patch_data(cfg: RunConfig, run_dir: Path) -> PatchData:
-    """Slide tables → split → tiles with labels → counts, checked; nothing is written."""
+def patch_data(cfg: RunConfig, run_dir: Path, reviewed: list[ReviewedSet] | None = None) -> PatchData:
+    """Slide tables → split → tiles with labels → counts, checked; nothing is written.
+
+    ``reviewed`` (:func:`~pipeline.training.reviewed.read_reviewed` of ``cfg.reviewed``): their
+    reviewed tiles join the training split with sparse labels.
+    """
     ensure_synthetic(cfg.data)
     records = _slide_table(cfg.data, require_annotations=True)
     last = run_dir / "checkpoints" / "last.pt"
@@ -236,7 +249,11 @@ def patch_data(cfg: RunConfig, run_dir: Path) -> PatchData:
         train += ex_train
         val += ex_val
     classes = list(cfg.labels.classes)
+    from_reviews = reviewed_patch_data(reviewed or [], classes, cfg.tiling, seen)
+    train += from_reviews
     counts = {"train": tile_counts(train, classes), "val": tile_counts(val, classes)}
+    if reviewed:
+        counts["reviewed"] = tile_counts(from_reviews, classes)
     for name in ("train", "val"):
         log.info(
             "%s: %d slides, %d tiles, positives %s",
@@ -291,9 +308,10 @@ def extra_patch_data(extra: ExtraDataConfig, cfg: RunConfig, seen: set[str]) -> 
     return out["train"], out["val"]
 
 
-def aggregator_records(cfg: RunConfig) -> list[SlideRecord]:
-    """The aggregator's slides (``aggregator.data`` or the patch data, plus its extra sets), checked
-    for enough patients of each class before anything is trained."""
+def aggregator_records(cfg: RunConfig, reviewed: list[ReviewedSet] | None = None) -> list[SlideRecord]:
+    """The aggregator's slides (``aggregator.data`` or the patch data, plus its extra sets and the
+    reviewed slides with a verdict), checked for enough patients of each class before anything is
+    trained."""
     data = cfg.aggregator.data or cfg.data
     ensure_synthetic(data)
     records = _slide_table(data, require_annotations=False)
@@ -307,6 +325,7 @@ def aggregator_records(cfg: RunConfig) -> list[SlideRecord]:
                 f"{extra.root}: slide ids already used by another aggregator data set: {', '.join(clash[:5])}"
             )
         records += more
+    records += reviewed_slide_records(reviewed or [], {r.slide_id for r in records})
     return records
 
 
@@ -408,14 +427,15 @@ def prepare_run(cfg: RunConfig, write: bool = True) -> PreparedRun:
     a failed start leaves the run folder as it was."""
     run_dir = _resolve(cfg.output_dir)
     check_run_folder(run_dir, cfg)
-    prepared = PreparedRun(run_dir=run_dir)
+    check_init_bundle(cfg)
+    prepared = PreparedRun(run_dir=run_dir, reviewed=read_reviewed(cfg.reviewed))
     if cfg.task in ("aggregator", "pipeline"):  # cheap table checks first: the patch data takes longer
         if cfg.task == "aggregator" and cfg.aggregator.patch_bundle is None:
             raise ConfigError("task 'aggregator' needs aggregator.patch_bundle")
-        prepared.aggregator_records = aggregator_records(cfg)
+        prepared.aggregator_records = aggregator_records(cfg, prepared.reviewed)
         prepared.counts["aggregator"] = check_aggregator_records(prepared.aggregator_records, cfg.split.k_folds)
     if cfg.task in ("patch", "pipeline"):
-        prepared.patch = patch_data(cfg, run_dir)
+        prepared.patch = patch_data(cfg, run_dir, prepared.reviewed)
         prepared.counts["patch"] = prepared.patch.counts
     if write:
         p = prepared.patch
@@ -461,6 +481,8 @@ def _run_training(cfg: RunConfig, dctx: distributed.DistContext) -> Path:
             cfg, run_dir, prepared.aggregator_records, model, thresholds, model_key
         )
     contract = _contract(cfg, model, thresholds, _flat_metrics(patch_metrics, slide_metrics))
+    contract.training.reviews = provenance(prepared.reviewed, cfg.task) if prepared.reviewed else None
+    contract.training.init_bundle = init_provenance(cfg) if cfg.task != "aggregator" else None
     extra = None
     if predictor is not None:
         params, state = predictor.to_bundle_sections()
