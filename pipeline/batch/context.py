@@ -120,7 +120,20 @@ class InferenceContext:
         )
 
     def produced_by(self) -> ProducedBy:
-        return ProducedBy(engine="ray" if self.engine == "ray" else "local", host=socket.gethostname(), pid=os.getpid())
+        """Engine, host, process and (Ray) node that write this context's results."""
+        if self.engine != "ray":
+            return ProducedBy(engine="local", host=socket.gethostname(), pid=os.getpid())
+        return ProducedBy(engine="ray", host=socket.gethostname(), pid=os.getpid(), node_id=ray_node_id())
+
+
+def ray_node_id() -> str | None:
+    """The Ray node id of this process (a Ray worker), None outside Ray."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - informational only
+        return None
 
 
 def build_context(opts: BatchOptions, jobs: list[SlideJob], engine: str = "local") -> InferenceContext:

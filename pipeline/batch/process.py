@@ -5,6 +5,11 @@
 :func:`process_slide` never raises for a bad slide: the slide gets ``status: failed`` with a
 one-line ``error`` and the batch goes on. Every file is written atomically; ``result.json`` is
 written last and lists the files it belongs with, so a slide is either complete or redone.
+
+The one exception is the output folder itself: when a file cannot be written (full disk,
+read-only, deleted folder: :class:`~pipeline.core.io.OutputWriteError`), the slide is marked
+``failed`` with "cannot write <file>: <cause>" where that can still be written, and the error is
+raised from :func:`output_stage` so that the engine stops the batch instead of failing every slide.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pipeline.batch.options import versions
 from pipeline.batch.stages import DONE, MODEL, OUTPUTS, READING, RULES, WAITING
 from pipeline.clinical.rules import recommend
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import OutputWriteError, ensure_dir
 from pipeline.outputs.gallery import TopTiles
 from pipeline.outputs.slide_files import GALLERY_SIZE, SlideFileOptions, write_failure_report, write_slide_files
 from pipeline.patch.features import runs_on_cpu
@@ -145,6 +151,7 @@ class ModelledSlide:
     seconds: float
     analysis: SlideAnalysis | None = None
     gallery: TopTiles | None = None
+    write_error: OutputWriteError | None = None  # the output folder failed: the batch stops after this slide
 
 
 def process_slide(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Future | None = None) -> SlideResult:
@@ -159,11 +166,12 @@ def process_slide(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Fut
 def model_stage(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Future | None = None) -> ModelledSlide:
     """The slide's analysis (open, tissue, tiles, patch model, quality, aggregation) and rules; never raises."""
     slide_dir = ctx.out_dir / job.slide_id
-    slide_dir.mkdir(parents=True, exist_ok=True)
     result = new_result(job, ctx)
     t_start = time.perf_counter()
     analysis = gallery = None
+    write_error = None
     try:
+        ensure_dir(slide_dir, parents=False)  # never recreates a deleted output folder
         waited = None
         if isinstance(prepared, Future):
             t = time.perf_counter()
@@ -194,9 +202,16 @@ def model_stage(job: SlideJob, ctx: InferenceContext, prepared: Prepared | Futur
         result.timings["rules"] = round(time.perf_counter() - t, 4)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         _mark_failed(result, job, exc)
+        write_error = exc if isinstance(exc, OutputWriteError) and exc.folder_unusable else None
     failed = result.status == "failed"
     return ModelledSlide(
-        job, result, slide_dir, time.perf_counter() - t_start, None if failed else analysis, None if failed else gallery
+        job,
+        result,
+        slide_dir,
+        time.perf_counter() - t_start,
+        None if failed else analysis,
+        None if failed else gallery,
+        write_error,
     )
 
 
@@ -274,7 +289,10 @@ def _mark_failed(result: SlideResult, job: SlideJob, exc: Exception) -> None:
 
 
 def output_stage(m: ModelledSlide, ctx: InferenceContext) -> SlideResult:
-    """Heatmaps, GeoJSON, gallery, FHIR, report, then ``result.json`` (written last); never raises."""
+    """Heatmaps, GeoJSON, gallery, FHIR, report, then ``result.json`` (written last).
+
+    Never raises for a bad slide; raises :class:`OutputWriteError` when the output folder fails.
+    """
     job, result, slide_dir = m.job, m.result, m.slide_dir
     ctx.tracker.enter(job.slide_id, OUTPUTS)
     t_start = time.perf_counter()
@@ -291,14 +309,23 @@ def output_stage(m: ModelledSlide, ctx: InferenceContext) -> SlideResult:
             result.timings["outputs.cpu"] = round(time.thread_time() - cpu0, 4)
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             _mark_failed(result, job, exc)
+            if isinstance(exc, OutputWriteError) and exc.folder_unusable:
+                m.write_error = exc
     m.analysis = m.gallery = None  # the thumbnail and features can go
-    if result.status == "failed":
-        _finish_failed(result, job, ctx, slide_dir)
-    result.timings["total"] = round(m.seconds + time.perf_counter() - t_start, 4)
-    result = parse_result(result.to_json_dict(), source=str(slide_dir / "result.json"))  # the schema holds
-    result.write(slide_dir)
+    try:
+        if result.status == "failed":
+            _finish_failed(result, job, ctx, slide_dir)
+        result.timings["total"] = round(m.seconds + time.perf_counter() - t_start, 4)
+        result = parse_result(result.to_json_dict(), source=str(slide_dir / "result.json"))  # the schema holds
+        ensure_dir(slide_dir, parents=False)
+        result.write(slide_dir)
+    except OutputWriteError as exc:  # not even the failure could be recorded: the first cause is the news
+        ctx.tracker.enter(job.slide_id, DONE)
+        raise (m.write_error or exc) from None
     ctx.tracker.enter(job.slide_id, DONE)
     ctx.heap.release()  # heatmap temporaries: memory between slides stays that of the model
+    if m.write_error is not None:
+        raise m.write_error
     return result
 
 
@@ -307,8 +334,7 @@ def failed_result(job: SlideJob, ctx: InferenceContext, error: str) -> SlideResu
 
     For engines that lose a slide outside :func:`process_slide` (e.g. a Ray worker that died).
     """
-    slide_dir = ctx.out_dir / job.slide_id
-    slide_dir.mkdir(parents=True, exist_ok=True)
+    slide_dir = ensure_dir(ctx.out_dir / job.slide_id, parents=False)
     result = new_result(job, ctx, error=" ".join(error.split()))
     _finish_failed(result, job, ctx, slide_dir)
     result.write(slide_dir)

@@ -15,10 +15,15 @@ What it assumes and promises
   finished slides are skipped (``--force`` redoes them), a bad slide fails alone, and the driver
   writes ``summary.csv``, ``index.html`` and ``run.json`` (engine, address, workers, GPUs per
   worker, retries).
-* **A worker that dies mid-slide** (killed, out of memory, crashed in native code) does not lose
-  the batch: its actor is replaced by a fresh one, and the slide is retried on that fresh actor,
-  at most :data:`MAX_ATTEMPTS` attempts in all; after that the slide is recorded as failed with
-  ``worker died: ...`` and the batch goes on.
+* **A worker that dies mid-slide** (killed, out of memory, crashed in native code, its node
+  lost) does not lose the batch: the slide is retried by the next free actor, at most
+  :data:`MAX_ATTEMPTS` attempts in all (then recorded as failed with ``worker died: ...``), and a
+  replacement actor is sought in the background: the surviving actors never wait for it. When
+  Ray cannot place it within :data:`WORKER_START_TIMEOUT_S`, the run goes on with fewer workers
+  and says so (log, ``run.json`` ``engine.replacements``). ``engine.worker_list`` names every
+  actor (slot, host, Ray node id, pid); each ``result.json`` ``produced_by`` its node and pid.
+* **An output folder that fails** (full, read-only, deleted) stops the batch with one line, as
+  in the local engine.
 
 Test-only hook: with ``NME_TEST_RAY_CRASH=SLIDE_ID`` (every attempt) or ``SLIDE_ID@N`` (attempt N
 only) in the driver's environment, the actor processing that slide exits with ``os._exit(1)``
@@ -31,6 +36,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import time
@@ -44,13 +50,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.batch.context import InferenceContext, build_context
+from pipeline.batch.context import InferenceContext, build_context, ray_node_id
 from pipeline.batch.discovery import Skipped, SlideJob
 from pipeline.batch.options import BatchOptions, RunFacts, check_inputs, write_summary
 from pipeline.batch.process import failed_result, process_slide
 from pipeline.batch.stages import FileTracker, clear_stage_file, read_stage_file, timeout_message
-from pipeline.batch.state import OutputLock, is_done
+from pipeline.batch.state import OutputLock, batch_stopped, check_output_folder, is_done, summary_write
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.io import OutputWriteError, ensure_dir, write_error
 from pipeline.result import ProducedBy, ResultMPP, SlideResult, parse_result, read_result_or_none
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,7 @@ def import_ray():
     return ray
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def _one_line(exc: BaseException | str, limit: int = 300) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -173,8 +180,9 @@ def _local_instance_env() -> Iterator[None]:
 
 
 @contextmanager
-def _native_stderr_captured() -> Iterator[None]:
-    """Send file descriptor 2 to a scratch file while Ray's C++ core tries to connect.
+def _native_stderr_captured(seen: list[str]) -> Iterator[None]:
+    """Send file descriptor 2 to a scratch file while Ray's C++ core tries to connect; its text
+    is appended to ``seen`` at the end (Ray's own reason for a failure is only there).
 
     When something that is not a Ray head answers at ``--address``, Ray's core logs a line a
     second for ~20 s before giving up; the user gets our one-line error instead.
@@ -192,8 +200,30 @@ def _native_stderr_captured() -> Iterator[None]:
             finally:
                 sys.stderr.flush()
                 os.dup2(saved, 2)
+                scratch.seek(0)
+                seen.append(scratch.read(1 << 20).decode("utf-8", "replace"))
     finally:
         os.close(saved)
+
+
+#: Ray's native log lines: ``[2026-12-02 16:29:15,249 W 21542 21542] gcs_client.cc:210: <message>``.
+_NATIVE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+_AUTH_WORDS = ("unauthenticated", "authtoken", "auth token", "authentication")
+AUTH_HINT = (
+    "the cluster uses token authentication: give this process its token with RAY_AUTH_TOKEN, "
+    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+)
+
+
+def native_reason(text: str) -> str | None:
+    """Ray's own reason for failing to join, from its native log: an authentication error first,
+    else the last warning or error line; None when there is none."""
+    lines = [_NATIVE_PREFIX.sub("", ln).strip() for ln in text.splitlines() if ln.startswith("[")]
+    lines = [ln for ln in lines if ln]
+    for ln in lines:
+        if any(w in ln.lower() for w in _AUTH_WORDS):
+            return f"{_one_line(ln, 200)}; {AUTH_HINT}"
+    return _one_line(lines[-1], 200) if lines else None
 
 
 def connect(ray, address: str | None) -> Connection:
@@ -223,11 +253,15 @@ def connect(ray, address: str | None) -> Connection:
             raise ClusterError(f"could not start a local Ray instance: {_one_line(exc)}") from None
         log.info("started a local Ray instance with %d CPU(s) in %.1f s", n, time.perf_counter() - t)
         return Connection(ray, f"local ({_gcs_address(ray) or 'started by this run'})", started_local=True, owned=True)
+    seen: list[str] = []
     try:
-        with _native_stderr_captured():
+        with _native_stderr_captured(seen):
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:  # noqa: BLE001
-        raise ClusterError(f"--address {address}: cannot join the Ray cluster ({_one_line(exc)})") from None
+        why = native_reason("".join(seen))
+        raise ClusterError(
+            f"--address {address}: cannot join the Ray cluster ({_one_line(exc)})" + (f": {why}" if why else "")
+        ) from None
     return Connection(ray, address, started_local=False, owned=True)
 
 
@@ -346,8 +380,7 @@ def write_failed_result(job: SlideJob, ctx, error: str) -> dict[str, Any]:
 
 def _driver_failed_result(job: SlideJob, out_dir: Path, error: str) -> None:
     """Minimal failed result.json when no worker is left to write the full one."""
-    slide_dir = out_dir / job.slide_id
-    slide_dir.mkdir(parents=True, exist_ok=True)
+    slide_dir = ensure_dir(out_dir / job.slide_id, parents=False)
     SlideResult(
         slide_id=job.slide_id,
         slide_path=str(job.path),
@@ -371,7 +404,7 @@ class SlideWorker:
         self.ctx: InferenceContext | None = None
 
     def identity(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid()}
+        return {"host": socket.gethostname(), "pid": os.getpid(), "node_id": ray_node_id()}
 
     def probe(self, token_file: str, token: str, driver_missing: list[str]) -> dict[str, Any]:
         """Can this worker see and write the driver's output folder, and see the model, clinical file and slides?"""
@@ -435,8 +468,23 @@ class _Slot:
     identity: dict[str, Any]
 
 
+@dataclass
+class _Starting:
+    """A replacement actor on its way: ``probe`` (placed? sees the files?) then ``load`` (the model)."""
+
+    actor: Any
+    ref: Any
+    phase: str
+    since: float
+    why: str
+    report: dict[str, Any] | None = None
+
+
 class WorkerPool:
-    """The actors of one run: started (probed + loaded) together, replaced one by one when they die."""
+    """The actors of one run: started (probed + loaded) together; a dead one is replaced in the
+    background (:meth:`begin_replace`, then :meth:`advance` as its steps finish), so the other
+    actors keep taking slides meanwhile, and a replacement that cannot be placed within
+    :data:`WORKER_START_TIMEOUT_S` closes its slot (the run goes on with fewer workers)."""
 
     def __init__(
         self, ray, opts: BatchOptions, jobs: list[SlideJob], plan: WorkerPlan, token_file: Path, token: str
@@ -447,14 +495,20 @@ class WorkerPool:
         self.crash_hook = os.environ.get(CRASH_HOOK_ENV) or None
         self.remote_cls = ray.remote(SlideWorker)
         self.slots: list[_Slot | None] = []
+        self.starting: dict[int, _Starting] = {}
         self.facts: RunFacts | None = None
         self.hosts: set[str] = set()
+        self.roster: list[dict[str, Any]] = []  # every actor that ran: run.json engine.worker_list
+        self.replacements: list[dict[str, Any]] = []  # run.json engine.replacements
 
     def _new_actor(self):
         p = self.plan
         return self.remote_cls.options(num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0, max_task_retries=0).remote(
             self.opts, self.jobs, p.threads, self.crash_hook
         )
+
+    def _probe(self, actor):
+        return actor.probe.remote(str(self.token_file), self.token, self.driver_missing)
 
     def _get(self, refs, what: str):
         ray = self.ray
@@ -481,43 +535,127 @@ class WorkerPool:
                 f"{INSTALL_HINT}): {_one_line(exc)}"
             ) from None
 
-    def _start(self, n: int) -> list[_Slot]:
+    @staticmethod
+    def _problem(report: dict[str, Any]) -> str | None:
+        problems = report["problems"]
+        if not problems:
+            return None
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        return f"Ray worker on {report['host']} (pid {report['pid']}) {problems[0]}{more}"
+
+    def _enrol(self, i: int, actor, report: dict[str, Any]) -> _Slot:
+        slot = _Slot(actor, {k: report.get(k) for k in ("host", "pid", "node_id")})
+        self.slots[i] = slot
+        self.hosts.add(slot.identity["host"])
+        self.roster.append({"slot": i, **slot.identity, "ended": None})
+        return slot
+
+    def start(self, n: int) -> None:
+        """Start ``n`` actors; each checks the shared files and loads the model once (all or nothing)."""
         actors = [self._new_actor() for _ in range(n)]
         try:
-            reports = self._get(
-                [a.probe.remote(str(self.token_file), self.token, self.driver_missing) for a in actors],
-                f"start {n} worker(s)",
-            )
+            reports = self._get([self._probe(a) for a in actors], f"start {n} worker(s)")
             for r in reports:
-                if r["problems"]:
-                    more = f" (and {len(r['problems']) - 1} more problem(s))" if len(r["problems"]) > 1 else ""
-                    raise ClusterError(f"Ray worker on {r['host']} (pid {r['pid']}) {r['problems'][0]}{more}")
+                problem = self._problem(r)
+                if problem:
+                    raise ClusterError(problem)
             facts = self._get([a.load.remote() for a in actors], "load the model")
         except BaseException:
             for a in actors:
                 self._kill(a)
             raise
         self.facts = self.facts or facts[0]
-        slots = [_Slot(a, {k: r[k] for k in ("host", "pid")}) for a, r in zip(actors, reports)]
-        self.hosts.update(s.identity["host"] for s in slots)
-        return slots
+        self.slots = [None] * n
+        for i, (a, r) in enumerate(zip(actors, reports)):
+            self._enrol(i, a, r)
 
-    def start(self, n: int) -> None:
-        """Start ``n`` actors; each checks the shared files and loads the model once."""
-        self.slots = list(self._start(n))
-
-    def replace(self, i: int) -> bool:
-        """Swap slot ``i``'s dead actor for a fresh one; False (slot closed) when that fails."""
+    def _retire(self, i: int, why: str) -> None:
         old = self.slots[i]
         if old is not None:
             self._kill(old.actor)
+            for entry in self.roster:
+                if entry["slot"] == i and entry["ended"] is None:
+                    entry["ended"] = why
+        self.slots[i] = None
+
+    def begin_replace(self, i: int, why: str) -> None:
+        """Kill slot ``i``'s actor and ask Ray for a fresh one; returns at once (see :meth:`advance`)."""
+        self._retire(i, why)
+        actor = self._new_actor()
+        self.starting[i] = _Starting(actor, self._probe(actor), "probe", time.monotonic(), why)
+        log.info(
+            "replacing the Ray worker of slot %d in the background (%s); %d worker(s) go on meanwhile",
+            i,
+            why,
+            len(self.alive()),
+        )
+
+    def slot_starting(self, ref) -> int | None:
+        """The slot whose replacement ``ref`` (a probe or load call) belongs to."""
+        for i, st in self.starting.items():
+            if st.ref == ref:
+                return i
+        return None
+
+    def advance(self, i: int) -> bool:
+        """Slot ``i``'s replacement finished a step (its ref is ready); True when the slot is ready for slides."""
+        st = self.starting[i]
         try:
-            self.slots[i] = self._start(1)[0]
-            return True
-        except PipelineError as exc:
-            log.error("could not replace a dead Ray worker: %s", exc)
-            self.slots[i] = None
+            out = self.ray.get(st.ref, timeout=0)
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line in the log and run.json
+            self._give_up_start(
+                i, f"failed to {'start' if st.phase == 'probe' else 'load the model'}: {_one_line(exc)}"
+            )
             return False
+        if st.phase == "probe":
+            problem = self._problem(out)
+            if problem:
+                self._give_up_start(i, problem)
+                return False
+            st.report, st.phase, st.ref = out, "load", st.actor.load.remote()
+            return False
+        assert st.report is not None
+        del self.starting[i]
+        slot = self._enrol(i, st.actor, st.report)
+        seconds = time.monotonic() - st.since
+        self.replacements.append({"slot": i, "why": st.why, "outcome": "ready", "seconds": round(seconds, 1)})
+        log.info(
+            "replacement Ray worker of slot %d ready (pid %s on %s) in %.1f s",
+            i,
+            slot.identity["pid"],
+            slot.identity["host"],
+            seconds,
+        )
+        return True
+
+    def expire(self, now: float) -> None:
+        """Give up replacements that Ray could not place (and load) within :data:`WORKER_START_TIMEOUT_S`."""
+        for i, st in list(self.starting.items()):
+            if now - st.since > WORKER_START_TIMEOUT_S:
+                self._give_up_start(
+                    i,
+                    f"could not be placed within {WORKER_START_TIMEOUT_S:g} s ({self.plan.cpus:g} CPU + "
+                    f"{self.plan.gpus:g} GPU; cluster now: {cluster_shape(self.ray).describe()})",
+                )
+
+    def _give_up_start(self, i: int, why: str) -> None:
+        st = self.starting.pop(i)
+        self._kill(st.actor)
+        self.replacements.append(
+            {
+                "slot": i,
+                "why": st.why,
+                "outcome": "failed",
+                "detail": why,
+                "seconds": round(time.monotonic() - st.since, 1),
+            }
+        )
+        log.warning(
+            "no replacement for the Ray worker of slot %d (%s): the batch goes on with %d worker(s)",
+            i,
+            why,
+            len(self.alive()),
+        )
 
     def alive(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is not None]
@@ -529,9 +667,27 @@ class WorkerPool:
             pass
 
     def shutdown(self) -> None:
-        for s in self.slots:
-            if s is not None:
-                self._kill(s.actor)
+        """Kill every actor, those still starting included (recorded as not placed before the end)."""
+        for i, st in list(self.starting.items()):
+            self._kill(st.actor)
+            self.replacements.append(
+                {
+                    "slot": i,
+                    "why": st.why,
+                    "outcome": "still starting when the batch ended",
+                    "seconds": round(time.monotonic() - st.since, 1),
+                }
+            )
+            log.warning(
+                "the replacement for the Ray worker of slot %d was not ready before the batch ended "
+                "(the batch ran on with %d worker(s))",
+                i,
+                len(self.alive()),
+            )
+        self.starting = {}
+        for slot in self.slots:
+            if slot is not None:
+                self._kill(slot.actor)
         self.slots = []
 
 
@@ -600,7 +756,7 @@ def _run(
 ) -> dict[str, Any]:
     out = wopts.out_dir
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     token = secrets.token_hex(8)
@@ -617,7 +773,10 @@ def _run(
         n_actors = max(1, min(plan.workers, len(todo)))
         for stale in out.glob(f"{PROBE_PREFIX}*"):  # left by a killed run (we hold the lock now)
             stale.unlink(missing_ok=True)
-        token_file.write_text(token, encoding="utf-8")  # kept until the end: replacement workers probe it too
+        try:
+            token_file.write_text(token, encoding="utf-8")  # kept until the end: replacement workers probe it too
+        except OSError as exc:
+            raise write_error(token_file, exc) or exc from None
         pool = WorkerPool(ray, wopts, jobs, plan, token_file, token)
         pool.start(n_actors)
         ready = True
@@ -631,6 +790,7 @@ def _run(
             plan.gpus,
         )
         retries, n_tiles, lost, timeouts = _schedule(ray, pool, todo, wopts)
+        pool.shutdown()  # before run.json: replacements still starting are recorded as such
         elapsed = time.perf_counter() - t0
         results = [r for r in (read_result_or_none(out / j.slide_id) for j in jobs) if r is not None]
         engine = {
@@ -645,6 +805,8 @@ def _run(
             "reader_threads": wopts.reader_threads,
             "cluster": {"nodes": len(shape.node_cpus), "cpus": shape.cpus, "gpus": shape.gpus},
             "worker_hosts": sorted(pool.hosts),
+            "worker_list": pool.roster,
+            "replacements": pool.replacements,
             "shared_filesystem": SHARED_FS_NOTE,
             "max_attempts": MAX_ATTEMPTS,
             "retries": retries,
@@ -653,18 +815,19 @@ def _run(
             "setup_seconds": round(setup_s, 3),
         }
         assert pool.facts is not None
-        record = write_summary(
-            opts,
-            pool.facts,
-            results,
-            started,
-            elapsed,
-            processed=len(todo) - len(lost),
-            skipped=skipped,
-            n_tiles=n_tiles,
-            engine=engine,
-            skipped_inputs=skipped_inputs,
-        )
+        with summary_write(len(todo) - len(lost)):
+            record = write_summary(
+                opts,
+                pool.facts,
+                results,
+                started,
+                elapsed,
+                processed=len(todo) - len(lost),
+                skipped=skipped,
+                n_tiles=n_tiles,
+                engine=engine,
+                skipped_inputs=skipped_inputs,
+            )
         if lost:
             raise ClusterError(
                 f"every Ray worker is gone; {len(lost)} slide(s) not processed (e.g. {lost[0].slide_id}); "
@@ -674,7 +837,10 @@ def _run(
     finally:
         if pool is not None:
             pool.shutdown()
-        token_file.unlink(missing_ok=True)
+        try:
+            token_file.unlink(missing_ok=True)
+        except OSError:  # a read-only or vanished output folder
+            pass
         lock.release()
         if not ready and created:
             try:
@@ -683,117 +849,165 @@ def _run(
                 pass
 
 
+@dataclass
+class _Task:
+    """A call in flight on slot ``slot``: a slide (``reason`` empty) or the recording of its failure."""
+
+    slot: int
+    job: SlideJob
+    attempt: int
+    since: float
+    reason: str = ""
+
+
 def _schedule(
     ray, pool: WorkerPool, todo: list[SlideJob], opts: BatchOptions
 ) -> tuple[list[dict[str, Any]], int, list[SlideJob], list[dict[str, Any]]]:
     """Keep every actor busy with one slide; retry slides whose actor died; abandon slides past
-    ``opts.slide_timeout`` (their actor is killed and replaced). Returns (retries, tiles, slides
-    lost, timeouts)."""
+    ``opts.slide_timeout``. A dead or abandoned actor is replaced in the background: nothing here
+    waits for a replacement while another actor could take a slide. Failures are recorded by the
+    next free actor (report.html + result.json), or by the driver when none is left. Returns
+    (retries, tiles, slides lost, timeouts); raises :class:`OutputWriteError` when the output
+    folder fails (full, read-only, deleted)."""
     queue: deque[tuple[SlideJob, int]] = deque((j, 1) for j in todo)
-    pending: dict[Any, tuple[int, SlideJob, int]] = {}
-    started: dict[Any, float] = {}  # monotonic time each pending slide was handed to its actor
+    to_record: deque[tuple[SlideJob, str]] = deque()  # failed slides whose result a worker should write
+    pending: dict[Any, _Task] = {}
     limit = float(opts.slide_timeout or 0)
     timeouts: list[dict[str, Any]] = []
     idle = deque(pool.alive())
     retries: list[dict[str, Any]] = []
     n_tiles = 0
+    finished = 0
     bar = tqdm(total=len(todo), desc="slides", unit="slide", disable=opts.quiet or None)
 
-    def submit(i: int, job: SlideJob, attempt: int) -> None:
-        slot = pool.slots[i]
-        assert slot is not None
-        ref = slot.actor.process.remote(job, attempt)
-        pending[ref] = (i, job, attempt)
-        started[ref] = time.monotonic()
+    def dispatch() -> None:
+        while idle and (to_record or queue):
+            i = idle.popleft()
+            slot = pool.slots[i]
+            if slot is None:
+                continue
+            if to_record:
+                job, reason = to_record.popleft()
+                pending[slot.actor.record_failure.remote(job, reason)] = _Task(i, job, 0, time.monotonic(), reason)
+            else:
+                job, attempt = queue.popleft()
+                pending[slot.actor.process.remote(job, attempt)] = _Task(i, job, attempt, time.monotonic())
 
-    def give_up(i: int | None, job: SlideJob, reason: str) -> None:
-        slot = pool.slots[i] if i is not None else None
-        if slot is not None:
-            try:
-                ray.get(slot.actor.record_failure.remote(job, reason), timeout=WORKER_START_TIMEOUT_S)
-                return
-            except Exception as exc:  # noqa: BLE001 - fall back to the driver's minimal record
-                log.warning("%s: worker could not record the failure (%s)", job.slide_id, _one_line(exc))
-        _driver_failed_result(job, opts.out_dir, reason)
+    def one_done(job: SlideJob, description: str) -> None:
+        nonlocal finished
+        finished += 1
+        log.info("%s: %s", job.slide_id, description)
+        bar.set_postfix_str(job.slide_id[:30])
+        bar.update(1)
+        check_output_folder(opts.out_dir)
 
     try:
-        while queue or pending:
-            while idle and queue:
-                job, attempt = queue.popleft()
-                submit(idle.popleft(), job, attempt)
-            if not pending:
-                break  # slides left but no worker alive
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=TIMEOUT_POLL_S if limit > 0 else None)
-            if not done:
+        try:
+            while queue or pending or to_record:
+                dispatch()
+                if not pending and not pool.starting:
+                    break  # slides left but no worker alive, and none coming
+                wait_for = list(pending) + [st.ref for st in pool.starting.values()]
+                poll = limit > 0 or bool(pool.starting)
+                done, _ = ray.wait(wait_for, num_returns=1, timeout=TIMEOUT_POLL_S if poll else None)
                 now = time.monotonic()
-                for ref in [r for r in pending if now - started[r] > limit]:
-                    i, job, attempt = pending.pop(ref)
-                    started.pop(ref)
-                    timeouts.append(_abandon(pool, i, job, limit, opts.out_dir))
-                    replaced = pool.slots[i] is not None
-                    give_up(i if replaced else next(iter(pool.alive()), None), job, timeouts[-1]["error"])
-                    bar.update(1)
-                    if replaced:
-                        idle.append(i)
-                continue
-            ref = done[0]
-            started.pop(ref, None)
-            i, job, attempt = pending.pop(ref)
-            try:
-                result = parse_result(ray.get(ref), source=f"{job.slide_id}: worker result")
-            except ray.exceptions.RayError as exc:
-                slot = pool.slots[i]
-                who = f"pid {slot.identity['pid']} on {slot.identity['host']}" if slot is not None else "unknown worker"
-                died = isinstance(exc, ray.exceptions.RayActorError)
-                what = "worker died" if died else "worker error"
-                reason = f"{what} while processing this slide (attempt {attempt}/{MAX_ATTEMPTS}, {who}): {_one_line(exc, 200)}"
-                log.warning("%s: %s", job.slide_id, reason)
-                retries.append(
-                    {
-                        "slide_id": job.slide_id,
-                        "attempt": attempt,
-                        "worker": who,
-                        "reason": _one_line(exc, 200),
-                        "retried": attempt < MAX_ATTEMPTS,
-                    }
-                )
-                # a fresh actor for this slot (the dead one is gone; an erroring one is not trusted)
-                replaced = pool.replace(i)
-                if attempt < MAX_ATTEMPTS and replaced:
-                    submit(i, job, attempt + 1)  # the retry runs on the fresh actor
+                pool.expire(now)
+                if limit > 0:
+                    for ref in [r for r, t in pending.items() if not t.reason and now - t.since > limit]:
+                        task = pending.pop(ref)
+                        timeouts.append(_abandon(pool, task.slot, task.job, limit, opts.out_dir))
+                        to_record.append((task.job, timeouts[-1]["error"]))
+                if not done:
                     continue
-                if attempt < MAX_ATTEMPTS:
-                    queue.appendleft((job, attempt + 1))  # no fresh actor here: any remaining worker takes it
-                else:
-                    give_up(
-                        i if replaced else next(iter(pool.alive()), None),
-                        job,
-                        f"{what}: gave up after {MAX_ATTEMPTS} attempts ({who}): {_one_line(exc, 200)}",
-                    )
-                    bar.update(1)
-                if replaced:
-                    idle.append(i)
-                continue
-            n_tiles += result.n_tiles
-            log.info("%s: %s", job.slide_id, result.describe())
-            bar.set_postfix_str(job.slide_id[:30])
-            bar.update(1)
-            idle.append(i)
+                ref = done[0]
+                starting = pool.slot_starting(ref)
+                if starting is not None:
+                    if pool.advance(starting):
+                        idle.append(starting)
+                    continue
+                if ref not in pending:
+                    continue  # a slide abandoned at its time limit
+                task = pending.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, OutputWriteError):  # the output folder failed: stop, as the local engine
+                        raise OutputWriteError(str(cause), cause.errno, cause.filename) from None
+                    _worker_lost(pool, task, exc, ray, queue, to_record, retries)
+                    if task.reason:  # the worker recording a failure died: the driver writes the minimal record
+                        _driver_failed_result(task.job, opts.out_dir, task.reason)
+                        one_done(task.job, f"failed: {task.reason}")
+                    continue
+                idle.append(task.slot)
+                if task.reason:
+                    one_done(task.job, f"failed: {task.reason}")
+                    continue
+                result = parse_result(value, source=f"{task.job.slide_id}: worker result")
+                n_tiles += result.n_tiles
+                one_done(task.job, result.describe())
+            while to_record:  # no worker left to write the full record
+                job, reason = to_record.popleft()
+                _driver_failed_result(job, opts.out_dir, reason)
+                one_done(job, f"failed: {reason}")
+        except OutputWriteError as exc:
+            raise batch_stopped(exc, finished, len(todo)) from None
     finally:
         bar.close()
     lost = [j for j, _ in queue]
     return retries, n_tiles, lost, timeouts
 
 
+def _worker_lost(
+    pool: WorkerPool,
+    task: _Task,
+    exc: Exception,
+    ray,
+    queue: deque[tuple[SlideJob, int]],
+    to_record: deque[tuple[SlideJob, str]],
+    retries: list[dict[str, Any]],
+) -> None:
+    """``task``'s actor died or erred: replace it in the background; retry the slide or record it failed."""
+    slot = pool.slots[task.slot]
+    who = _who(slot.identity) if slot is not None else "unknown worker"
+    died = isinstance(exc, ray.exceptions.RayActorError)
+    what = "worker died" if died else "worker error"
+    pool.begin_replace(task.slot, f"{what} ({who})")  # an erroring actor is not trusted either
+    if task.reason:
+        return
+    job, attempt = task.job, task.attempt
+    reason = f"{what} while processing this slide (attempt {attempt}/{MAX_ATTEMPTS}, {who}): {_one_line(exc, 200)}"
+    log.warning("%s: %s", job.slide_id, reason)
+    retries.append(
+        {
+            "slide_id": job.slide_id,
+            "attempt": attempt,
+            "worker": who,
+            "reason": _one_line(exc, 200),
+            "retried": attempt < MAX_ATTEMPTS,
+        }
+    )
+    if attempt < MAX_ATTEMPTS:
+        queue.appendleft((job, attempt + 1))  # the next free worker takes it, this slot's replacement or another
+    else:
+        to_record.append((job, f"{what}: gave up after {MAX_ATTEMPTS} attempts ({who}): {_one_line(exc, 200)}"))
+
+
+def _who(identity: dict[str, Any]) -> str:
+    node = identity.get("node_id")
+    return f"pid {identity['pid']} on {identity['host']}" + (f", node {str(node)[:12]}" if node else "")
+
+
 def _abandon(pool: WorkerPool, i: int, job: SlideJob, limit: float, out_dir: Path) -> dict[str, Any]:
-    """``job`` passed the time limit on slot ``i``: kill that actor, start a fresh one; the timeout's record."""
+    """``job`` passed the time limit on slot ``i``: kill that actor, replace it in the background; the timeout's record."""
     slot = pool.slots[i]
     stage = read_stage_file(out_dir, job.slide_id) or "an unknown stage"
     error = f"{job.path}: {timeout_message(limit, stage)}"
     log.warning("%s: %s", job.slide_id, error)
-    record = {"slide_id": job.slide_id, "stage": stage, "error": error}
+    record: dict[str, Any] = {"slide_id": job.slide_id, "stage": stage, "error": error}
     if slot is not None:
         record.update(worker_pid=slot.identity["pid"], worker_host=slot.identity["host"])
-    pool.replace(i)
+        record["worker_node_id"] = slot.identity.get("node_id")
+    pool.begin_replace(i, f"{job.slide_id} timed out")
     clear_stage_file(out_dir, job.slide_id)
     return record

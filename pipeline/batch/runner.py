@@ -9,7 +9,8 @@ passes ``--slide-timeout`` or the worker dies; :mod:`pipeline.batch.supervisor`)
 
 Nothing finished is ever lost: every file is written atomically and a slide counts as done only
 when its ``result.json`` and the files it lists are complete; ``kill -9`` loses at most the slide
-in progress.
+in progress. An output folder that fails mid-run (full, read-only, deleted) stops the batch with
+one line (:class:`~pipeline.core.io.OutputWriteError`); a re-run finishes what is missing.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from pipeline.batch.options import (  # noqa: F401  (re-exported: the batch API 
     versions,
     write_summary,
 )
-from pipeline.batch.state import OutputLock, is_done
+from pipeline.batch.state import OutputLock, is_done, summary_write
 from pipeline.batch.supervisor import Supervisor
+from pipeline.core.io import ensure_dir
 from pipeline.patch.backends import DEFAULT_BATCH_SIZE, default_batch_size  # noqa: F401  (re-exported)
 from pipeline.result import read_result_or_none
 
@@ -58,7 +60,7 @@ def run_batch_local(opts: BatchOptions) -> dict[str, Any]:
     """The local engine: one worker process, one slide at a time (stages overlapped), under the time limit."""
     skipped_inputs: list[Skipped] = []
     jobs = check_inputs(opts, skipped_inputs)
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(opts.out_dir)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     with OutputLock(opts.out_dir):
@@ -82,16 +84,17 @@ def run_batch_local(opts: BatchOptions) -> dict[str, Any]:
             "slide_timeout_s": opts.slide_timeout,
             "worker_restarts": sup.restarts,
         }
-        record = write_summary(
-            opts,
-            sup.facts,
-            results,
-            started,
-            elapsed,
-            processed=len(todo),
-            skipped=skipped,
-            n_tiles=sup.n_tiles,
-            engine=engine,
-            skipped_inputs=skipped_inputs,
-        )
+        with summary_write(len(todo)):
+            record = write_summary(
+                opts,
+                sup.facts,
+                results,
+                started,
+                elapsed,
+                processed=len(todo),
+                skipped=skipped,
+                n_tiles=sup.n_tiles,
+                engine=engine,
+                skipped_inputs=skipped_inputs,
+            )
     return record

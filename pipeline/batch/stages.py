@@ -58,7 +58,7 @@ class FileTracker:
             if stage == DONE:
                 path.unlink(missing_ok=True)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(exist_ok=True)  # never recreates a deleted output folder
                 path.write_text(stage, encoding="utf-8")
         except OSError as exc:  # the stage is a courtesy for the timeout message; never fail a slide for it
             log.debug("%s: cannot record stage %r (%s)", slide_id, stage, exc)
@@ -74,7 +74,10 @@ def read_stage_file(out_dir: Path, slide_id: str) -> str | None:
 
 def clear_stage_file(out_dir: Path, slide_id: str) -> None:
     """Remove a stage file left by a worker that was killed."""
-    (Path(out_dir) / slide_id / STAGE_FILE).unlink(missing_ok=True)
+    try:
+        (Path(out_dir) / slide_id / STAGE_FILE).unlink(missing_ok=True)
+    except OSError as exc:  # a read-only or vanished output folder: nothing to clear
+        log.debug("%s: cannot clear the stage file (%s)", slide_id, exc)
 
 
 @dataclass

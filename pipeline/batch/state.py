@@ -1,4 +1,5 @@
-"""Run state on disk: the output lock and the "is this slide done?" check.
+"""Run state on disk: the output lock, the "is this slide done?" check, and the one-line errors of
+an output folder that fails mid-run (full, read-only, deleted), shared by both engines.
 
 A slide is done only when its ``result.json`` reads as a :class:`~pipeline.result.SlideResult`, has status ``ok`` or ``non_diagnostic``,
 and every file it lists exists and parses. Failed slides are retried on the next run.
@@ -6,14 +7,18 @@ and every file it lists exists and parses. Failed slides are retried on the next
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import OutputWriteError, write_error
 from pipeline.result import RESULT_FILE, ResultFormatError, read_result
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,8 @@ class OutputLock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError as exc:
+                raise write_error(self.path, exc) or exc from None
             except FileExistsError:
                 try:
                     other = json.loads(self.path.read_text())
@@ -63,15 +70,23 @@ class OutputLock:
                         "if that run is dead, delete the lock file"
                     ) from None
                 raise LockError(f"{self.path}: another run (pid {pid}) is writing this output folder") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
+            except OSError as exc:  # read-only, full, no permission: one line, no traceback
+                raise write_error(self.path, exc) or exc from None
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(me, fh)
+            except OSError as exc:
+                raise write_error(self.path, exc) or exc from None
             self.held = True
             return
         raise LockError(f"{self.path}: could not take the output lock")
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only or vanished output folder: the next run takes the stale lock over
+                log.warning("%s: cannot remove the output lock (%s)", self.path, exc.strerror or exc)
             self.held = False
 
     def __enter__(self) -> OutputLock:
@@ -126,3 +141,36 @@ def is_done(slide_dir: Path) -> bool:
         log.warning("%s", exc)
         return False
     return result.done and all(_file_ok(slide_dir / name) for name in result.files)
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Raise :class:`OutputWriteError` when the output folder was deleted or replaced (the run's lock file is gone)."""
+    if not (Path(out_dir) / LOCK_NAME).exists():
+        raise OutputWriteError(
+            f"{out_dir}: the output folder was deleted or replaced during the run (its lock file is gone)",
+            errno.ENOENT,
+        )
+
+
+def batch_stopped(exc: OutputWriteError, done: int, todo: int) -> OutputWriteError:
+    """The one-line error that stops a batch because the output folder failed (``exc`` says what and why)."""
+    return OutputWriteError(
+        f"{exc}; the batch stopped after {done} of {todo} slide(s) (finished results are kept): "
+        "free space or repair the output folder, then run again to finish the rest",
+        exc.errno,
+        exc.filename,
+    )
+
+
+@contextmanager
+def summary_write(n_slides: int) -> Iterator[None]:
+    """The run summary failing to write (every slide's result is already on disk) says so in one line."""
+    try:
+        yield
+    except OutputWriteError as exc:
+        raise OutputWriteError(
+            f"{exc}; the {n_slides} slide(s) of this run were processed and their results written, only the run "
+            "summary is missing: free space or repair the output folder, then run again to write it",
+            exc.errno,
+            exc.filename,
+        ) from None

@@ -8,6 +8,10 @@ enforces the per-slide time limit and replaces the worker when it is stuck or de
 * A worker that dies (a decoder crash, out of memory) takes up to three slides in flight with it;
   each of them is retried alone on a fresh worker, and a slide in flight at
   :data:`MAX_ATTEMPTS` deaths fails with the way the worker ended.
+* The output folder failing (full disk, read-only, deleted: the worker's
+  :class:`~pipeline.core.io.OutputWriteError`, or the run's lock file gone from the folder) stops
+  the batch with one line: what could not be written, how many slides were finished and kept, and
+  that a re-run finishes the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 from pipeline.batch.discovery import SlideJob
 from pipeline.batch.options import BatchOptions, RunFacts
 from pipeline.batch.stages import timeout_message
+from pipeline.batch.state import batch_stopped, check_output_folder
 from pipeline.batch.worker import WorkerGone, WorkerProcess
+from pipeline.core.io import OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +63,18 @@ class Supervisor:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(slide_id[:30])
+        check_output_folder(self.opts.out_dir)
 
     def run(self, todo: list[SlideJob]) -> None:
-        """Process ``todo`` (every slide ends with a result.json); worker processes are gone on return."""
+        """Process ``todo`` (every slide ends with a result.json); worker processes are gone on return.
+
+        Raises :class:`OutputWriteError` (one line) when the output folder fails mid-run.
+        """
         try:
-            self._run(todo)
+            try:
+                self._run(todo)
+            except OutputWriteError as exc:
+                raise batch_stopped(exc, len(self._finished), len(todo)) from None
             if self._worker is not None:
                 self._worker.stop()
                 self._worker = None
@@ -92,6 +105,9 @@ class Supervisor:
             suspects = [j for j in suspects if j.slide_id not in self._finished]
             if end.kind == "done":
                 continue
+            if end.kind == "write_error":
+                assert end.error is not None
+                raise end.error
             pid = worker.pid
             self._drop_worker()
             by_id = {j.slide_id: j for j in batch}

@@ -8,7 +8,8 @@ a tuple whose first item names it:
 
 * child → parent: ``("ready", RunFacts)``, ``("error", exception)`` (the context could not be
   built: bad bundle, bad clinical file; raised again in the parent), ``("stage", slide_id, stage)``,
-  ``("result", slide_id, n_tiles, description)``, ``("round",)``, ``("recorded", slide_id)``;
+  ``("result", slide_id, n_tiles, description)``, ``("round",)``, ``("recorded", slide_id)``,
+  ``("write_error", OutputWriteError)`` (the output folder cannot be written: the round ends);
 * parent → child: ``("run", jobs, overlap)``, ``("fail", job, reason)``, ``("stop",)``.
 
 The child dies with the parent (``PR_SET_PDEATHSIG``), so ``kill -9`` of ``infer.py`` leaves
@@ -32,6 +33,7 @@ from pipeline.batch.discovery import SlideJob
 from pipeline.batch.options import BatchOptions, RunFacts
 from pipeline.batch.stages import DONE, SlideClock
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +113,20 @@ def worker_main(conn: Connection, opts: BatchOptions, jobs: list[SlideJob], pare
             except EOFError:
                 return
             if msg[0] == "run":
-                for r in process_slides(msg[1], ctx, overlap=msg[2]):
-                    send("result", r.slide_id, r.n_tiles, r.describe())
+                try:
+                    for r in process_slides(msg[1], ctx, overlap=msg[2]):
+                        send("result", r.slide_id, r.n_tiles, r.describe())
+                except OutputWriteError as exc:
+                    send("write_error", exc)
+                    continue
                 send("round")
             elif msg[0] == "fail":
                 job, reason = msg[1], msg[2]
-                failed_result(job, ctx, reason)
+                try:
+                    failed_result(job, ctx, reason)
+                except OutputWriteError as exc:
+                    send("write_error", exc)
+                    continue
                 send("recorded", job.slide_id)
             else:
                 return
@@ -130,14 +140,15 @@ def worker_main(conn: Connection, opts: BatchOptions, jobs: list[SlideJob], pare
 @dataclass
 class RoundEnd:
     """How a round of slides ended: ``done`` (every slide written), ``timeout`` (``slide`` passed the
-    limit at ``stage``) or ``died`` (the worker ended: ``detail`` says how). ``in_flight``: slides
-    started but not finished when it ended."""
+    limit at ``stage``), ``died`` (the worker ended: ``detail`` says how) or ``write_error`` (the
+    output folder cannot be written: ``error``). ``in_flight``: slides started but not finished."""
 
     kind: str
     slide: SlideJob | None = None
     stage: str = ""
     detail: str = ""
     in_flight: list[str] = field(default_factory=list)
+    error: OutputWriteError | None = None
 
 
 def _exit_words(code: int | None) -> str:
@@ -247,6 +258,8 @@ class WorkerProcess:
                 on_result(msg[1], msg[2], msg[3])
             elif kind == "round":
                 return RoundEnd("done")
+            elif kind == "write_error":
+                return RoundEnd("write_error", detail=str(msg[1]), in_flight=list(clocks), error=msg[1])
 
     def record_failure(self, job: SlideJob, reason: str) -> None:
         """Have this (fresh) worker write ``job``'s failed result.json and report."""
@@ -256,6 +269,8 @@ class WorkerProcess:
             msg = self._recv(POLL_S)
             if msg is not None and msg[0] == "recorded" and msg[1] == job.slide_id:
                 return
+            if msg is not None and msg[0] == "write_error":
+                raise msg[1]
             if msg is None and not self.proc.is_alive():
                 raise WorkerGone(f"worker process {self.proc.pid} {_exit_words(self.proc.exitcode)}")
         raise WorkerGone(f"worker process did not record the failure of {job.slide_id} in time")
