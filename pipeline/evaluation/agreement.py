@@ -177,6 +177,7 @@ def check_agreement(
         runners[b] = make_runner(bundle, dev, backend=b, cache_dir=cache_dir, batch_size=batch_size)[0]
     fan = FanOutRunner(runners, REFERENCE)
     analyser = SlideAnalyser.for_bundle(bundle.contract, fan, None, batch_size=batch_size)
+    slides_root = Path(slides_root).resolve()  # relative to the working directory
     records = load_slide_table(DataConfig(root=slides_root), slides_root, require_annotations=False)
     tallies = {b: _Tally(classes) for b in backends}
     ref_p: list[float] = []

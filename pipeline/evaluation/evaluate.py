@@ -80,6 +80,7 @@ def measure_set(analyser: SlideAnalyser, data_root: Path, n_boot: int = 1000) ->
     """Tile AUROC per pattern and slide-level figures on a labelled, annotated slide set."""
     assert analyser.predictor is not None
     predictor, classes = analyser.predictor, analyser.classes
+    data_root = Path(data_root).resolve()  # relative to the working directory
     records = load_slide_table(DataConfig(root=data_root), data_root, require_annotations=True)
     tile_probs: dict[str, list[np.ndarray]] = {p: [] for p in PATTERN_CLASSES}
     tile_cov: dict[str, list[np.ndarray]] = {p: [] for p in PATTERN_CLASSES}
@@ -181,11 +182,19 @@ def real_slide_row(
         p: round(float((feats.column(p)[epi] >= thresholds[p]).mean()), 4) if epi.any() else None
         for p in PATTERN_CLASSES
     }
+    # how close the quiet tiles come: 90th centile and maximum of each pattern on annotated epidermis
+    row["epidermal_probability_p90_max"] = {
+        p: [round(float(np.percentile(feats.column(p)[epi], 90)), 3), round(float(feats.column(p)[epi].max()), 3)]
+        if epi.any()
+        else None
+        for p in PATTERN_CLASSES
+    }
     return row
 
 
 def measure_real_set(analyser: SlideAnalyser, thresholds: dict[str, float], root: Path) -> list[dict[str, Any]]:
     """Real-slide rows of every slide of a real slide set (labels.csv with path/mpp columns, annotations/)."""
+    root = root.resolve()  # relative to the working directory, like every other path on the command line
     records = load_slide_table(DataConfig(root=root), root, require_annotations=False)
     return [real_slide_row(analyser, thresholds, r.path, r.mpp, r.annotation, r.slide_id) for r in records]
 
