@@ -12,7 +12,8 @@ Hard rules (``non_diagnostic``):
   flag, or mostly near-black tile pixels). The model reads brightfield H&E.
 * ``wrong_resolution``: tiles not read at the model's 0.5 µm/px (± tolerance).
 * ``non_he_stain``: too few stained pixels have H&E-like optical density (IHC/DAB, special
-  stains, fluorescence).
+  stains, fluorescence), or too many are DAB-brown (immunohistochemistry with a haematoxylin
+  counterstain, whose blue nuclei are H&E-like: see ``QualityConfig.max_dab_like_fraction``).
 * ``mostly_blurred``: more than half of the tiles are below the sharpness threshold.
 * ``too_little_epidermis``: NME patterns are upper-epidermal; without epidermis the slide
   cannot be judged (too few tiles with patch-model epidermis probability > 0.5).
@@ -53,7 +54,9 @@ HARD_FLAGS = frozenset(
     }
 )
 
-DARK_FIELD_REASON = "out-of-scope stain: dark-field/fluorescence image, the model reads brightfield H&E"
+DARK_FIELD_REASON = (
+    "out-of-scope stain: dark background, a dark-field/fluorescence or inverted image; the model reads brightfield H&E"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +83,30 @@ class QualityConfig(StrictModel):
     (131); a focus blur of 1 µm or more is caught, a 0.5 µm blur mostly is not. The measure
     rises with noise and JPEG artefacts and falls on pale, glass-rich tiles, so rules use the
     fraction of blurred tiles, not single tiles. Re-check on each scanner model.
+
+    ``max_dab_like_fraction`` (immunohistochemistry) was set from the ``dab_like_fraction`` of
+    :func:`stain_statistics` (stained pixels whose optical density is highest in blue: DAB brown)
+    as the demo analysis measures it (tissue tiles at 0.5 µm/px, every 4th pixel):
+
+    ==========================================================  =========  ==========
+    slide                                                       DAB-like   H&E-like
+    ==========================================================  =========  ==========
+    CMU-1-Small-Region.svs (real H&E skin, 68 tiles)             0.016      0.92
+    real_skin/morphea_section3.tif (real H&E skin, 723 tiles)    0.0001     1.00
+    OS-1-detail.ome.tif (real H&E carcinoma, 4 tiles)            0.002      0.84
+    synthetic demo slides SYN2002-0001/2/3/48, PNT3003-0001      <= 0.0005  >= 0.95
+    CMU recoloured to haematoxylin + DAB, DAB on 50 % of tissue  0.28       0.69
+    the same, DAB on 30 % of tissue                              0.18       0.78
+    the same, DAB on 15 % of tissue                              0.088      0.87
+    the same, DAB on 5 % of tissue                               0.015      0.95
+    ==========================================================  =========  ==========
+
+    The haematoxylin counterstain of an IHC slide is H&E-like, so ``min_he_like_fraction``
+    alone let every recoloured slide through. 0.05 is 3x the highest H&E value (CMU, 0.016)
+    and catches IHC with DAB on about 10 % of the tissue or more; a sparsely positive IHC
+    (DAB on about 5 %) measures like H&E and is not caught (its missing eosin is not measured).
+    Fluorescence (dark background) is caught by the tissue detector's ``dark_background`` or
+    ``max_dark_pixel_fraction``, before any stain rule.
     """
 
     expected_mpp: float = Field(0.5, gt=0, description="Resolution the model reads, µm/px.")
@@ -120,6 +147,13 @@ class QualityConfig(StrictModel):
         ge=0,
         le=1,
         description="More near-black tile pixels than this fraction: dark-field/fluorescence (CMU H&E: 0.006, DAPI: 0.82).",
+    )
+    max_dab_like_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="More DAB-like (brown) stained pixels than this fraction: immunohistochemistry, non-diagnostic "
+        "(real H&E: at most 0.016; see the class docstring).",
     )
     require_all_measurements: bool = Field(
         True,
@@ -286,16 +320,31 @@ def assess_quality(inputs: QualityInputs, config: QualityConfig | None = None) -
             not_assessed.append(("stain_not_assessed", "stain not assessed: no stain statistics were given"))
         elif he is None:
             hard.append(("non_he_stain", f"out-of-scope stain: no stained pixels in the {n} tissue tiles"))
-        elif he < cfg.min_he_like_fraction and not any(f == "dark_field" for f, _ in hard):
+        elif not any(f == "dark_field" for f, _ in hard):
             dab = m["dab_like_fraction"]
-            dab_txt = f", {dab:.0%} DAB-like (brown)" if dab is not None else ""
-            hard.append(
-                (
-                    "non_he_stain",
-                    f"out-of-scope stain: only {he:.0%} of stained pixels have H&E-like colour "
-                    f"(minimum {cfg.min_he_like_fraction:.0%}{dab_txt}); the model reads H&E",
+            ihc = dab is not None and dab > cfg.max_dab_like_fraction
+            if he < cfg.min_he_like_fraction:
+                dab_txt = f", {dab:.0%} DAB-like (brown)" if dab is not None else ""
+                hard.append(
+                    (
+                        "non_he_stain",
+                        f"out-of-scope stain: only {he:.0%} of stained pixels have H&E-like colour "
+                        f"(minimum {cfg.min_he_like_fraction:.0%}{dab_txt}); "
+                        + (
+                            "looks like immunohistochemistry: this model reads H&E only"
+                            if ihc
+                            else "the model reads H&E"
+                        ),
+                    )
                 )
-            )
+            elif ihc:
+                hard.append(
+                    (
+                        "non_he_stain",
+                        f"out-of-scope stain: looks like immunohistochemistry (DAB brown in {dab:.0%} of stained "
+                        f"tissue, H&E has at most {cfg.max_dab_like_fraction:.0%}): this model reads H&E only",
+                    )
+                )
 
         # --- blur -----------------------------------------------------------------------
         if inputs.tile_blur is None:
