@@ -94,6 +94,24 @@ def missing_mpp_error(slide: str | Path) -> MPPError:
     )
 
 
+#: Read levels coarser than the stored one by scaled JPEG decoding where possible (see
+#: :func:`scaled_decode_factor`); False reads every pixel and resizes (the pixels of earlier versions).
+SCALED_JPEG_DECODE = True
+
+
+def scaled_decode_factor(scale: float, slack: float = 0.02) -> int:
+    """Largest of 8, 4, 2 that a read at ``scale`` level pixels per output pixel may decode at
+    1/that size (JPEG DCT scaling), else 1.
+
+    ``slack``: how far below ``scale`` the factor may be (0.02: a 0.2527 µm/px scan read at
+    0.5 µm/px, scale 1.979, decodes at 1/2 and enlarges the rest by 1 %).
+    """
+    for k in (8, 4, 2):
+        if scale >= k * (1 - slack):
+            return k
+    return 1
+
+
 @dataclass(frozen=True)
 class ReadPlan:
     """How a region at ``requested_mpp`` is read: which level, and the MPP really delivered."""
@@ -249,6 +267,27 @@ class OpenSlideReader(SlideReader):
                 pass
             self._handle = None
             raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
+        except TileDecodeError as exc:
+            raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
+
+    def read_scaled(self, x0: int, y0: int, level: int, shrink: int, width: int, height: int) -> np.ndarray | None:
+        """RGB uint8 (height, width, 3) of ``level`` at 1/``shrink`` of its resolution by scaled JPEG
+        decoding (:mod:`pipeline.reading.tiff_tiles`), or None where that is not possible (no
+        verified direct source for the level, origin off the reduced grid): then use :meth:`read`.
+        (x0, y0) in level-0 pixels; one output pixel covers ``shrink`` x ``shrink`` level pixels.
+        """
+        from pipeline.reading.tiff_tiles import TileDecodeError
+
+        x0, y0, level, width, height = int(x0), int(y0), int(level), int(width), int(height)
+        direct = self._direct_source(level)
+        if direct is None:
+            return None
+        source, ds = direct
+        step = ds * shrink
+        if x0 % step or y0 % step or not source.scaled_decode_ok(shrink):
+            return None
+        try:
+            return source.read(x0 // step, y0 // step, width, height, shrink=shrink)
         except TileDecodeError as exc:
             raise SlideError(f"{self.display}: corrupt image data at ({x0}, {y0}) level {level} ({exc})") from None
 
@@ -605,6 +644,17 @@ class Slide:
         if not plan.resized:
             return self.reader.read(location[0], location[1], lvl, w, h)
         scale = plan.effective_mpp / plan.level_mpp  # level pixels per output pixel (>= 1 - tol)
+        shrink = scaled_decode_factor(scale)
+        if shrink > 1 and SCALED_JPEG_DECODE:
+            # DCT-domain downscaling while decoding (tiff_tiles): 1/shrink of the level, then the rest
+            read_scaled = getattr(self.reader, "read_scaled", None)
+            rest = scale / shrink
+            sw, sh = max(1, int(round(w * rest))), max(1, int(round(h * rest)))
+            raw = None if read_scaled is None else read_scaled(location[0], location[1], lvl, shrink, sw, sh)
+            if raw is not None:
+                if (sw, sh) == (w, h):
+                    return raw
+                return cv2.resize(raw, (w, h), interpolation=cv2.INTER_AREA if rest > 1 else cv2.INTER_LINEAR)
         rw, rh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
         raw = self.reader.read(location[0], location[1], lvl, rw, rh)
         interp = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR

@@ -12,10 +12,21 @@ It is only a speed-up, never a second opinion: :class:`pipeline.reading.slide.Op
 level's source only after a region read both ways came out pixel-identical on that slide, and
 only for regions whose level-0 origin falls on that level's pixel grid; everything else goes
 through OpenSlide.
+
+**Scaled decoding** (:meth:`TiffLevelSource.read` with ``shrink`` 2, 4 or 8): when the pipeline
+reads a level coarser than the stored one (a 40x scan at 0.25 µm/px read at 0.5 µm/px from a
+pyramid whose next level is 4x down, as in Aperio SVS), libjpeg-turbo decodes each JPEG tile at
+1/2, 1/4 or 1/8 of its size in the DCT domain (through Pillow's ``Image.draft``) instead of
+decoding every pixel and shrinking afterwards: about a third of the decoding work at 1/2. The
+pixels differ from a full decode followed by an area-average resize by a few grey levels (the
+reduced IDCT is not a box filter); ``docs/benchmarks.md`` records the effect on the model's
+outputs. A source offers it only after Pillow's full-size decode of one tile came out identical
+to imagecodecs' (same colour handling, see :meth:`TiffLevelSource.scaled_decode_ok`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -114,6 +125,7 @@ class TiffLevelSource:
         self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
         self._cols = -(-self.width // self.tile_w)
         self._cache = cache if cache is not None else SHARED_CACHE
+        self._scaled_ok: bool | None = None
 
     @property
     def verdict_key(self) -> tuple:
@@ -133,46 +145,107 @@ class TiffLevelSource:
             and getattr(page, "imagedepth", 1) == 1
         )
 
-    def _tile(self, col: int, row: int) -> np.ndarray:
-        """Decoded tile (tile_h, tile_w, 3) uint8 at grid (col, row), from the cache when there."""
+    def _tile_bytes(self, index: int) -> bytes:
+        """The compressed bytes of tile ``index`` (raises :class:`TileDecodeError` when short)."""
+        page = self._page
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        fh = self._tiff.filehandle
+        fh.seek(offset)
+        data = fh.read(count)
+        if count == 0 or len(data) != count:
+            raise TileDecodeError(f"tile {index} of page {self._index}: {len(data)} of {count} bytes")
+        return data
+
+    def _decode_error(self, index: int, exc: BaseException) -> TileDecodeError:
+        detail = " ".join(str(exc).split())[:200] or "no detail"
+        return TileDecodeError(f"tile {index} of page {self._index} does not decode ({detail})")
+
+    def _pil_decode(self, data: bytes, shrink: int) -> np.ndarray:
+        """RGB uint8 (tile_h // shrink, tile_w // shrink, 3) of one JPEG tile, decoded at 1/``shrink`` in the DCT domain."""
+        from PIL import Image
+
+        tables = self._page.jpegtables
+        if tables:  # abbreviated stream: the tables' segments (without their EOI) go before the tile's SOI-less data
+            data = bytes(tables[:-2]) + data[2:]
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (self.tile_w // shrink, self.tile_h // shrink))
+            im.load()
+            if im.size != (self.tile_w // shrink, self.tile_h // shrink) or im.mode != "RGB":
+                raise TileDecodeError(f"scaled decode gave {im.mode} {im.size}, not RGB at 1/{shrink}")
+            return np.asarray(im)
+
+    def _tile(self, col: int, row: int, shrink: int = 1) -> np.ndarray:
+        """Decoded tile (tile_h, tile_w, 3) uint8 at grid (col, row), from the cache when there;
+        with ``shrink`` > 1 decoded at 1/shrink of its size, (tile_h / shrink, tile_w / shrink, 3)."""
         index = row * self._cols + col
-        key = (self._file_key, self._index, index)
+        key = (self._file_key, self._index, index) if shrink == 1 else (self._file_key, self._index, index, shrink)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         page = self._page
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         try:
-            fh = self._tiff.filehandle
-            fh.seek(offset)
-            data = fh.read(count)
-            if count == 0 or len(data) != count:
-                raise TileDecodeError(f"tile {index} of page {self._index}: {len(data)} of {count} bytes")
-            decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            data = self._tile_bytes(index)
+            if shrink == 1:
+                decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                tile = np.ascontiguousarray(np.asarray(decoded).reshape(self.tile_h, self.tile_w, -1)[:, :, :3])
+            else:
+                tile = self._pil_decode(data, shrink)
         except TileDecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is corrupt data
-            raise TileDecodeError(
-                f"tile {index} of page {self._index} does not decode ({' '.join(str(exc).split())[:200] or 'no detail'})"
-            ) from None
-        tile = np.ascontiguousarray(np.asarray(decoded).reshape(self.tile_h, self.tile_w, -1)[:, :, :3])
+            raise self._decode_error(index, exc) from None
         self._cache.put(key, tile)
         return tile
 
-    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 (height, width, 3) of the level region at level pixel (x, y); white outside the image."""
-        out = np.full((height, width, 3), 255, np.uint8)
+    def scaled_decode_ok(self, shrink: int) -> bool:
+        """Whether regions may be read at 1/``shrink`` (2, 4 or 8) by scaled JPEG decoding.
+
+        True when the tile size divides by ``shrink`` and Pillow's full-size decode of the
+        level's middle tile is identical to the one the level's ordinary reads use (checked once
+        per source; any failure means no scaled reads).
+        """
+        if shrink not in (2, 4, 8) or self.tile_w % shrink or self.tile_h % shrink:
+            return False
+        if self._scaled_ok is None:
+            index = (self.height // self.tile_h // 2) * self._cols + self.width // self.tile_w // 2
+            try:
+                data = self._tile_bytes(index)
+                mine = self._pil_decode(data, 1)
+                theirs, _, _ = self._page.decode(data, index, jpegtables=self._page.jpegtables)
+                ref = np.asarray(theirs).reshape(self.tile_h, self.tile_w, -1)[:, :, :3]
+                self._scaled_ok = bool(np.array_equal(mine, ref))
+            except Exception as exc:  # noqa: BLE001 - no scaled reads, the ordinary path reads everything
+                log.debug("page %d: no scaled JPEG decoding (%s)", self._index, exc)
+                self._scaled_ok = False
+            if not self._scaled_ok:
+                log.info("page %d: scaled JPEG decoding not used (Pillow's decode differs)", self._index)
+        return self._scaled_ok
+
+    def read(self, x: int, y: int, width: int, height: int, shrink: int = 1) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of the level region at level pixel (x, y); white outside the image.
+
+        With ``shrink`` > 1 (check :meth:`scaled_decode_ok` first) the level is read at
+        1/``shrink`` of its resolution: (x, y, width, height) are then pixels of that reduced
+        grid (level pixel = ``shrink`` x reduced pixel), and the tiles are decoded at that size.
+        """
+        tw, th = self.tile_w // shrink, self.tile_h // shrink
+        iw, ih = -(-self.width // shrink), -(-self.height // shrink)
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + width, self.width), min(y + height, self.height)
+        x1, y1 = min(x + width, iw), min(y + height, ih)
+        inside = x0 == x and y0 == y and x1 == x + width and y1 == y + height
+        # every pixel of a region inside the image is written below: no white fill needed
+        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
-        for row in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
-            ty = row * self.tile_h
-            ya, yb = max(y0, ty), min(y1, ty + self.tile_h)
-            for col in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
-                tx = col * self.tile_w
-                xa, xb = max(x0, tx), min(x1, tx + self.tile_w)
-                out[ya - y : yb - y, xa - x : xb - x] = self._tile(col, row)[ya - ty : yb - ty, xa - tx : xb - tx]
+        for row in range(y0 // th, (y1 - 1) // th + 1):
+            ty = row * th
+            ya, yb = max(y0, ty), min(y1, ty + th)
+            for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                tx = col * tw
+                xa, xb = max(x0, tx), min(x1, tx + tw)
+                out[ya - y : yb - y, xa - x : xb - x] = self._tile(col, row, shrink)[
+                    ya - ty : yb - ty, xa - tx : xb - tx
+                ]
         return out
 
 
