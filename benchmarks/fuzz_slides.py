@@ -415,6 +415,15 @@ def judge(item: Item, out: Path, skipped: dict[str, str], limit_s: float) -> tup
     return not problems, f"failed: {err}" + (f" [{', '.join(problems)}]" if problems else ""), seconds
 
 
+#: Runs ``argv[2:]``, writes the largest resident set of its reaped children (kB) to ``argv[1]``.
+_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(rc)\n"
+)
+
+
 def _processes_with(marker: str) -> list[int]:
     pids = []
     for p in Path("/proc").iterdir():
@@ -439,10 +448,17 @@ def run_fuzz(
     env = dict(os.environ, **dict([marker.split("=", 1)]))
     cmd = [sys.executable, str(REPO / "infer.py"), str(corpus), "--out", str(out), "--quiet"]
     cmd += ["--slide-timeout", f"{limit_s:g}"] + (["--model", str(model)] if model else [])
+    # A fresh launcher process runs the batch and reports the peak of its own children only: this
+    # process's RUSAGE_CHILDREN would also count every earlier child (e.g. other tests' subprocesses).
+    peak_file = work / "peak_rss_kb.txt"
+    launch = [sys.executable, "-c", _LAUNCHER, str(peak_file)]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run(launch + cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    try:
+        peak_kb = int(peak_file.read_text())
+    except (OSError, ValueError):
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     time.sleep(1.0)
     left = _processes_with(marker)
     try:
