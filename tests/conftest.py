@@ -95,3 +95,32 @@ def assert_results_match_schema(out_dir: Path) -> dict[str, dict]:
         out[data["slide_id"]] = data
     assert out, f"no result.json under {out_dir}"
     return out
+
+
+# --------------------------------------------------------------------------- real browser (Chromium)
+#: Debian's Chromium (``make browser`` installs it); browser tests skip without it.
+CHROMIUM = Path("/usr/bin/chromium")
+#: Headless, and no background connections (this machine's network is closed).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module, driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -20,17 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CHROMIUM
 
 from pipeline import DEMO_MODEL_LABEL
 from pipeline.review.server import ReviewServer, make_server
 from pipeline.review.store import load_review
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (install it with `make browser`)"),
 ]
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
 def _load_server_tests() -> Any:
@@ -54,18 +53,6 @@ def served(tmp_path: Path) -> Iterator[tuple[ReviewServer, Path]]:
     finally:
         srv.shutdown()
         srv.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _pixel(page: Any, x: int, y: int) -> list[int]:
