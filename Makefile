@@ -5,6 +5,8 @@
 # `make lint` alone (ruff check, ruff format --check, mypy; configured in pyproject.toml) is for local use.
 # The environment is installed from requirements.lock (exact versions, sha256 hashes; Linux x86_64,
 # CPython 3.11); `make lock` re-resolves it from pyproject.toml's ranges (python tools/lock.py).
+# The review viewer's OpenSeadragon is vendored from the npm registry (pipeline/review/static/vendor):
+# `make vendor-viewer OSD_VERSION=x.y.z` replaces it (tools/update_openseadragon.py; needs npm).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,7 +15,7 @@ STAMP  := $(VENV)/.install-stamp
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint install lock doctor browser clean-demo
+.PHONY: demo test lint install lock doctor browser clean-demo vendor-viewer
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,12 @@ lock:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/lock.py
 	$(MAKE) install
+
+# Download OpenSeadragon OSD_VERSION from the npm registry (integrity checked) into the review app.
+OSD_VERSION ?= 6.1.1
+vendor-viewer:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) tools/update_openseadragon.py $(OSD_VERSION)
 
 # Debian's Chromium for the real-browser report tests (no browser download at run time).
 browser:

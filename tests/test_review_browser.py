@@ -1,9 +1,13 @@
 """The review app in a real headless browser (Debian's Chromium via Playwright).
 
-Opens the worklist, opens a slide, checks the slide image and a layer are drawn, toggles a layer,
-changes opacity and threshold, clicks a tile and reads its values, confirms a tile and marks a
-false positive with the keyboard, draws a missed region, reloads and sees them, and checks
-``review.geojson``. The page must log no console error and request nothing outside the server.
+Opens the worklist, opens a slide, checks the slide image (OpenSeadragon's Deep Zoom tiles) and a
+layer are drawn, toggles a layer, changes opacity and threshold, clicks a tile and reads its
+values, confirms a tile and marks a false positive with the keyboard, draws a missed region,
+reloads and sees them, and checks ``review.geojson``. The page must log no console error and
+request nothing outside the server. Pixels are read from screenshots: what the reviewer sees,
+the slide and the layer overlay together. A second test loads the viewer under its real
+Content-Security-Policy (the first bypasses it for Playwright's string evaluation) and requires
+no violation.
 
 Skipped only when /usr/bin/chromium is absent (``make browser`` installs it). Set
 ``NME_SCREENSHOT_DIR`` to keep a screenshot of the viewer.
@@ -56,18 +60,22 @@ def served(tmp_path: Path) -> Iterator[tuple[ReviewServer, Path]]:
 
 
 def _pixel(page: Any, x: int, y: int) -> list[int]:
-    return page.evaluate(
-        f"Array.from(document.getElementById('canvas').getContext('2d').getImageData({x},{y},1,1).data)"
-    )
+    """RGB on screen at viewer position (``x``, ``y``) px: a 1 px screenshot (slide and layers together)."""
+    import cv2
+    import numpy as np
+
+    box = page.locator("#viewer").bounding_box()
+    png = page.screenshot(clip={"x": box["x"] + x, "y": box["y"] + y, "width": 1, "height": 1})
+    bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    return [int(c) for c in bgr[0, 0, ::-1]]
 
 
 def _screen_of_tile(page: Any, i: int) -> tuple[float, float]:
-    """Canvas position (px) of the centre of tile ``i``."""
+    """Viewer position (px) of the centre of tile ``i``."""
     return tuple(
         page.evaluate(
-            f"""(() => {{ const S = window.__review, T = S.tiles, c = document.getElementById('canvas');
-            const x = T.x[{i}] + S.offset[0] + T.size / 2, y = T.y[{i}] + S.offset[1] + T.size / 2;
-            return [(x - S.cx) * S.scale + c.width / 2, (y - S.cy) * S.scale + c.height / 2]; }})()"""
+            f"""(() => {{ const S = window.__review, T = S.tiles;
+            return S.toScreen(T.x[{i}] + S.offset[0] + T.size / 2, T.y[{i}] + S.offset[1] + T.size / 2); }})()"""
         )
     )
 
@@ -102,13 +110,15 @@ def test_review_a_slide_in_the_browser(browser: Any, served: tuple[ReviewServer,
     page.wait_for_selector("body[data-ready='1']")
     assert page.url.endswith("/slide/S1")
     assert DEMO_MODEL_LABEL in page.inner_text("#model-label")
-    page.wait_for_function(
-        "window.__review.tileImgs.size > 0 && [...window.__review.tileImgs.values()].some(i => i.complete && i.naturalWidth)"
-    )
+    page.wait_for_function("window.__review.tilesLoaded > 0 && window.__review.fullyLoaded")
     page.wait_for_timeout(200)
-    assert page.get_attribute("#canvas", "data-scale-bar").endswith(("µm", "mm"))
+    assert page.get_attribute("#viewer", "data-scale-bar").endswith(("µm", "mm"))
     tx, ty = _screen_of_tile(page, 0)  # pallor 0.95: drawn as a layer block
     with_layer = _pixel(page, int(tx), int(ty))
+    # the slide itself is drawn: right of the last tile column (x >= 1568), the pink 'dermis' band
+    sx, sy = page.evaluate("window.__review.toScreen(1585, 900)")
+    dermis = _pixel(page, int(sx), int(sy))
+    assert dermis[0] > dermis[1] + 40 and max(dermis) < 240, dermis  # (225, 150, 185), not the pale glass
     page.keyboard.press("1")  # pallor off
     page.wait_for_timeout(100)
     assert page.evaluate("window.__review.layers.pallor.visible") is False
@@ -127,7 +137,7 @@ def test_review_a_slide_in_the_browser(browser: Any, served: tuple[ReviewServer,
     page.locator("#threshold-pallor").dispatch_event("input")
 
     # click a tile: its values
-    box = page.locator("#canvas").bounding_box()
+    box = page.locator("#viewer").bounding_box()
     page.mouse.click(box["x"] + tx, box["y"] + ty)
     info = page.inner_text("#tile-info")
     assert "pallor: 0.9500" in info and "x, y: 0, 224" in info
@@ -135,7 +145,7 @@ def test_review_a_slide_in_the_browser(browser: Any, served: tuple[ReviewServer,
     # reviewer, then keyboard review: c confirms the selected tile, x marks the next one false positive
     page.fill("#reviewer", "Dr Test")
     page.locator("#reviewer").dispatch_event("change")
-    page.locator("#canvas").focus()
+    page.locator("#viewer").focus()
     page.keyboard.press("c")
     page.wait_for_selector("body[data-saved='1']")
     page.keyboard.press("j")  # queue: nearest the threshold first
@@ -145,7 +155,7 @@ def test_review_a_slide_in_the_browser(browser: Any, served: tuple[ReviewServer,
 
     # draw a missed region (parakeratosis): three clicks, Enter
     page.select_option("#region-class", "parakeratosis")
-    page.locator("#canvas").focus()
+    page.locator("#viewer").focus()
     page.keyboard.press("0")
     page.keyboard.press("r")
     for dx, dy in ((0.4, 0.4), (0.6, 0.4), (0.5, 0.6)):
@@ -177,3 +187,52 @@ def test_review_a_slide_in_the_browser(browser: Any, served: tuple[ReviewServer,
     outside = [u for u in requests if not u.startswith(srv.url)]
     assert outside == [], outside
     ctx.close()
+
+
+def test_viewer_runs_under_its_content_security_policy(browser: Any, served: tuple[ReviewServer, Path]) -> None:
+    """The vendored OpenSeadragon and the app's scripts need nothing the strict CSP refuses."""
+    srv, _ = served
+    ctx = browser.new_context(viewport={"width": 1200, "height": 800}, device_scale_factor=1)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    page.goto(srv.url + "slide/S1")
+    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_selector(".openseadragon-canvas canvas")
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__review.tilesLoaded") > 0
+    assert page.evaluate("window.__csp") == []
+    assert errors == [], errors
+    ctx.close()
+
+
+def test_missing_slide_file_is_a_page_message(browser: Any, tmp_path: Path) -> None:
+    """The slide moved since inference: the viewer says so (and how to fix it); the layers still show."""
+    out = _load_server_tests().make_output_folder(tmp_path, n_slides=1)
+    (tmp_path / "slides").rename(tmp_path / "moved")
+    srv = make_server(out)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    ctx = browser.new_context(viewport={"width": 1200, "height": 800}, device_scale_factor=1, bypass_csp=True)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(srv.url + "slide/S1")
+        page.wait_for_selector("body[data-ready='1']")
+        msg = page.inner_text("#message")
+        assert "slide file not found" in msg and "--slides-root" in msg and "Traceback" not in msg
+        page.wait_for_timeout(300)
+        tx, ty = _screen_of_tile(page, 0)  # the pallor block over the blank background
+        assert _pixel(page, int(tx), int(ty)) != [244, 243, 241]
+        assert errors == [], errors
+    finally:
+        ctx.close()
+        srv.shutdown()
+        srv.server_close()

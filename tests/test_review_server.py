@@ -280,3 +280,95 @@ def test_cli_bad_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_dzi_descriptor_points_at_the_tile_route(server: ReviewServer) -> None:
+    import xml.etree.ElementTree as ET
+
+    st, body = request(server, "GET", "/api/slides/S1/dz.dzi")
+    assert st == 200
+    root = ET.fromstring(body)
+    assert root.tag.endswith("Image") and root.get("Url") == "/api/slides/S1/dz/" and root.get("TileSize") == "254"
+    size = root[0]
+    assert (size.get("Width"), size.get("Height")) == ("1600", "1200")
+    assert request(server, "GET", "/api/slides/S9/dz.dzi")[0] == 404
+    meta = json.loads(request(server, "GET", "/api/slides/S1")[1])
+    assert meta["image"]["dzi"] == "/api/slides/S1/dz.dzi"
+
+
+def test_vendored_viewer_is_intact_and_served(server: ReviewServer) -> None:
+    """OpenSeadragon from npm, unmodified: every file matches manifest.json; its licence ships and is served."""
+    from pipeline.review.assets import VENDOR_DIR, read_manifest, verify_vendored
+
+    assert verify_vendored() == []
+    m = read_manifest()
+    assert m["package"] == "openseadragon" and m["integrity"].startswith("sha512-") and m["license"] == "BSD-3-Clause"
+    st, body = request(server, "GET", "/static/vendor/openseadragon/LICENSE.txt")
+    assert st == 200 and b"Redistribution and use" in body
+    st, body = request(server, "GET", "/static/vendor/openseadragon/openseadragon.min.js")
+    assert st == 200 and body == (VENDOR_DIR / "openseadragon.min.js").read_bytes()
+    assert request(server, "GET", "/static/vendor/openseadragon/images/home_rest.png")[0] == 200
+    assert request(server, "GET", "/static/vendor/openseadragon/manifest.json")[0] == 404  # not a served type
+    st, page = request(server, "GET", "/slide/S1")
+    assert b"/static/vendor/openseadragon/openseadragon.min.js" in page and b"//cdn" not in page.lower()
+
+
+def test_tile_latency(server: ReviewServer) -> None:
+    """Distinct Deep Zoom tiles (each read and encoded) on one keep-alive connection: median well under 50 ms.
+
+    Small answers must not wait for a delayed ACK (Nagle): an API call is a few ms, not ~40.
+    """
+    import statistics
+    import time
+
+    port = server.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def get(path: str) -> float:
+        t0 = time.perf_counter()
+        conn.request("GET", path, headers={"Host": f"127.0.0.1:{port}"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200, path
+        return 1000 * (time.perf_counter() - t0)
+
+    get("/api/slides/S1/dz/0/0_0.jpg")  # opens the slide
+    tiles = [(lv, c, r) for lv in (9, 10, 11) for c in range(7) for r in range(5)]
+    tiles = [(lv, c, r) for lv, c, r in tiles if c * 254 < 1600 / 2 ** (11 - lv) and r * 254 < 1200 / 2 ** (11 - lv)]
+    assert len(tiles) == 4 + 12 + 35  # the grids of levels 9 (2x2), 10 (4x3) and 11 (7x5)
+    ms = [get(f"/api/slides/S1/dz/{lv}/{c}_{r}.jpg") for lv, c, r in tiles]
+    api = [get("/api/info") for _ in range(15)]
+    conn.close()
+    assert statistics.median(ms) < 50, ms
+    assert statistics.median(api) < 20, api
+
+
+def test_cli_serves_on_loopback_and_stops_on_ctrl_c(out_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.review", str(out_dir), "--port", "0", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("review: http://127.0.0.1:"), line
+        port = int(line.split()[1].rstrip("/").rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/slides")
+        r = conn.getresponse()
+        assert r.status == 200 and [row["slide_id"] for row in json.loads(r.read())] == ["S1", "S2"]
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

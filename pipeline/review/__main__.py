@@ -1,7 +1,8 @@
 """``python -m pipeline.review OUT_DIR [--port N] [--host 127.0.0.1] [--slides-root DIR]``: serve the review app.
 
-Bad input (a folder that is not a batch output, a port in use) is one ``error: ...`` line and exit
-status 2; Ctrl-C stops the server.
+The app (Starlette) is served by uvicorn on a socket this process binds (127.0.0.1 unless told
+otherwise). Bad input (a folder that is not a batch output, a port in use) is one ``error: ...``
+line and exit status 2; Ctrl-C (or SIGTERM) stops the server.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(quiet=args.quiet)
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)  # its start/stop chatter; our own line says where
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: expected 0-65535")
     if args.host not in LOOPBACK:

@@ -1,23 +1,29 @@
-"""The review web app: a standard-library HTTP server over one batch output folder.
+"""The review web app: a Starlette (ASGI) app over one batch output folder, served by uvicorn.
 
-Pages: ``/`` (worklist) and ``/slide/<slide_id>`` (viewer); ``/static/<name>`` serves the files of
-``pipeline/review/static`` listed at start-up. JSON API under ``/api/slides``; Deep Zoom tiles at
-``/api/slides/<slide_id>/dz/<level>/<col>_<row>.jpg``.
+Pages: ``/`` (worklist) and ``/slide/<slide_id>`` (viewer); ``/static/<path>`` serves the files of
+``pipeline/review/static`` listed at start-up (the vendored OpenSeadragon viewer among them, see
+:mod:`pipeline.review.assets`). JSON API under ``/api/slides``; Deep Zoom: the DZI descriptor at
+``/api/slides/<slide_id>/dz.dzi``, tiles at ``/api/slides/<slide_id>/dz/<level>/<col>_<row>.jpg``.
 
-Security (a local tool holding patient images):
+Security (a local tool holding patient images), enforced by :class:`Guard` before any route runs:
 
 * binds 127.0.0.1 by default; the ``Host`` header must name the address served (DNS rebinding);
-* clients name slides by id only: a URL segment is percent-decoded once and looked up in the
-  output folder's listing or the static listing; nothing from a URL is joined to a path;
+* clients name slides by id only: each segment of the raw URL path is percent-decoded once and
+  refused (404) when it is ``.``, ``..`` or holds a slash, backslash or NUL; routes then look the
+  segment up in the output folder's listing or the static listing; nothing from a URL is joined
+  to a path;
 * writes (POST) need the per-launch token (``X-Review-Token``, given to the pages in a meta tag),
-  a JSON body of at most 1 MiB and, when the browser sends ``Origin``, the same origin; they go only
-  to ``OUT/<slide_id>/review.geojson`` and ``review.json`` (atomic);
+  a JSON body of at most 1 MiB with a ``Content-Length`` and, when the browser sends ``Origin``,
+  the same origin; they go only to ``OUT/<slide_id>/review.geojson`` and ``review.json`` (atomic);
 * errors are one-line JSON ``{"error": ...}``; never a traceback.
+
+Blocking work (slide reads, JPEG encoding, review files) runs in Starlette's thread pool.
 """
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -26,30 +32,41 @@ import secrets
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote
+from xml.sax.saxutils import quoteattr
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline import DEMO_MODEL_LABEL
 from pipeline.core.errors import PipelineError
 from pipeline.outputs._html import DECISION_SUPPORT_DISCLAIMER
+from pipeline.review.assets import CONTENT_TYPES, STATIC_DIR, csp_style_hashes, static_files
 from pipeline.review.catalog import LAYERS, PATTERNS, OutputFolder, SlideEntry, read_tiles, read_tissue
 from pipeline.review.deepzoom import DeepZoom
 from pipeline.review.store import REVIEW_CLASSES, Review, load_review, save_review
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).with_name("static")
+__all__ = ["LOOPBACK", "MAX_BODY", "STATIC_DIR", "HttpError", "ReviewApp", "ReviewServer", "make_server"]
+
 MAX_BODY = 1 << 20
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
 _CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; script-src 'self'; style-src {styles}; img-src 'self' data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
-_DZ_TILE = re.compile(r"^(\d{1,2})$"), re.compile(r"^(\d{1,6})_(\d{1,6})\.jpg$")
+_DZ_LEVEL, _DZ_TILE = re.compile(r"^(\d{1,2})$"), re.compile(r"^(\d{1,6})_(\d{1,6})\.jpg$")
 
 
 class HttpError(Exception):
@@ -61,17 +78,23 @@ class HttpError(Exception):
 
 
 class ReviewApp:
-    """State shared by the request threads: the folder, the token, open slides, per-slide write locks."""
+    """State shared by the request threads: the folder, the token, open slides, per-slide write locks.
+
+    :attr:`asgi` is the ASGI application (Starlette routes behind :class:`Guard`).
+    """
 
     def __init__(self, folder: OutputFolder, max_open_slides: int = 4) -> None:
         self.folder = folder
         self.token = secrets.token_urlsafe(24)
-        self.static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in _TYPES}
+        self.static = static_files()
+        # 'self' plus the hash of the one style element OpenSeadragon adds (assets.csp_style_hashes)
+        self.csp = _CSP.format(styles=" ".join(["'self'", *csp_style_hashes()]))
         self._open: OrderedDict[str, DeepZoom] = OrderedDict()
         self._open_lock = threading.Lock()
         self._max_open = max_open_slides
         self._write_locks: dict[str, threading.Lock] = {k: threading.Lock() for k in folder.slides}
         self.allowed_hosts: set[str] = set()
+        self.asgi: ASGIApp = Guard(_starlette(self), self)
 
     def allow(self, host: str, port: int) -> None:
         """Accept ``Host`` headers naming this address (and the loopback names when bound to loopback)."""
@@ -104,10 +127,23 @@ class ReviewApp:
         mpp = entry.result.mpp.slide if entry.result and entry.result.mpp.source == "override" else None
         dz = DeepZoom(path, mpp=mpp)
         with self._open_lock:
+            if key in self._open:  # another thread opened it meanwhile: keep that one
+                dz.close()
+                return self._open[key]
             self._open[key] = dz
             while len(self._open) > self._max_open:
                 self._open.popitem(last=False)[1].close()
         return dz
+
+    def dzi(self, key: str) -> str:
+        """The Deep Zoom descriptor (DZI XML) of a slide; its ``Url`` points at this server's tile route."""
+        info = self.deepzoom(key).info
+        url = f"/api/slides/{quote(key, safe='')}/dz/"
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="jpg" Overlap="{info.overlap}" '
+            f'TileSize="{info.tile_size}" Url={quoteattr(url)}><Size Width="{info.width}" Height="{info.height}"/></Image>\n'
+        )
 
     def info(self) -> dict[str, Any]:
         """The folder's model label (the demo model's "not for clinical use"), the disclaimer."""
@@ -180,6 +216,7 @@ class ReviewApp:
         try:
             info = self.deepzoom(key).info
             out["image"] = info.__dict__
+            out["image"]["dzi"] = f"/api/slides/{quote(key, safe='')}/dz.dzi"
             out["mpp"] = info.mpp
         except (PipelineError, HttpError) as exc:
             out["image"], out["image_error"] = None, str(exc)
@@ -244,10 +281,14 @@ def _number(body: dict[str, Any], key: str) -> float:
     return float(v)
 
 
-def _segments(raw_path: str) -> list[str]:
-    """The URL path's segments, each percent-decoded once; ``.``, ``..``, slashes or NUL inside one: 404."""
+def _segments(raw_path: bytes) -> list[str]:
+    """The raw URL path's segments, each percent-decoded once; ``.``, ``..``, slashes or NUL inside one: 404."""
+    try:
+        text = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(HTTPStatus.NOT_FOUND, "not found") from None
     segs = []
-    for s in urlsplit(raw_path).path.split("/")[1:]:
+    for s in text.split("/")[1:]:
         try:
             d = unquote(s, errors="strict") if s else s
         except UnicodeDecodeError:
@@ -260,136 +301,231 @@ def _segments(raw_path: str) -> list[str]:
     return segs
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One request. The :class:`ReviewApp` is the server's ``app`` attribute."""
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj, allow_nan=False).encode(), status, media_type="application/json")
 
-    server: ReviewServer
-    protocol_version = "HTTP/1.1"
-    server_version = "nme-review"
-    sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.debug("%s " + format, self.client_address[0], *args)
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
 
-    # -- answers --------------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, ctype: str, cache: str = "no-store") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", cache)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("Content-Security-Policy", _CSP)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
-    def _json(self, obj: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(obj, allow_nan=False).encode(), "application/json")
+class Guard:
+    """ASGI middleware in front of every route: Host check, path-segment check, security headers.
 
-    def _page(self, name: str) -> None:
-        app = self.server.app
-        text = app.static[name].read_text(encoding="utf-8").replace("{{TOKEN}}", app.token)
-        self._send(200, text.encode(), _TYPES[".html"])
+    A request passes only with an allowed ``Host`` (else 421) and a raw path whose segments decode
+    cleanly (else 404); its ``path`` is then rebuilt from the decoded segments, so the routes see
+    exactly the segments checked here. Every answer gets ``nosniff``, ``no-referrer``, the
+    Content-Security-Policy and, unless the route set one, ``Cache-Control: no-store``.
+    """
 
-    def _guard(self) -> None:
-        host = (self.headers.get("Host") or "").lower()
-        if host not in self.server.app.allowed_hosts:
-            raise HttpError(
-                HTTPStatus.MISDIRECTED_REQUEST, "unexpected Host header (this server answers its own address only)"
-            )
+    def __init__(self, app: ASGIApp, review: ReviewApp) -> None:
+        self.app = app
+        self.review = review
 
-    def _handle(self, fn: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is off and websockets are not served
+            return
+        csp = self.review.csp.encode()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
+                names = {k.lower() for k, _ in headers}
+                if b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                headers += [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"content-security-policy", csp),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
         try:
-            self._guard()
-            fn(_segments(self.path))
+            host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1").lower()
+            if host not in self.review.allowed_hosts:
+                raise HttpError(
+                    HTTPStatus.MISDIRECTED_REQUEST, "unexpected Host header (this server answers its own address only)"
+                )
+            segs = _segments(scope.get("raw_path") or scope["path"].encode("ascii", "replace"))
         except HttpError as exc:
-            self._json({"error": str(exc)}, exc.status)
+            await _error(exc.status, str(exc))(scope, receive, send_with_headers)
+            return
+        scope = {**scope, "path": "/" + "/".join(segs), "root_path": ""}
+        await self.app(scope, receive, send_with_headers)
+
+
+Endpoint = Callable[[ReviewApp, Request], Any]
+
+
+def _endpoint(fn: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    """A route handler from ``fn(app, request)``: a sync ``fn`` runs in the thread pool; errors become one-line JSON."""
+    is_async = inspect.iscoroutinefunction(fn)
+
+    async def endpoint(request: Request) -> Response:
+        app: ReviewApp = request.app.state.review
+        try:
+            if is_async:
+                result = await fn(app, request)
+            else:
+                result = await run_in_threadpool(fn, app, request)
+            return result if isinstance(result, Response) else _json(result)
+        except HttpError as exc:
+            return _error(exc.status, str(exc))
         except PipelineError as exc:
-            self._json({"error": str(exc)}, HTTPStatus.UNPROCESSABLE_ENTITY)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            return _error(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc))
         except Exception:  # noqa: BLE001 - one request fails, the server goes on
-            log.exception("internal error on %s %s", self.command, self.path[:200])
-            self._json({"error": "internal error (see the server log)"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+            log.exception("internal error on %s %s", request.method, request.url.path[:200])
+            return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server log)")
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self._handle(self._get)
+    endpoint.__name__ = fn.__name__
+    return endpoint
 
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._handle(self._get)
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle(self._post)
+# -- routes -------------------------------------------------------------------------------------
+def _page(app: ReviewApp, name: str) -> Response:
+    text = app.static[name].read_text(encoding="utf-8").replace("{{TOKEN}}", app.token)
+    return Response(text.encode(), media_type=CONTENT_TYPES[".html"])
 
-    # -- routes ---------------------------------------------------------------------------------
-    def _get(self, seg: list[str]) -> None:
-        app = self.server.app
-        if seg in ([], ["index.html"]):
-            return self._page("worklist.html")
-        if len(seg) == 2 and seg[0] == "slide":
-            app.entry(seg[1])
-            return self._page("viewer.html")
-        if len(seg) == 2 and seg[0] == "static" and seg[1] in app.static and not seg[1].endswith(".html"):
-            p = app.static[seg[1]]
-            return self._send(200, p.read_bytes(), _TYPES[p.suffix], cache="no-cache")
-        if seg == ["api", "info"]:
-            return self._json(app.info())
-        if seg[:2] == ["api", "slides"]:
-            if len(seg) == 2:
-                return self._json(app.worklist())
-            if len(seg) == 3:
-                return self._json(app.slide(seg[2]))
-            if len(seg) == 6 and seg[3] == "dz":
-                lv, cr = _DZ_TILE[0].match(seg[4]), _DZ_TILE[1].match(seg[5])
-                if lv and cr:
-                    app.entry(seg[2])
-                    data = app.deepzoom(seg[2]).tile(int(lv[1]), int(cr[1]), int(cr[2]))
-                    return self._send(200, data, "image/jpeg", cache="private, max-age=3600")
+
+def worklist_page(app: ReviewApp, request: Request) -> Response:
+    return _page(app, "worklist.html")
+
+
+def viewer_page(app: ReviewApp, request: Request) -> Response:
+    app.entry(request.path_params["key"])
+    return _page(app, "viewer.html")
+
+
+def static_file(app: ReviewApp, request: Request) -> Response:
+    rel = request.path_params["rel"]
+    p = app.static.get(rel)
+    if p is None or p.suffix == ".html":  # pages are served through their routes only (with the token)
         raise HttpError(HTTPStatus.NOT_FOUND, "not found")
+    return Response(p.read_bytes(), media_type=CONTENT_TYPES[p.suffix], headers={"Cache-Control": "no-cache"})
 
-    def _post(self, seg: list[str]) -> None:
-        app = self.server.app
-        token = self.headers.get("X-Review-Token") or ""
-        if not hmac.compare_digest(token.encode(), app.token.encode()):
-            raise HttpError(HTTPStatus.FORBIDDEN, "missing or wrong review token: reload the page")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin.lower() != f"http://{self.headers.get('Host', '').lower()}":
-            raise HttpError(HTTPStatus.FORBIDDEN, "cross-origin write refused")
-        if self.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-            raise HttpError(HTTPStatus.FORBIDDEN, "cross-site write refused")
-        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
-            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "writes take application/json")
-        try:
-            n = int(self.headers.get("Content-Length") or "-1")
-        except ValueError:
-            n = -1
-        if not 0 <= n <= MAX_BODY:
-            raise HttpError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body must be 0-{MAX_BODY} bytes with a Content-Length"
-            )
-        try:
-            body = json.loads(self.rfile.read(n) or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body is not JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-        if len(seg) == 5 and seg[:2] == ["api", "slides"] and seg[3] == "review":
-            return self._json(app.write(seg[2], seg[4], body))
+
+def api_info(app: ReviewApp, request: Request) -> Any:
+    return app.info()
+
+
+def api_worklist(app: ReviewApp, request: Request) -> Any:
+    return app.worklist()
+
+
+def api_slide(app: ReviewApp, request: Request) -> Any:
+    return app.slide(request.path_params["key"])
+
+
+def api_dzi(app: ReviewApp, request: Request) -> Response:
+    key = request.path_params["key"]
+    app.entry(key)
+    return Response(app.dzi(key).encode(), media_type="application/xml", headers={"Cache-Control": "no-cache"})
+
+
+def api_tile(app: ReviewApp, request: Request) -> Response:
+    p = request.path_params
+    lv, cr = _DZ_LEVEL.match(p["level"]), _DZ_TILE.match(p["tile"])
+    if not (lv and cr):
         raise HttpError(HTTPStatus.NOT_FOUND, "not found")
+    app.entry(p["key"])
+    data = app.deepzoom(p["key"]).tile(int(lv[1]), int(cr[1]), int(cr[2]))
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
-class ReviewServer(ThreadingHTTPServer):
-    """The threading HTTP server with its :class:`ReviewApp`."""
+async def api_write(app: ReviewApp, request: Request) -> Any:
+    h = request.headers
+    if not hmac.compare_digest((h.get("x-review-token") or "").encode(), app.token.encode()):
+        raise HttpError(HTTPStatus.FORBIDDEN, "missing or wrong review token: reload the page")
+    origin = h.get("origin")
+    if origin is not None and origin.lower() != f"http://{h.get('host', '').lower()}":
+        raise HttpError(HTTPStatus.FORBIDDEN, "cross-origin write refused")
+    if h.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise HttpError(HTTPStatus.FORBIDDEN, "cross-site write refused")
+    if not (h.get("content-type") or "").startswith("application/json"):
+        raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "writes take application/json")
+    try:
+        n = int(h.get("content-length") or "-1")
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_BODY:
+        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body must be 0-{MAX_BODY} bytes with a Content-Length")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > n:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body longer than its Content-Length")
+    try:
+        body = json.loads(bytes(raw) or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+    p = request.path_params
+    return await run_in_threadpool(app.write, p["key"], p["action"], body)
 
-    daemon_threads = True
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405 (no route, wrong method) as one-line JSON."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    message = "not found" if status == 404 else "method not allowed" if status == 405 else HTTPStatus(status).phrase
+    headers = getattr(exc, "headers", None) or {}
+    r = _error(status, message)
+    r.headers.update(headers)
+    return r
+
+
+def _starlette(app: ReviewApp) -> Starlette:
+    get = ["GET"]  # HEAD is added by Starlette
+    routes = [
+        Route("/", _endpoint(worklist_page), methods=get),
+        Route("/index.html", _endpoint(worklist_page), methods=get),
+        Route("/slide/{key}", _endpoint(viewer_page), methods=get),
+        Route("/static/{rel:path}", _endpoint(static_file), methods=get),
+        Route("/api/info", _endpoint(api_info), methods=get),
+        Route("/api/slides", _endpoint(api_worklist), methods=get),
+        Route("/api/slides/{key}", _endpoint(api_slide), methods=get),
+        Route("/api/slides/{key}/dz.dzi", _endpoint(api_dzi), methods=get),
+        Route("/api/slides/{key}/dz/{level}/{tile}", _endpoint(api_tile), methods=get),
+        Route("/api/slides/{key}/review/{action}", _endpoint(api_write), methods=["POST"]),
+    ]
+    star = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    star.router.redirect_slashes = False  # the Guard already dropped a trailing slash
+    star.state.review = app
+    return star
+
+
+# -- the server ---------------------------------------------------------------------------------
+class ReviewServer:
+    """uvicorn serving a :class:`ReviewApp` on a socket bound (and listening) at construction.
+
+    The interface of the standard library's servers, which the tests and the CLI use:
+    :meth:`serve_forever` (blocks; from any thread), :meth:`shutdown` (from another thread; waits
+    until it returned), :meth:`server_close`, :attr:`server_address`, :attr:`url`.
+    """
 
     def __init__(self, app: ReviewApp, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), Handler)
+        self.socket = _listen(host, port)
+        name = self.socket.getsockname()
+        self.server_address: tuple[str, int] = (str(name[0]), int(name[1]))
         app.allow(host, self.server_address[1])
+        config = uvicorn.Config(
+            app.asgi,
+            http="h11",
+            ws="none",
+            lifespan="off",
+            loop="asyncio",
+            log_config=None,
+            log_level=logging.WARNING,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._done = threading.Event()
+        self._done.set()
 
     @property
     def url(self) -> str:
@@ -397,9 +533,39 @@ class ReviewServer(ThreadingHTTPServer):
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{self.server_address[1]}/"
 
+    def serve_forever(self, poll_interval: float = 0.1) -> None:
+        """Serve until :meth:`shutdown` (or, in the main thread, Ctrl-C / SIGTERM). ``poll_interval``: unused."""
+        self._done.clear()
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._done.set()
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        self._done.wait(timeout=10)
+
     def server_close(self) -> None:
-        super().server_close()
+        self.socket.close()
         self.app.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``SO_REUSEADDR``, as the standard library's servers).
+
+    Created with ``IPPROTO_TCP`` named: asyncio sets ``TCP_NODELAY`` only on connections of such a
+    socket, and without it a response written as headers then body waits ~40 ms for a delayed ACK.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def make_server(out_dir: Path, host: str = "127.0.0.1", port: int = 0, slides_root: Path | None = None) -> ReviewServer:
@@ -407,5 +573,6 @@ def make_server(out_dir: Path, host: str = "127.0.0.1", port: int = 0, slides_ro
 
     Raises:
         DataError: ``out_dir`` is not a batch output folder.
+        OSError: the address cannot be bound (a port in use).
     """
     return ReviewServer(ReviewApp(OutputFolder.open(out_dir, slides_root)), host, port)

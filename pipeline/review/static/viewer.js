@@ -1,22 +1,29 @@
-// Slide viewer: Deep Zoom tiles of the slide, tile layers from stored predictions, review queue and verdicts.
-// Coordinates: the view works in full level-0 pixels; tiles, tissue and reviews are stored in QuPath's
-// frame (level-0 px minus the slide's bounds origin `offset`), converted at the edges.
+// Slide viewer: the slide as Deep Zoom tiles in OpenSeadragon (vendored, see static/vendor/openseadragon),
+// tile layers from stored predictions drawn on a canvas overlay kept in step with the viewport, the review
+// queue and verdicts. Coordinates: the view works in full level-0 pixels (OpenSeadragon's image
+// coordinates); tiles, tissue and reviews are stored in QuPath's frame (level-0 px minus the slide's bounds
+// origin `offset`), converted at the edges.
 "use strict";
 (function () {
+  const OSD = window.OpenSeadragon;
   const TOKEN = document.querySelector('meta[name="review-token"]').content;
   const KEY = decodeURIComponent(location.pathname.split("/").pop());
-  const canvas = document.getElementById("canvas");
-  const ctx = canvas.getContext("2d");
+  const host = document.getElementById("viewer");
+  const overlay = document.createElement("canvas");
+  overlay.className = "layer-overlay";
+  const ctx = overlay.getContext("2d");
   const $ = (id) => document.getElementById(id);
   const LAYER_KEYS = ["pallor", "necrolysis", "parakeratosis", "attention", "tissue"];
   // one fixed colour scale for every layer and slide (0 -> 1): dark blue, teal, yellow-green, orange, red
   const STOPS = [[0, [48, 18, 59]], [0.25, [40, 140, 200]], [0.5, [120, 220, 90]], [0.75, [250, 170, 40]], [1, [180, 20, 20]]];
   const CLASS_COLOURS = { pallor: "#e6b428", necrolysis: "#c83232", parakeratosis: "#3c6ed2", exclude: "#222" };
+  // a light 1 px PNG: the background when the slide file cannot be opened (the layers still show)
+  const BLANK = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP48vkHAAV+ArtwOyJ+AAAAAElFTkSuQmCC";
 
   const S = {
-    meta: null, review: null, offset: [0, 0], W: 1, H: 1, mpp: null,
-    cx: 0, cy: 0, scale: 1, layers: {}, active: "pallor", tiles: null, attnMax: 1,
-    tileImgs: new Map(), current: -1, queue: [], qpos: -1, drawing: null, dirty: true,
+    meta: null, review: null, offset: [0, 0], W: 1, H: 1, mpp: null, viewer: null, item: null,
+    layers: {}, active: "pallor", tiles: null, attnMax: 1, tilesLoaded: 0, fullyLoaded: false,
+    current: -1, queue: [], qpos: -1, drawing: null, dirty: true,
   };
   window.__review = S; // for tests and the console
 
@@ -31,75 +38,57 @@
     return "rgb(" + STOPS[STOPS.length - 1][1].join(",") + ")";
   }
 
+  const LUT = Array.from({ length: 256 }, (_, k) => colour(k / 255));  // drawn per frame: no string building there
+  function lut(v) { return LUT[Math.max(0, Math.min(255, Math.round(v * 255)))]; }
+
   function say(text, cls) {
     const m = $("message");
     m.textContent = text || "";
     m.className = "message " + (cls || "");
   }
 
-  // ---- geometry -----------------------------------------------------------------------------
-  function toScreen(x, y) { return [(x - S.cx) * S.scale + canvas.width / 2, (y - S.cy) * S.scale + canvas.height / 2]; }
-  function toSlide(px, py) { return [(px - canvas.width / 2) / S.scale + S.cx, (py - canvas.height / 2) / S.scale + S.cy]; }
-  function fit() {
-    S.scale = Math.min(canvas.width / S.W, canvas.height / S.H) * 0.95;
-    S.cx = S.W / 2; S.cy = S.H / 2; S.dirty = true;
+  // ---- geometry: level-0 px <-> viewer element px, from OpenSeadragon's current (animated) viewport ----
+  let view = { ox: 0, oy: 0, s: 1 };
+  function updateView() {
+    if (!S.item) return;
+    const a = S.item.imageToViewerElementCoordinates(new OSD.Point(0, 0));
+    const b = S.item.imageToViewerElementCoordinates(new OSD.Point(S.W, 0));
+    view = { ox: a.x, oy: a.y, s: (b.x - a.x) / S.W };
   }
-  function zoom(f, px, py) {
-    const [x, y] = toSlide(px ?? canvas.width / 2, py ?? canvas.height / 2);
-    const maxScale = 4, minScale = Math.min(canvas.width / S.W, canvas.height / S.H) / 4;
-    S.scale = Math.max(minScale, Math.min(maxScale, S.scale * f));
-    const [nx, ny] = toSlide(px ?? canvas.width / 2, py ?? canvas.height / 2);
-    S.cx += x - nx; S.cy += y - ny; S.dirty = true;
+  function toScreen(x, y) { return [view.ox + x * view.s, view.oy + y * view.s]; }
+  function toSlide(px, py) { return [(px - view.ox) / view.s, (py - view.oy) / view.s]; }
+  S.toScreen = (x, y) => { updateView(); return toScreen(x, y); };
+  function fit(immediately) { if (S.viewer) S.viewer.viewport.goHome(immediately); }
+  function zoom(f) { if (S.viewer) { S.viewer.viewport.zoomBy(f); S.viewer.viewport.applyConstraints(); } }
+  function pan(dx, dy) {
+    if (!S.viewer) return;
+    const vp = S.viewer.viewport, b = vp.getBounds();
+    vp.panBy(new OSD.Point(dx * b.width * 0.2, dy * b.height * 0.2));
+    vp.applyConstraints();
+  }
+  function showRegion(x, y, w, h) {  // level-0 px
+    if (S.item) S.viewer.viewport.fitBounds(S.item.imageToViewportRectangle(x, y, w, h));
   }
   function resize() {
-    const r = $("stage").getBoundingClientRect();
-    canvas.width = Math.max(200, Math.floor(r.width));
-    canvas.height = Math.max(200, Math.floor(r.height));
+    const dpr = window.devicePixelRatio || 1, w = host.clientWidth, h = host.clientHeight;
+    overlay.width = Math.max(1, Math.round(w * dpr)); overlay.height = Math.max(1, Math.round(h * dpr));
+    overlay.style.width = w + "px"; overlay.style.height = h + "px";
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     S.dirty = true;
   }
 
-  // ---- drawing ------------------------------------------------------------------------------
-  function drawSlide() {
-    const im = S.meta.image;
-    if (!im) return;
-    const want = Math.max(0, Math.min(im.max_level, im.max_level + Math.ceil(Math.log2(S.scale) - 1e-9)));
-    const [x0, y0] = toSlide(0, 0), [x1, y1] = toSlide(canvas.width, canvas.height);
-    for (let lv = Math.max(0, want - 3); lv <= want; lv++) {
-      const f = Math.pow(2, im.max_level - lv), span = im.tile_size * f;
-      const lw = Math.ceil(im.width / f), lh = Math.ceil(im.height / f);
-      const c0 = Math.max(0, Math.floor(x0 / span)), c1 = Math.min(Math.ceil(lw / im.tile_size) - 1, Math.floor(x1 / span));
-      const r0 = Math.max(0, Math.floor(y0 / span)), r1 = Math.min(Math.ceil(lh / im.tile_size) - 1, Math.floor(y1 / span));
-      for (let c = c0; c <= c1; c++) {
-        for (let r = r0; r <= r1; r++) {
-          const key = lv + "/" + c + "_" + r;
-          let img = S.tileImgs.get(key);
-          if (!img && (lv === want || lv === Math.max(0, want - 3))) {
-            img = new Image();
-            img.onload = () => { S.dirty = true; };
-            img.onerror = () => { say("a slide tile could not be read", "error"); };
-            img.src = "/api/slides/" + encodeURIComponent(KEY) + "/dz/" + key + ".jpg";
-            S.tileImgs.set(key, img);
-          }
-          if (!img || !img.complete || !img.naturalWidth) continue;
-          const dx = (c * im.tile_size - (c ? im.overlap : 0)) * f, dy = (r * im.tile_size - (r ? im.overlap : 0)) * f;
-          const [sx, sy] = toScreen(dx, dy);
-          ctx.drawImage(img, sx, sy, img.naturalWidth * f * S.scale, img.naturalHeight * f * S.scale);
-        }
-      }
-    }
-    if (S.tileImgs.size > 3000) S.tileImgs.clear();
-  }
-
+  // ---- drawing (the overlay; the slide itself is OpenSeadragon's) ------------------------------------
   function layerValue(name, i) {
     const v = S.tiles.values[name][i];
     if (v === null || v === undefined) return null;
     return name === "attention" ? v / S.attnMax : v;
   }
+  function cw() { return host.clientWidth; }
+  function ch() { return host.clientHeight; }
 
   function drawLayers() {
     const T = S.tiles;
-    if (!T) return;
-    const [ox, oy] = S.offset, size = T.size * S.scale;
+    const [ox, oy] = S.offset, size = T ? T.size * view.s : 0;
     for (const name of LAYER_KEYS) {
       const L = S.layers[name];
       if (!L.visible) continue;
@@ -113,13 +102,16 @@
         }
         continue;
       }
+      if (!T) continue;
       for (let i = 0; i < T.x.length; i++) {
         const v = layerValue(name, i);
         if (v === null || v < L.threshold) continue;
         const [px, py] = toScreen(T.x[i] + ox, T.y[i] + oy);
-        if (px > canvas.width || py > canvas.height || px + size < 0 || py + size < 0) continue;
-        ctx.fillStyle = colour(v);
-        ctx.fillRect(Math.round(px), Math.round(py), Math.max(1, Math.round(size)), Math.max(1, Math.round(size)));
+        if (px > cw() || py > ch() || px + size < 0 || py + size < 0) continue;
+        ctx.fillStyle = lut(v);
+        // crisp blocks: whole device pixels, edge to edge with the neighbours
+        const x0 = Math.round(px), y0 = Math.round(py);
+        ctx.fillRect(x0, y0, Math.max(1, Math.round(px + size) - x0), Math.max(1, Math.round(py + size) - y0));
       }
     }
     ctx.globalAlpha = 1;
@@ -129,7 +121,7 @@
     const [ox, oy] = S.offset;
     if (S.review) {
       for (const m of S.review.tiles) {
-        const [px, py] = toScreen(m.x + ox, m.y + oy), s = m.size * S.scale;
+        const [px, py] = toScreen(m.x + ox, m.y + oy), s = m.size * view.s;
         ctx.lineWidth = 3;
         ctx.setLineDash(m.verdict === "confirm" ? [] : [6, 4]);
         ctx.strokeStyle = m.verdict === "confirm" ? "#0b8f3a" : "#d0021b";
@@ -150,7 +142,7 @@
       ctx.setLineDash([]);
     }
     if (S.current >= 0 && S.tiles) {
-      const [px, py] = toScreen(S.tiles.x[S.current] + ox, S.tiles.y[S.current] + oy), s = S.tiles.size * S.scale;
+      const [px, py] = toScreen(S.tiles.x[S.current] + ox, S.tiles.y[S.current] + oy), s = S.tiles.size * view.s;
       ctx.lineWidth = 2; ctx.strokeStyle = "#000"; ctx.strokeRect(px - 2, py - 2, s + 4, s + 4);
       ctx.strokeStyle = "#fff"; ctx.strokeRect(px - 4, py - 4, s + 8, s + 8);
     }
@@ -158,30 +150,34 @@
       ctx.strokeStyle = "#ff00aa"; ctx.lineWidth = 2; ctx.beginPath();
       S.drawing.forEach(([x, y], k) => { const [px, py] = toScreen(x, y); k ? ctx.lineTo(px, py) : ctx.moveTo(px, py); });
       ctx.stroke();
+      for (const [x, y] of S.drawing) { const [px, py] = toScreen(x, y); ctx.fillStyle = "#ff00aa"; ctx.fillRect(px - 3, py - 3, 6, 6); }
     }
   }
 
   function drawScaleBar() {
-    if (!S.mpp) return;
-    const umPerPx = S.mpp / S.scale;
+    if (!S.mpp || !(view.s > 0)) return;
+    const umPerPx = S.mpp / view.s;
     const nice = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000];
     let um = nice[0];
     for (const n of nice) if (n / umPerPx <= 160) um = n;
-    const w = um / umPerPx, x = 16, y = canvas.height - 20;
-    ctx.fillStyle = "rgba(255,255,255,0.85)"; ctx.fillRect(x - 6, y - 22, w + 12, 32);
+    const w = um / umPerPx, x = 16, y = ch() - 20;
+    ctx.fillStyle = "rgba(255,255,255,0.85)"; ctx.fillRect(x - 6, y - 22, Math.max(w, 150) + 12, 32);
     ctx.fillStyle = "#000"; ctx.fillRect(x, y, w, 5);
     ctx.font = "12px sans-serif";
     const text = um >= 1000 ? (um / 1000) + " mm" : um + " µm";
     ctx.fillText(text + "  (" + umPerPx.toFixed(2) + " µm/px)", x, y - 6);
-    canvas.dataset.scaleBar = text;
+    host.dataset.scaleBar = text;
   }
 
+  function draw() {
+    if (!S.meta) return;
+    S.dirty = false;
+    updateView();
+    ctx.clearRect(0, 0, cw(), ch());
+    drawLayers(); drawReview(); drawScaleBar();
+  }
   function frame() {
-    if (S.dirty && S.meta) {
-      S.dirty = false;
-      ctx.fillStyle = "#f4f3f1"; ctx.fillRect(0, 0, canvas.width, canvas.height);
-      drawSlide(); drawLayers(); drawReview(); drawScaleBar();
-    }
+    if (S.dirty) draw();
     requestAnimationFrame(frame);
   }
 
@@ -290,8 +286,8 @@
     if (!S.queue.length) return;
     S.qpos = Math.max(0, Math.min(S.queue.length - 1, S.qpos + step));
     const i = S.queue[S.qpos];
-    S.cx = S.tiles.x[i] + S.offset[0] + S.tiles.size / 2; S.cy = S.tiles.y[i] + S.offset[1] + S.tiles.size / 2;
-    S.scale = Math.min(canvas.width, canvas.height) / (S.tiles.size * 4);
+    const sz = S.tiles.size;  // four tiles across the shorter side, the tile in the middle
+    showRegion(S.tiles.x[i] + S.offset[0] - 1.5 * sz, S.tiles.y[i] + S.offset[1] - 1.5 * sz, 4 * sz, 4 * sz);
     const p = $("q-pattern").value;
     S.active = p;
     if (!S.layers[p].visible) { S.layers[p].visible = true; syncLayerControls(p); }
@@ -359,33 +355,25 @@
     post("verdict", { verdict, band: verdict === "agree" ? S.meta.band : band, note: $("note").value });
   }
 
-  // ---- input --------------------------------------------------------------------------------
-  let drag = null;
-  canvas.addEventListener("mousedown", (ev) => { drag = { x: ev.offsetX, y: ev.offsetY, cx: S.cx, cy: S.cy, moved: false }; canvas.focus(); });
-  window.addEventListener("mousemove", (ev) => {
-    if (!drag) return;
-    const dx = ev.offsetX - drag.x, dy = ev.offsetY - drag.y;
-    if (Math.abs(dx) + Math.abs(dy) > 4) drag.moved = true;
-    if (drag.moved && ev.target === canvas) { S.cx = drag.cx - dx / S.scale; S.cy = drag.cy - dy / S.scale; S.dirty = true; }
-  });
-  window.addEventListener("mouseup", (ev) => {
-    if (drag && !drag.moved && ev.target === canvas) {
-      const [x, y] = toSlide(ev.offsetX, ev.offsetY);
-      if (S.drawing) { S.drawing.push([x, y]); S.dirty = true; } else showTile(tileAt(x, y));
-    }
-    drag = null;
-  });
-  canvas.addEventListener("dblclick", (ev) => { if (S.drawing) { ev.preventDefault(); S.drawing.pop(); finishDrawing(); } });
-  canvas.addEventListener("wheel", (ev) => { ev.preventDefault(); zoom(ev.deltaY < 0 ? 1.25 : 0.8, ev.offsetX, ev.offsetY); }, { passive: false });
+  // ---- input: OpenSeadragon pans (drag) and zooms (wheel); a click selects a tile or adds a corner ----
+  function setDrawing(on) { S.drawing = on ? [] : null; $("draw").classList.toggle("on", !!S.drawing); S.dirty = true; }
+  function onClick(ev) {
+    if (!ev.quick) return;  // a drag (pan), not a click
+    const [x, y] = toSlide(ev.position.x, ev.position.y);
+    if (S.drawing) { S.drawing.push([x, y]); S.dirty = true; } else showTile(tileAt(x, y));
+    host.focus();
+  }
+  function onDoubleClick() { if (S.drawing) { S.drawing.pop(); finishDrawing(); } }
 
   function nudge(name, key, delta) {
     const L = S.layers[name];
     L[key] = Math.max(0, Math.min(1, Math.round((L[key] + delta) * 100) / 100));
     syncLayerControls(name);
   }
+  // capture phase: the review keys win over OpenSeadragon's own (its keyboard navigation is off)
   document.addEventListener("keydown", (ev) => {
     const tag = ev.target.tagName;
-    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || ev.ctrlKey || ev.metaKey || ev.altKey || !S.meta) return;
     const k = ev.key;
     if (k >= "1" && k <= "5") {
       const name = LAYER_KEYS[Number(k) - 1];
@@ -396,15 +384,19 @@
     else if (k === ";" || k === "'") nudge(S.active, "threshold", k === "'" ? 0.05 : -0.05);
     else if (k === "+" || k === "=") zoom(1.5);
     else if (k === "-") zoom(1 / 1.5);
-    else if (k === "0") fit();
+    else if (k === "0") fit(true);
+    else if (k === "ArrowLeft") pan(-1, 0);
+    else if (k === "ArrowRight") pan(1, 0);
+    else if (k === "ArrowUp") pan(0, -1);
+    else if (k === "ArrowDown") pan(0, 1);
     else if (k === "j") goQueue(1);
     else if (k === "k") goQueue(-1);
     else if (k === "c") markCurrent("confirm");
     else if (k === "x") markCurrent("false_positive");
     else if (k === "u") markCurrent(null);
-    else if (k === "r") { S.drawing = S.drawing ? null : []; $("draw").classList.toggle("on", !!S.drawing); S.dirty = true; }
+    else if (k === "r") setDrawing(!S.drawing);
     else if (k === "Enter" && S.drawing) finishDrawing();
-    else if (k === "Escape") { S.drawing = null; $("draw").classList.remove("on"); S.dirty = true; }
+    else if (k === "Escape") setDrawing(false);
     else if (k === "a") saveVerdict("agree");
     else if (k === "d") { $("band").focus(); say("Choose your band, add a note, then save the verdict."); }
     else if (k === "n" && S.meta.next) location.href = "/slide/" + encodeURIComponent(S.meta.next);
@@ -412,9 +404,46 @@
     else if (k === "w") location.href = "/";
     else return;
     ev.preventDefault();
-  });
+    ev.stopPropagation();
+  }, true);
 
   // ---- start --------------------------------------------------------------------------------
+  function openViewer(m) {
+    const source = m.image ? m.image.dzi : {
+      width: S.W, height: S.H, tileSize: 1024, tileOverlap: 0, minLevel: 0, maxLevel: 0,
+      getTileUrl: () => BLANK,
+    };
+    const v = S.viewer = OSD({
+      element: host,
+      prefixUrl: "/static/vendor/openseadragon/images/",
+      tileSources: source,
+      drawer: "canvas",
+      showNavigator: true, navigatorPosition: "BOTTOM_RIGHT", navigatorAutoFade: false,
+      showFullPageControl: false, showRotationControl: false, navigationControlAnchor: OSD.ControlAnchor.TOP_RIGHT,
+      keyboardNavEnabled: false,
+      gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: false, scrollToZoom: true, dragToPan: true },
+      gestureSettingsTouch: { clickToZoom: false, dblClickToZoom: false },
+      minZoomImageRatio: 0.25, maxZoomPixelRatio: 4, visibilityRatio: 0.2,
+      animationTime: 0.5, zoomPerScroll: 1.25,
+      placeholderFillStyle: "#f4f3f1",
+    });
+    v.canvas.appendChild(overlay);
+    v.addHandler("open", () => {
+      S.item = v.world.getItemAt(0);
+      S.fullyLoaded = S.item.getFullyLoaded();
+      S.item.addHandler("fully-loaded-change", (e) => { S.fullyLoaded = e.fullyLoaded; });
+      resize(); draw();
+      document.body.dataset.ready = "1";
+    });
+    v.addHandler("open-failed", (e) => { say("the slide could not be shown: " + (e.message || "unknown error"), "error"); document.body.dataset.ready = "1"; });
+    v.addHandler("tile-loaded", () => { S.tilesLoaded += 1; });
+    v.addHandler("tile-load-failed", () => { say("a slide tile could not be read", "error"); });
+    v.addHandler("update-viewport", draw);  // in step with every frame OpenSeadragon draws
+    v.addHandler("resize", resize);
+    v.addHandler("canvas-click", onClick);
+    v.addHandler("canvas-double-click", onDoubleClick);
+  }
+
   function setup(m) {
     S.meta = m;
     sessionStorage.setItem("wl-last", m.key);
@@ -451,15 +480,14 @@
     $("confirm").addEventListener("click", () => markCurrent("confirm"));
     $("false-positive").addEventListener("click", () => markCurrent("false_positive"));
     $("clear-mark").addEventListener("click", () => markCurrent(null));
-    $("draw").addEventListener("click", () => { S.drawing = S.drawing ? null : []; $("draw").classList.toggle("on", !!S.drawing); canvas.focus(); });
+    $("draw").addEventListener("click", () => { setDrawing(!S.drawing); host.focus(); });
     $("agree").addEventListener("click", () => saveVerdict("agree"));
     $("disagree").addEventListener("click", () => saveVerdict("disagree"));
     $("save-verdict").addEventListener("click", () => saveVerdict($("band").value && $("band").value !== m.band ? "disagree" : "agree"));
-    resize(); fit();
-    document.body.dataset.ready = "1";
+    openViewer(m);
   }
 
-  window.addEventListener("resize", resize);
+  if (!OSD) { say("the viewer library did not load (static/vendor/openseadragon)", "error"); return; }
   fetch("/api/slides/" + encodeURIComponent(KEY)).then((r) => r.json().then((d) => ({ ok: r.ok, d }))).then(({ ok, d }) => {
     if (!ok) { say(d.error || "could not load the slide", "error"); return; }
     setup(d);
