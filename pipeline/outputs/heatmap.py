@@ -13,6 +13,11 @@ a tile, or outside ``tissue_mask``, keep the thumbnail. The colour scale is **fi
 colour-blind viewers) from OpenCV's built-in table, so the same value has the same colour on
 every slide. Values outside ``[vmin, vmax]`` are clipped; NaN values are left out.
 
+Memory: the base image is at most :data:`HEATMAP_MAX_PIXELS` (:func:`heatmap_base` coarsens larger
+slides), the tile maps are computed over the window the tiles cover only, and the colouring and
+blending go a strip of rows at a time straight into the output canvas, so drawing a heatmap costs
+about 12 bytes per output pixel however large the slide claims to be.
+
 Attention weights are relative within a slide; :func:`normalise_attention` maps them to [0, 1]
 (divide by the slide's maximum) and :data:`ATTENTION_LEGEND` says so in the legend.
 
@@ -27,6 +32,7 @@ import logging
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -110,32 +116,63 @@ def normalise_attention(att: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Rows of an image worked on at a time by the heatmap drawing (prefix sums, colouring, blending).
+STRIP_ROWS = 256
+
+
+def _prefix_sum_2d(a: np.ndarray, rows: int = STRIP_ROWS) -> np.ndarray:
+    """``a`` (2-D integer) replaced by its inclusive 2-D prefix sum, in place, ``rows`` rows at a time (exact)."""
+    carry: np.ndarray | None = None
+    for r0 in range(0, a.shape[0], rows):
+        blk = a[r0 : r0 + rows]
+        np.cumsum(blk, axis=1, out=blk)
+        np.cumsum(blk, axis=0, out=blk)
+        if carry is not None:
+            blk += carry
+        carry = blk[-1].copy()
+    return a
+
+
+def _marks(shape: tuple[int, int], corners: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(H + 1, W + 1) prefix sum of +w / -w marks at the ``corners`` (4, K) of K rectangles: per
+    pixel, the sum of the integer weights of the rectangles covering it (1 each without ``weights``).
+
+    int32 (4 bytes per pixel): the sums wrap around in between, but every sum that fits in int32,
+    as each count and each tile number does, comes out exact.
+    """
+    h, w = shape
+    k = corners.shape[1]
+    dtype = np.int32 if k < 2**31 - 1 else np.int64
+    wt: np.ndarray = np.ones(k, dtype) if weights is None else weights.astype(dtype)
+    neg = np.negative(wt)
+    acc = np.zeros((h + 1) * (w + 1), dtype)
+    np.add.at(acc, corners.ravel(), np.concatenate([wt, neg, neg, wt]))
+    return _prefix_sum_2d(acc.reshape(h + 1, w + 1))
+
+
 def _coverage(shape: tuple[int, int], corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(covered bool (H, W), count of covering tiles at the covered pixels, float32) of tile rectangles.
 
     ``corners``: (4, K) flat indices into the (H + 1) x (W + 1) difference array of the corners
     (top-left, top-right, bottom-left, bottom-right, exclusive ends) of K non-empty rectangles.
+    The counts are whole numbers summed in integers.
     """
     h, w = shape
     if corners.shape[1] == 0:
         return np.zeros((h, w), dtype=bool), np.zeros(0, dtype=np.float32)
-    k = corners.shape[1]
-    weights = np.concatenate([np.ones(k), -np.ones(k), -np.ones(k), np.ones(k)])
-    acc = np.bincount(corners.ravel(), weights=weights, minlength=(h + 1) * (w + 1))
-    # 2-D prefix sum (OpenCV's integral image: row/column 0 are zeros) turns the corner marks into areas
-    c = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)
-    del acc
-    c = np.rint(c[1 : h + 1, 1 : w + 1])
+    c = _marks(shape, corners)[:h, :w]
     covered = c > 0
-    return covered, c[covered].astype(np.float32)  # whole numbers: exact in float32
+    return covered, c[covered].astype(np.float32)
 
 
 class TileCoverage:
     """Which pixels of an (H, W) thumbnail the tiles cover, and by how many tiles each.
 
     The geometry half of :func:`tile_mean_map` (same arguments, same pixel rule), fitted once and
-    shared by the maps of several value columns of the same tiles (:meth:`mean`). Holds a bool
-    per thumbnail pixel and a float32 per covered pixel.
+    shared by the maps of several value columns of the same tiles (:meth:`mean`). Works on the
+    :attr:`window` the tiles cover (the bounding box of their pixels): holds a bool per window
+    pixel and, per covered pixel, its tile's number (non-overlapping tiles, the pipeline's grid)
+    or its tile count (overlapping tiles), so a large slide with little tissue costs little.
 
     Args:
         shape: (H, W) of the thumbnail.
@@ -172,28 +209,98 @@ class TileCoverage:
         x0, x1, y0, y1 = x0[inside], x1[inside], y0[inside], y1[inside]
         #: indices (into coords) of the tiles that cover at least one pixel
         self.tiles: np.ndarray = tiles[inside]
-        stride = w + 1
+        if self.tiles.size:
+            wy0, wy1, wx0, wx1 = int(y0.min()), int(y1.max()), int(x0.min()), int(x1.max())
+        else:
+            wy0 = wy1 = wx0 = wx1 = 0
+        #: (y0, y1, x0, x1): the rows and columns of the thumbnail the tiles cover (empty without tiles)
+        self.window: tuple[int, int, int, int] = (wy0, wy1, wx0, wx1)
+        self._win_shape = (wy1 - wy0, wx1 - wx0)
+        stride = wx1 - wx0 + 1
+        x0, x1, y0, y1 = x0 - wx0, x1 - wx0, y0 - wy0, y1 - wy0
         self._corners = np.stack([y0 * stride + x0, y0 * stride + x1, y1 * stride + x0, y1 * stride + x1])
-        covered, self._count = _coverage(self.shape, self._corners)
-        #: (H, W) bool: pixels covered by at least one tile
-        self.covered: np.ndarray = covered
+        covered, count = _coverage(self._win_shape, self._corners)
+        #: (window height, window width) bool: window pixels covered by at least one tile
+        self.covered_window: np.ndarray = covered
         # no pixel under two tiles (the usual non-overlapping grid): a pixel's mean is its tile's value
-        self._single = bool(self._count.size == 0 or self._count.max() <= 1.0)
+        self._single = bool(count.size == 0 or count.max() <= 1.0)
+        self._count: np.ndarray | None = None if self._single else count
         self._label: np.ndarray | None = None  # index into self.tiles per covered pixel (see _labels)
+        self._row_start: np.ndarray | None = None  # covered pixels before each window row (see _rows)
+
+    @property
+    def covered(self) -> np.ndarray:
+        """(H, W) bool: pixels covered by at least one tile (made on each call)."""
+        out = np.zeros(self.shape, dtype=bool)
+        y0, y1, x0, x1 = self.window
+        out[y0:y1, x0:x1] = self.covered_window
+        return out
+
+    def _counts(self) -> np.ndarray:
+        """Tiles covering each covered pixel (float32, in ``covered_window`` order)."""
+        if self._count is None:
+            self._count = np.ones(int(np.count_nonzero(self.covered_window)), np.float32)
+        return self._count
 
     def _labels(self) -> np.ndarray:
-        """Which tile (index into :attr:`tiles`) covers each covered pixel, in ``covered`` order; only
-        without overlaps. Made on first use from the same corner marks, weighted by tile number."""
+        """Which tile (index into :attr:`tiles`) covers each covered pixel, in ``covered_window`` order;
+        only without overlaps. Made on first use from the same corner marks, weighted by tile number."""
         if self._label is None:
-            h, w = self.shape
+            hh, ww = self._win_shape
             k = self._corners.shape[1]
-            num = np.arange(1, k + 1, dtype=np.float64)
-            acc = np.bincount(
-                self._corners.ravel(), weights=np.concatenate([num, -num, -num, num]), minlength=(h + 1) * (w + 1)
-            )
-            s = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)[1 : h + 1, 1 : w + 1][self.covered]
-            self._label = np.rint(s).astype(np.intp) - 1  # whole numbers 1..k: exact in float64
+            num = _marks(self._win_shape, self._corners, np.arange(1, k + 1))[:hh, :ww][self.covered_window]
+            self._label = num - 1
         return self._label
+
+    def _rows(self) -> np.ndarray:
+        """Covered pixels before each window row (int64, window height + 1)."""
+        if self._row_start is None:
+            self._row_start = np.zeros(self._win_shape[0] + 1, np.int64)
+            np.cumsum(np.count_nonzero(self.covered_window, axis=1), out=self._row_start[1:])
+        return self._row_start
+
+    def _tile_values(self, values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if v.shape[0] != self.n_tiles:
+            raise ValueError(f"coords ({self.n_tiles} tiles) and values ({v.shape[0]}) differ in length")
+        return v[self.tiles]
+
+    def _mean_general(self, v: np.ndarray) -> np.ndarray:
+        """Window map of the mean of the tiles' values ``v`` (per tile of :attr:`tiles`), overlaps allowed."""
+        hh, ww = self._win_shape
+        corners, covered, count = self._corners, self.covered_window, self._counts()
+        finite = np.isfinite(v)
+        if not finite.all():
+            v, corners = v[finite], corners[:, finite]
+            covered, count = _coverage(self._win_shape, corners)
+        out = np.full((hh, ww), np.nan, dtype=np.float32)
+        if v.size == 0:
+            return out
+        acc = np.bincount(corners.ravel(), weights=np.concatenate([v, -v, -v, v]), minlength=(hh + 1) * (ww + 1))
+        s = cv2.integral(acc.reshape(hh + 1, ww + 1), sdepth=cv2.CV_64F)
+        del acc
+        s = s[1 : hh + 1, 1 : ww + 1][covered]
+        out[covered] = (s / count).astype(np.float32)
+        return out
+
+    def mean_strips(self, values: np.ndarray, rows: int = STRIP_ROWS) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (r0, r1, float32 (r1 - r0, window width)): the mean map of ``values`` over window rows
+        r0..r1, a strip at a time (NaN where no tile with a finite value covers the pixel)."""
+        v = self._tile_values(values)
+        hh, ww = self._win_shape
+        if not self._single:
+            full = self._mean_general(v)
+            for r0 in range(0, hh, rows):
+                yield r0, min(hh, r0 + rows), full[r0 : r0 + rows]
+            return
+        v32 = v.astype(np.float32)
+        labels, start = (self._labels(), self._rows()) if v.size else (None, None)
+        for r0 in range(0, hh, rows):
+            r1 = min(hh, r0 + rows)
+            out = np.full((r1 - r0, ww), np.nan, dtype=np.float32)
+            if labels is not None and start is not None:
+                out[self.covered_window[r0:r1]] = v32[labels[start[r0] : start[r1]]]
+            yield r0, r1, out
 
     def mean(self, values: np.ndarray) -> np.ndarray:
         """Per-pixel mean of ``values`` (N,) over the covering tiles: :func:`tile_mean_map`'s result.
@@ -203,29 +310,10 @@ class TileCoverage:
         Returns:
             float32 (H, W): mean value, NaN where no tile (with a finite value) covers the pixel.
         """
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
-        if v.shape[0] != self.n_tiles:
-            raise ValueError(f"coords ({self.n_tiles} tiles) and values ({v.shape[0]}) differ in length")
-        h, w = self.shape
-        v = v[self.tiles]
-        if self._single:  # each covered pixel takes its one tile's value (NaN: left out, as below)
-            out = np.full((h, w), np.nan, dtype=np.float32)
-            if v.size:
-                out[self.covered] = v.astype(np.float32)[self._labels()]
-            return out
-        corners, covered, count = self._corners, self.covered, self._count
-        finite = np.isfinite(v)
-        if not finite.all():
-            v, corners = v[finite], corners[:, finite]
-            covered, count = _coverage(self.shape, corners)
-        out = np.full((h, w), np.nan, dtype=np.float32)
-        if v.size == 0:
-            return out
-        acc = np.bincount(corners.ravel(), weights=np.concatenate([v, -v, -v, v]), minlength=(h + 1) * (w + 1))
-        s = cv2.integral(acc.reshape(h + 1, w + 1), sdepth=cv2.CV_64F)
-        del acc
-        s = s[1 : h + 1, 1 : w + 1][covered]
-        out[covered] = (s / count).astype(np.float32)
+        out = np.full(self.shape, np.nan, dtype=np.float32)
+        y0, _, x0, x1 = self.window
+        for r0, r1, strip in self.mean_strips(values):
+            out[y0 + r0 : y0 + r1, x0:x1] = strip
         return out
 
 
@@ -334,9 +422,8 @@ def _legend_band(cw: int, legend_label: str, vmin: float, vmax: float) -> np.nda
     return band
 
 
-def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax: float) -> np.ndarray:
-    """Add a title band above and a colour-scale legend below ``body`` (RGB)."""
-    h, w = body.shape[:2]
+def _decorated(h: int, w: int, title: str, legend_label: str, vmin: float, vmax: float, paint) -> np.ndarray:
+    """A canvas with a title band, an (h, w) body that ``paint(body view)`` fills, and the legend band."""
     cw = max(w, _MIN_CANVAS_W)
     fs, thick, pad = _text_scale(cw)
     font = cv2.FONT_HERSHEY_SIMPLEX
@@ -350,11 +437,81 @@ def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax
     x_off = (cw - w) // 2
     canvas[title_h : title_h + h, :x_off] = 255  # margins of a body narrower than the canvas
     canvas[title_h : title_h + h, x_off + w :] = 255
-    canvas[title_h : title_h + h, x_off : x_off + w] = body
+    paint(canvas[title_h : title_h + h, x_off : x_off + w])
     cv2.putText(canvas, title_txt, (pad, pad + th), font, title_fs, _INK, thick + 1, cv2.LINE_AA)
     cv2.line(canvas, (0, title_h - 1), (cw - 1, title_h - 1), (210, 214, 220), max(1, thick // 2))
     canvas[title_h + h :] = legend
     return canvas
+
+
+def _decorate(body: np.ndarray, title: str, legend_label: str, vmin: float, vmax: float) -> np.ndarray:
+    """Add a title band above and a colour-scale legend below ``body`` (RGB)."""
+    h, w = body.shape[:2]
+
+    def paint(view: np.ndarray) -> None:
+        view[:] = body
+
+    return _decorated(h, w, title, legend_label, vmin, vmax, paint)
+
+
+def _check_overlay_args(thumb_mpp: float, slide_mpp: float, alpha: float) -> None:
+    if not (thumb_mpp > 0 and slide_mpp > 0):
+        raise ValueError(f"thumb_mpp and slide_mpp must be positive µm/px, got {thumb_mpp!r}, {slide_mpp!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+
+
+def _blend_into(
+    body: np.ndarray,
+    rgb: np.ndarray,
+    thumb_mpp: float,
+    slide_mpp: float,
+    coords: np.ndarray,
+    tile_size_l0: float,
+    values: np.ndarray,
+    tissue_mask: np.ndarray | None,
+    origin: tuple[int, int],
+    vmin: float,
+    vmax: float,
+    alpha: float,
+    coverage: TileCoverage | None,
+) -> None:
+    """Blend the tile values into ``body`` (a copy of ``rgb``, written in place): :func:`overlay_values`.
+
+    Works on the rows and columns the tiles cover (:attr:`TileCoverage.window`), a strip of
+    :data:`STRIP_ROWS` rows at a time, so its temporaries do not grow with the image.
+    """
+    h, w = rgb.shape[:2]
+    if coverage is None:  # tiles without a value are left out before the geometry (as tile_mean_map)
+        xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if xy.shape[0] != v.shape[0]:
+            raise ValueError(f"coords ({xy.shape[0]} tiles) and values ({v.shape[0]}) differ in length")
+        keep = np.isfinite(v)
+        coverage, values = TileCoverage((h, w), xy[keep], tile_size_l0, slide_mpp / thumb_mpp, origin), v[keep]
+    elif coverage.shape != (h, w):
+        raise ValueError(f"coverage fitted on a {coverage.shape} thumbnail, got {(h, w)}")
+    mask = None
+    if tissue_mask is not None:
+        mask = np.asarray(tissue_mask)
+        if mask.shape != (h, w):
+            log.debug("tissue mask %s resized to thumbnail %s", mask.shape, (h, w))
+            mask = cv2.resize(mask.astype(bool).view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    wy0, _, wx0, wx1 = coverage.window
+    for r0, r1, mean in coverage.mean_strips(values):
+        show = np.isfinite(mean)
+        if mask is not None:
+            show &= mask[wy0 + r0 : wy0 + r1, wx0:wx1].astype(bool, copy=False)
+        x, y, bw, bh = cv2.boundingRect(show.view(np.uint8))  # only the shown pixels' bounding box is coloured
+        if not (bw and bh):
+            continue
+        win = (slice(wy0 + r0 + y, wy0 + r0 + y + bh), slice(wx0 + x, wx0 + x + bw))
+        # (1 - alpha) * thumbnail + alpha * colour, rounded and saturated (OpenCV), kept where shown
+        colours = values_to_rgb(mean[y : y + bh, x : x + bw], vmin, vmax)
+        blended = cv2.addWeighted(rgb[win], 1.0 - alpha, colours, alpha, 0.0)
+        del colours
+        # masked copy (~100x faster than np.copyto(where=)) into the window, a view of body
+        cv2.copyTo(blended, np.ascontiguousarray(show[y : y + bh, x : x + bw]).view(np.uint8), body[win])
 
 
 def overlay_values(
@@ -378,35 +535,19 @@ def overlay_values(
     0-255); all other pixels are the thumbnail's, unchanged.
     """
     rgb = _as_rgb(thumbnail)
-    if not (thumb_mpp > 0 and slide_mpp > 0):
-        raise ValueError(f"thumb_mpp and slide_mpp must be positive µm/px, got {thumb_mpp!r}, {slide_mpp!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    h, w = rgb.shape[:2]
-    if coverage is None:
-        mean = tile_mean_map((h, w), coords, tile_size_l0, values, slide_mpp / thumb_mpp, origin)
-    elif coverage.shape != (h, w):
-        raise ValueError(f"coverage fitted on a {coverage.shape} thumbnail, got {(h, w)}")
-    else:
-        mean = coverage.mean(values)
-    show = np.isfinite(mean)
-    if tissue_mask is not None:
-        mask = np.asarray(tissue_mask).astype(bool)
-        if mask.shape != (h, w):
-            log.debug("tissue mask %s resized to thumbnail %s", mask.shape, (h, w))
-            mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        show &= mask
+    _check_overlay_args(thumb_mpp, slide_mpp, alpha)
     body = rgb.copy()
-    x, y, bw, bh = cv2.boundingRect(show.view(np.uint8))  # only the shown pixels' bounding box is coloured
-    if bw and bh:
-        win = (slice(y, y + bh), slice(x, x + bw))
-        # (1 - alpha) * thumbnail + alpha * colour, rounded and saturated (OpenCV), kept where shown
-        colours = values_to_rgb(mean[win], vmin, vmax)
-        blended = cv2.addWeighted(rgb[win], 1.0 - alpha, colours, alpha, 0.0)
-        del colours
-        # masked copy (~100x faster than np.copyto(where=)) into the window, a view of body
-        cv2.copyTo(blended, np.ascontiguousarray(show[win]).view(np.uint8), body[win])
+    _blend_into(
+        body, rgb, thumb_mpp, slide_mpp, coords, tile_size_l0, values, tissue_mask, origin, vmin, vmax, alpha, coverage
+    )
     return body
+
+
+#: Largest heatmap image (and report thumbnail), pixels: :func:`heatmap_base` coarsens the
+#: resolution of larger slides to stay within it (2896 x 2896 px: at the default 4 µm/px up to
+#: 11.6 x 11.6 mm of slide; a 20 x 20 mm scan is drawn at 6.9 µm/px). Drawing and encoding a
+#: heatmap takes about 12 bytes per pixel, so this bounds the memory of the outputs.
+HEATMAP_MAX_PIXELS = 1 << 23
 
 
 def heatmap_base(
@@ -414,12 +555,14 @@ def heatmap_base(
     thumb_mpp: float,
     tissue_mask: np.ndarray | None,
     target_mpp: float,
+    max_pixels: int = HEATMAP_MAX_PIXELS,
 ) -> tuple[np.ndarray, float, np.ndarray | None]:
     """The thumbnail (and tissue mask) at about ``target_mpp`` µm/px, the base every heatmap is drawn on.
 
-    Never finer than the thumbnail: with ``target_mpp <= thumb_mpp`` the inputs come back
-    unchanged. Otherwise the image is reduced with area averaging and the mask with nearest
-    neighbour to ``round(W * thumb_mpp / target_mpp)`` x ``round(H * ...)`` pixels.
+    Never finer than the thumbnail, and never more than ``max_pixels`` pixels (the µm/px is raised
+    for larger slides): with ``target_mpp <= thumb_mpp`` and a thumbnail within ``max_pixels``
+    the inputs come back unchanged. Otherwise the image is reduced with area averaging and the mask
+    with nearest neighbour to ``round(W * thumb_mpp / mpp)`` x ``round(H * ...)`` pixels.
 
     Returns:
         (RGB uint8 (h, w, 3), its µm/px along x (``thumb_mpp * W / w``; y differs by under half
@@ -430,15 +573,20 @@ def heatmap_base(
         raise ValueError(f"thumb_mpp and target_mpp must be positive µm/px, got {thumb_mpp!r}, {target_mpp!r}")
     h, w = rgb.shape[:2]
     f = thumb_mpp / target_mpp
+    if h * w * min(f, 1.0) ** 2 > max_pixels:
+        f = math.sqrt(max_pixels / (h * w))
+        while max(1, int(round(w * f))) * max(1, int(round(h * f))) > max_pixels:
+            f *= 0.999
     tw, th = max(1, int(round(w * f))), max(1, int(round(h * f)))
     if f >= 1.0 or (tw, th) == (w, h):
         return rgb, float(thumb_mpp), None if tissue_mask is None else np.asarray(tissue_mask).astype(bool)
     small = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
     mask = None
     if tissue_mask is not None:
-        mask = cv2.resize(np.asarray(tissue_mask).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST).astype(
-            bool
-        )
+        m = np.asarray(tissue_mask)
+        # a bool mask is resized as its bytes (no copy)
+        m8 = m.view(np.uint8) if m.dtype == bool and m.flags.c_contiguous else m.astype(np.uint8)
+        mask = cv2.resize(m8, (tw, th), interpolation=cv2.INTER_NEAREST).astype(bool)
     return small, float(thumb_mpp) * w / tw, mask
 
 
@@ -481,23 +629,32 @@ def render_heatmap(
 
     Returns:
         uint8 RGB image: title band, the blended thumbnail (:func:`overlay_values`, unchanged
-        size, centred on a canvas at least 560 px wide), legend band.
+        size, centred on a canvas at least 560 px wide), legend band. Drawn straight into the
+        canvas: no full-size copy of the thumbnail besides it.
     """
-    body = overlay_values(
-        thumbnail,
-        thumb_mpp,
-        slide_mpp,
-        coords,
-        tile_size_l0,
-        values,
-        tissue_mask=tissue_mask,
-        origin=origin,
-        vmin=vmin,
-        vmax=vmax,
-        alpha=alpha,
-        coverage=coverage,
-    )
-    return _decorate(body, title, legend_label, vmin, vmax)
+    rgb = _as_rgb(thumbnail)
+    _check_overlay_args(thumb_mpp, slide_mpp, alpha)
+    h, w = rgb.shape[:2]
+
+    def paint(body: np.ndarray) -> None:
+        body[:] = rgb
+        _blend_into(
+            body,
+            rgb,
+            thumb_mpp,
+            slide_mpp,
+            coords,
+            tile_size_l0,
+            values,
+            tissue_mask,
+            origin,
+            vmin,
+            vmax,
+            alpha,
+            coverage,
+        )
+
+    return _decorated(h, w, title, legend_label, vmin, vmax, paint)
 
 
 def _to_bgr(img: np.ndarray) -> np.ndarray:

@@ -664,7 +664,10 @@ class Slide:
         """Image of the :attr:`bounds` area at about ``target_mpp`` µm/px, read block by block.
 
         Returns (RGB uint8 (H, W, 3), actual µm/px of the thumbnail). The MPP is raised if the
-        thumbnail would exceed ``max_side`` pixels. Memory stays bounded for any slide size.
+        thumbnail would exceed ``max_side`` pixels. Reads the coarsest level at least as fine as
+        that MPP, ``block`` x ``block`` level pixels at a time (a slide without a coarse enough
+        level is read from level 0, block by block), so memory is the thumbnail plus one block's
+        buffers (a few bytes per block pixel) for any slide size.
         """
         bx, by, bw, bh = self.bounds
         mpp = max(target_mpp, self.mpp)
@@ -683,8 +686,11 @@ class Slide:
                 raw = self.reader.read(bx + int(round(x * ds)), by + int(round(y * ds)), level, bw_, bh_)
                 ox0, oy0 = int(round(x * sx)), int(round(y * sy))
                 ox1, oy1 = int(round((x + bw_) * sx)), int(round((y + bh_) * sy))
-                if ox1 > ox0 and oy1 > oy0:
+                if (ox1 - ox0, oy1 - oy0) == (bw_, bh_):  # the level's own pixels (what resize would copy)
+                    out[oy0:oy1, ox0:ox1] = raw
+                elif ox1 > ox0 and oy1 > oy0:
                     out[oy0:oy1, ox0:ox1] = cv2.resize(raw, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
+                del raw
         return out, bw * self.mpp / tw
 
     # -- identity ---------------------------------------------------------------------

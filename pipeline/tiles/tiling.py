@@ -39,6 +39,9 @@ from pipeline.tiles.tissue import TissueConfig, TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
+#: Grid positions looked at a time by :func:`make_grid` (whole rows of the grid).
+GRID_BLOCK_TILES = 1 << 16
+
 
 class TilingConfig(StrictModel):
     """Tile grid parameters."""
@@ -86,9 +89,14 @@ class TileGrid:
 
 
 def _tissue_fraction_of_boxes(mask: TissueMask, boxes_l0: np.ndarray, slide_mpp: float) -> np.ndarray:
-    """Mean of ``mask`` over level-0 boxes (N, 4: x0, y0, x1, y1) via an integral image."""
-    integral = cv2.integral(mask.mask.astype(np.uint8)).astype(np.float64)  # (H+1, W+1)
-    h, w = mask.mask.shape
+    """Mean of ``mask`` over level-0 boxes (N, 4: x0, y0, x1, y1), clipped to the mask.
+
+    Boxes sharing their rows (a row of the grid) are summed together from the column sums of
+    those mask rows: no integral image of the whole mask (8 bytes per mask pixel), the same
+    whole-number sums.
+    """
+    m = mask.mask
+    h, w = m.shape
     scale = slide_mpp / mask.mpp
     ox, oy = mask.origin
     x0 = np.clip(np.floor((boxes_l0[:, 0] - ox) * scale), 0, w).astype(np.int64)
@@ -96,7 +104,17 @@ def _tissue_fraction_of_boxes(mask: TissueMask, boxes_l0: np.ndarray, slide_mpp:
     x1 = np.clip(np.ceil((boxes_l0[:, 2] - ox) * scale), 0, w).astype(np.int64)
     y1 = np.clip(np.ceil((boxes_l0[:, 3] - oy) * scale), 0, h).astype(np.int64)
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    s = np.zeros(len(boxes_l0), np.float64)
+    rows = y0 * (h + 1) + y1
+    order = np.argsort(rows, kind="stable")
+    keys, starts = np.unique(rows[order], return_index=True)
+    col = np.zeros(w + 1, np.int64)
+    for key, idx in zip(keys.tolist(), np.split(order, starts[1:])):
+        a, b = divmod(key, h + 1)
+        if b <= a:
+            continue
+        np.cumsum(np.count_nonzero(m[a:b], axis=0), out=col[1:])
+        s[idx] = col[x1[idx]] - col[x0[idx]]
     return (s / area).astype(np.float32)
 
 
@@ -114,16 +132,21 @@ def make_grid(slide: Slide, mask: TissueMask, config: TilingConfig) -> TileGrid:
             f"{slide.path}: slide smaller than one tile ({bw}x{bh} px = {w_um:.0f}x{h_um:.0f} µm; "
             f"a tile is {config.tile_px} px at {plan.effective_mpp:.3f} µm/px = {config.tile_px * plan.effective_mpp:.0f} µm)"
         )
-    gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
-    xs = np.round(bx + gx.ravel() * stride_l0).astype(np.int64)
-    ys = np.round(by + gy.ravel() * stride_l0).astype(np.int64)
-    boxes = np.stack([xs, ys, xs + size_l0, ys + size_l0], axis=1).astype(np.float64)
-    frac = _tissue_fraction_of_boxes(mask, boxes, slide.mpp)
-    keep = frac >= max(config.min_tissue, 1e-9)
-    coords = np.stack([xs[keep], ys[keep]], axis=1)
+    # rows of the grid a block at a time: memory follows the tiles kept (the tissue), not the slide's area
+    rows = max(1, GRID_BLOCK_TILES // nx)
+    kept_xy, kept_frac = [], []
+    for j0 in range(0, ny, rows):
+        gx, gy = np.meshgrid(np.arange(nx), np.arange(j0, min(ny, j0 + rows)))
+        xs = np.round(bx + gx.ravel() * stride_l0).astype(np.int64)
+        ys = np.round(by + gy.ravel() * stride_l0).astype(np.int64)
+        boxes = np.stack([xs, ys, xs + size_l0, ys + size_l0], axis=1).astype(np.float64)
+        frac = _tissue_fraction_of_boxes(mask, boxes, slide.mpp)
+        keep = frac >= max(config.min_tissue, 1e-9)
+        kept_xy.append(np.stack([xs[keep], ys[keep]], axis=1))
+        kept_frac.append(frac[keep])
     return TileGrid(
-        coords=coords,
-        tissue_fraction=frac[keep],
+        coords=np.concatenate(kept_xy),
+        tissue_fraction=np.concatenate(kept_frac),
         tile_px=config.tile_px,
         tile_size_l0=float(size_l0),
         stride_l0=float(stride_l0),
