@@ -9,15 +9,14 @@ The model is the shipped demo bundle when present, else a tiny one trained here 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_results_match_schema
+from ray_cluster import free_port, local_ray_instance
 
 DEMO_BUNDLE = REPO / "models" / "demo_bundle"
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
@@ -73,25 +72,8 @@ def slides(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance (2 CPUs) for the in-process tests; the engine reuses this connection."""
-    if ray.is_initialized():
-        ray.shutdown()
-    saved = os.environ.get("RAY_worker_niceness")
-    os.environ["RAY_worker_niceness"] = "0"  # as infer.py's own local instance (workers not niced on a shared CI box)
-    try:
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            object_store_memory=100 * 1024 * 1024,
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_worker_niceness", None)
-        else:
-            os.environ["RAY_worker_niceness"] = saved
-    yield ray
-    ray.shutdown()
+    with local_ray_instance(num_cpus=2) as r:
+        yield r
 
 
 def _opts(slides: Path, out: Path, bundle: Path, **kw):
@@ -241,12 +223,6 @@ def test_worker_death_is_retried_on_a_fresh_actor_or_marked_failed(tmp_path, sli
 # ----------------------------------------------------------------------------- bad input
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_not_installed_is_one_line(tmp_path, slides):
     code = (
         "import sys, runpy; sys.modules['ray'] = None; "  # what an environment without Ray looks like
@@ -271,7 +247,7 @@ def test_unreachable_address_fails_fast(tmp_path, slides):
     out = tmp_path / "out"
     t = time.perf_counter()
     with pytest.raises(ClusterError, match=r"^--address 127\.0\.0\.1:\d+: no Ray head reachable there within"):
-        run_batch(_opts(slides, out, tmp_path / "bundle", engine="ray", address=f"127.0.0.1:{_closed_port()}"))
+        run_batch(_opts(slides, out, tmp_path / "bundle", engine="ray", address=f"127.0.0.1:{free_port()}"))
     assert time.perf_counter() - t < 15
     assert not out.exists()
     from pipeline.core.errors import ConfigError
