@@ -17,7 +17,7 @@ from conftest import REPO
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.tiles.annotations import labels_from_coverage, rasterise, read_annotations, tile_coverage
-from pipeline.training.config import RunConfig
+from pipeline.training.config import LabelConfig, RunConfig
 
 CLASSES = ["pallor", "necrolysis", "parakeratosis", "epidermis"]
 
@@ -239,3 +239,32 @@ def test_a_synthetic_set_is_reused_only_when_it_matches_the_config():
     for changed in ({"n": 9}, {"seed": 4}, {"mpp": 0.25}, {"size_um": (2000, 1000)}, {"classes": ["nme"]}):
         assert not _same_synthetic_set(made, SyntheticData(**{"n": 8, "seed": 3, "mpp": 0.5, **changed})), changed
     assert not _same_synthetic_set({}, SyntheticData(n=8, seed=3))  # no manifest: regenerate
+
+
+def test_pattern_positives_as_a_share_of_the_epidermis():
+    """A thin band of the upper epidermis is positive when it fills enough of the tile's epidermis."""
+    # columns: pallor, necrolysis, parakeratosis, epidermis; rows: tiles
+    cov = np.array(
+        [
+            [0.06, 0.0, 0.0, 0.30],  # thin epidermis, a fifth of it pale: positive as a share, not of the tile
+            [0.06, 0.0, 0.0, 0.90],  # thick epidermis, 7 % of it pale: ambiguous, left out
+            [0.01, 0.0, 0.0, 0.02],  # half of a sliver of epidermis: below the tile floor, left out
+            [0.0, 0.0, 0.0, 0.50],  # untouched: negative
+        ],
+        np.float32,
+    )
+    pos_at = np.array([0.15, 0.15, 0.15, 0.1], np.float32)
+    basis = LabelConfig(coverage_of={"pallor": "epidermis"}).basis_index()
+    assert basis.tolist() == [3, -1, -1, -1]
+    t, m = labels_from_coverage(cov, pos_at, np.zeros(4), basis=basis, min_positive=0.015)
+    assert t[:, 0].tolist() == [1, 0, 0, 0] and m[:, 0].tolist() == [True, False, False, True]
+    t_tile, _ = labels_from_coverage(cov, pos_at, np.zeros(4))  # as a share of the whole tile: none positive
+    assert t_tile[:, 0].sum() == 0
+    assert t[:, 3].tolist() == t_tile[:, 3].tolist()  # the epidermis itself is measured on the tile
+
+
+def test_coverage_of_names_known_classes():
+    with pytest.raises(ValueError, match="coverage_of"):
+        LabelConfig(coverage_of={"pallor": "dermis"})
+    with pytest.raises(ValueError, match="another class"):
+        LabelConfig(coverage_of={"pallor": "pallor"})

@@ -200,19 +200,32 @@ def labels_from_coverage(
     positive_at: np.ndarray,
     negative_below: np.ndarray,
     sparse: bool = False,
+    basis: np.ndarray | None = None,
+    min_positive: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tile targets and a mask of which targets count.
 
     Args:
         coverage: (N, C) fraction of each tile inside each class.
-        positive_at: (C,) coverage at or above which a tile is positive.
+        positive_at: (C,) coverage at or above which a tile is positive; for a class with a basis,
+            the share of the basis class's area in the tile.
         negative_below: (C,) coverage at or below which a tile is negative (0 = "does not touch").
         sparse: sparse annotation mode: tiles not covered by any annotation are ignored.
+        basis: (C,) int, optional: for each class the index of the class whose area its positive
+            coverage is measured against (e.g. a pattern against the epidermis), -1 for the whole tile.
+        min_positive: for classes with a basis, the least fraction of the whole tile to be positive.
 
     Returns:
         (targets float32 (N, C) in {0, 1}, mask bool (N, C)); ambiguous coverage is masked out.
     """
-    pos = coverage >= positive_at[None, :]
+    share = coverage
+    pos_floor = np.zeros(coverage.shape[1], np.float32)
+    if basis is not None and (basis >= 0).any():
+        relative = basis >= 0
+        base = coverage[:, np.where(relative, basis, 0)]  # (N, C)
+        share = np.where(relative[None, :], coverage / np.maximum(np.maximum(base, coverage), 1e-6), coverage)
+        pos_floor = np.where(relative, min_positive, 0.0).astype(np.float32)
+    pos = (share >= positive_at[None, :]) & (coverage >= pos_floor[None, :]) & (coverage > 0)
     neg = coverage <= negative_below[None, :]
     mask = pos | neg
     if sparse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.config import StrictModel
@@ -99,6 +100,18 @@ class LabelConfig(StrictModel):
         default_factory=lambda: {"pallor": 0.25, "necrolysis": 0.25, "parakeratosis": 0.1, "epidermis": 0.1},
         description="Fraction of a tile a class polygon must cover for a positive target.",
     )
+    coverage_of: dict[str, str] = Field(
+        default_factory=dict,
+        description="Measure a class's positive coverage as a share of another class's area in the tile, "
+        "e.g. {pallor: epidermis}: a band of the upper epidermis is positive when it fills enough of the "
+        "tile's epidermis, however thin the epidermis (a share of the whole tile would call thin bands negative).",
+    )
+    min_positive_coverage: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="For classes in coverage_of: the least fraction of the whole tile they must also cover.",
+    )
     negative_coverage: float = Field(
         0.0, ge=0, lt=1, description="At or below this coverage a tile is negative (0: does not touch)."
     )
@@ -120,7 +133,18 @@ class LabelConfig(StrictModel):
         for v in self.positive_coverage.values():
             if not 0 < v <= 1:
                 raise ValueError("positive_coverage values must be in (0, 1]")
+        for cls, base in self.coverage_of.items():
+            if cls not in self.classes or base not in self.classes:
+                raise ValueError(f"coverage_of {cls}: {base}: both must be among labels.classes {self.classes}")
+            if cls == base or base in self.coverage_of:
+                raise ValueError(f"coverage_of {cls}: {base}: the base must be another class measured on the tile")
         return self
+
+    def basis_index(self) -> np.ndarray:
+        """(C,) int: for each class the index of the class its coverage is a share of, or -1 (whole tile)."""
+        return np.array(
+            [self.classes.index(self.coverage_of[c]) if c in self.coverage_of else -1 for c in self.classes]
+        )
 
 
 class SplitConfig(StrictModel):

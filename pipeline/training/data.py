@@ -276,7 +276,14 @@ def index_slide(record: SlideRecord, tiling: TilingConfig, labels: LabelConfig) 
         cov = np.zeros((len(grid), len(classes)), np.float32)
     pos_at = np.array([labels.positive_coverage.get(c, 0.5) for c in classes], np.float32)
     neg_below = np.full(len(classes), labels.negative_coverage, np.float32)
-    targets, mask = labels_from_coverage(cov, pos_at, neg_below, sparse=labels.mode == "sparse")
+    targets, mask = labels_from_coverage(
+        cov,
+        pos_at,
+        neg_below,
+        sparse=labels.mode == "sparse",
+        basis=labels.basis_index(),
+        min_positive=labels.min_positive_coverage,
+    )
     return SlideTiles(record, grid.coords, targets, mask, cov, grid.plan, grid.tile_size_l0)
 
 
