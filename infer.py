@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=4.0,
         help="µm/px of the heatmap images and the report thumbnail (default 4; never finer than the "
-        "2 µm/px tissue thumbnail; finer costs time per slide)",
+        "2 µm/px tissue thumbnail, and coarser where the image would exceed 2896x2896 px; finer costs "
+        "time per slide)",
     )
     ap.add_argument(
         "--heatmap-format",
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     record = run_batch(opts)
     print(final_screen(record, args.out.resolve()))
     print(f"review:  {sys.executable} -m pipeline.review {args.out.resolve()}")
+    if demo and args.out.resolve() == DEMO_OUTPUT.resolve():  # the loop's next step: this config names demo_output
+        repo = Path(__file__).resolve().parent
+        print(
+            f"then:    {sys.executable} {repo / 'train.py'} --config {repo / 'configs' / 'finetune_from_review.yaml'}"
+        )
     return 1 if record["counts"]["failed"] else 0
 
 

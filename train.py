@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pipeline  # noqa: F401 - sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported
 from pipeline.core.cli import run_cli, setup_logging
@@ -59,8 +60,35 @@ def main(argv: list[str] | None = None) -> int:
 
     ranks = env_ranks()
     if ranks is None or ranks[0] == 0:  # under torchrun only rank 0 reports
-        print(f"bundle: {bundle}")
+        print("\n".join(closing_lines(bundle)))
     return 0
+
+
+def closing_lines(bundle: Path) -> list[str]:
+    """What the run made: the bundle, where a fine-tune started, which reviews it learnt from, and
+    whether ``infer.py`` can run it (a ``task: patch`` bundle has no slide aggregator)."""
+    from models.bundle import read_contract
+
+    contract = read_contract(bundle)
+    lines = [f"bundle: {bundle}"]
+    start = contract.training.init_bundle
+    if start:
+        lines.append(f"fine-tuned from: {start.get('path')} ({start.get('name')} {start.get('version')})")
+    for src in contract.training.reviews or []:
+        n = len(src.get("slides", []))
+        lines.append(
+            f"reviews: {n} slide(s) of {src.get('out_dir')} by {', '.join(src.get('reviewers') or ['?'])} "
+            f"(last {src.get('last_review_at')}), used for {' and '.join(src.get('used_for') or ['nothing'])}; "
+            "recorded in bundle.json (training.reviews)"
+        )
+    if contract.aggregator is None:
+        lines.append(
+            "note: patch model only (task: patch): infer.py needs a slide aggregator too; train one with "
+            f"task: pipeline, or task: aggregator with aggregator.patch_bundle: {bundle}"
+        )
+    else:
+        lines.append(f"run it:  {sys.executable} infer.py SLIDES_DIR --out OUT_DIR --model {bundle}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"lp": lp, "out": out, "actions": actions, "bundle": w / "run" / "bundle", "cfg": cfg}
+    return {"lp": lp, "out": out, "actions": actions, "bundle": w / "run" / "bundle", "cfg": cfg, "stdout": proc.stdout}
 
 
 @pytest.mark.slow
@@ -130,6 +130,19 @@ def test_the_bundle_records_which_reviews_by_whom_and_when(loop: dict[str, Any])
     assert all(s["tile_labels"] > 0 and s["updated_at"] and s["reviewers"] for s in src["slides"])
     assert training["config"]["reviewed"][0]["output"] == str(loop["out"])
     assert read_contract(loop["bundle"]).training.reviews == training["reviews"]
+    # train.py's closing says so, and that a task: patch bundle is not yet one infer.py can run
+    said = loop["stdout"]
+    assert f"fine-tuned from: {DEMO} (nme-demo " in said
+    assert f"reviews: 2 slide(s) of {loop['out'].resolve()} by scripted reviewer (last " in said
+    assert "note: patch model only (task: patch): infer.py needs a slide aggregator too" in said
+
+
+def test_train_closing_says_how_to_run_a_full_bundle() -> None:
+    import train
+
+    lines = train.closing_lines(DEMO)
+    assert lines[0] == f"bundle: {DEMO}" and lines[-1].endswith(f"infer.py SLIDES_DIR --out OUT_DIR --model {DEMO}")
+    assert not any(line.startswith(("fine-tuned from", "reviews:", "note:")) for line in lines)  # shipped: from scratch
 
 
 @pytest.mark.slow
